@@ -1,0 +1,18 @@
+"""bnn_align: align Bayesian neural network posteriors over permutation symmetries.
+
+Data flows one way: model -> guide -> spec -> match -> path -> marginal estimates -> report.
+"""
+
+from . import guides
+from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
+from .permute import permute
+from .posterior import GaussianView, as_gaussian
+from .spec import PermutationSpec
+from .symmetry import spec_from_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian", "GaussianView", "NormalPrior",
+    "PermutationSpec", "as_gaussian", "fit", "guides", "permute", "spec_from_module",
+]

@@ -1,0 +1,464 @@
+"""Bayesian networks: any ``nn.Module`` as a Pyro model, and its SVI training loop.
+
+:class:`BayesianNetwork` makes every parameter of a deterministic module a latent sample site named
+exactly like the parameter (``"0.weight"``, ``"layer1.0.conv1.weight"``), with a prior, and puts a
+likelihood on the module's output. Because site names are parameter names, one
+:class:`~bnn_align.PermutationSpec` serves the module, its state dict and every guide over it.
+:func:`fit` trains a guide by stochastic variational inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .spec import PermutationSpec
+
+__all__ = [
+    "BayesianNetwork", "Prior", "NormalPrior", "FanInPrior", "Likelihood", "Categorical",
+    "Gaussian", "fit",
+]
+
+
+# ------------------------------------------------------------------------------------- priors --
+class Prior:
+    """A prior over each weight tensor: ``prior(name, tensor) -> Distribution``.
+
+    The distribution's batch shape is the tensor's shape; :class:`BayesianNetwork` declares every
+    axis an event axis.
+    """
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> dist.Distribution:
+        raise NotImplementedError
+
+
+class NormalPrior(Prior):
+    """Isotropic ``Normal(0, scale)`` on every weight and bias (the default, ``scale=1``)."""
+
+    def __init__(self, scale: float = 1.0):
+        if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"prior scale must be a positive finite number, got {scale!r}")
+        self.scale = float(scale)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(torch.zeros_like(tensor), torch.full_like(tensor, self.scale))
+
+    def __repr__(self) -> str:
+        return f"NormalPrior(scale={self.scale})"
+
+
+class FanInPrior(Prior):
+    """Per-layer scales: ``Normal(0, gain / sqrt(fan_in))`` for weights, ``Normal(0, bias_scale)``
+    for one-dimensional tensors (biases, normalisation parameters).
+
+    ``fan_in`` is the product of all axes but the first (``in_features`` for a linear layer,
+    ``in_channels * kernel`` for a convolution); ``gain=sqrt(2)`` matches He initialisation.
+    """
+
+    def __init__(self, gain: float = 1.0, bias_scale: float = 1.0):
+        for label, v in (("gain", gain), ("bias_scale", bias_scale)):
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"FanInPrior {label} must be a positive finite number, got {v!r}")
+        self.gain, self.bias_scale = float(gain), float(bias_scale)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> dist.Distribution:
+        if tensor.dim() <= 1:
+            scale = self.bias_scale
+        else:
+            scale = self.gain / math.sqrt(tensor[0].numel())
+        return dist.Normal(torch.zeros_like(tensor), torch.full_like(tensor, scale))
+
+    def __repr__(self) -> str:
+        return f"FanInPrior(gain={self.gain}, bias_scale={self.bias_scale})"
+
+
+PriorLike = Union[float, Prior, Callable[[str, torch.Tensor], dist.Distribution]]
+
+
+def _as_prior(prior: PriorLike) -> Callable[[str, torch.Tensor], dist.Distribution]:
+    if isinstance(prior, bool):
+        raise TypeError("prior must be a float scale, a Prior or a callable, got a bool")
+    if isinstance(prior, (int, float)):
+        return NormalPrior(prior)
+    if callable(prior):
+        return prior
+    raise TypeError(
+        f"prior must be a float scale, a Prior or a callable (name, tensor) -> Distribution, "
+        f"got {type(prior).__name__}"
+    )
+
+
+# -------------------------------------------------------------------------------- likelihoods --
+class Likelihood:
+    """Observation model ``p(y | f(x))`` for a network output ``f(x)``.
+
+    Subclasses implement :meth:`distribution`; those with their own latent variables (a learned
+    noise scale) also implement :meth:`sample_globals`.
+    """
+
+    #: names of the likelihood's own latent sites
+    sites: tuple[str, ...] = ()
+
+    def sample_globals(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def distribution(self, output: torch.Tensor, globals_: Mapping[str, torch.Tensor]
+                     ) -> dist.Distribution:
+        raise NotImplementedError
+
+    def check_targets(self, output: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``y`` cannot be observations for ``output``."""
+
+
+class Categorical(Likelihood):
+    """Classification: ``y ~ Categorical(logits=f(x))``; the network outputs ``(batch, classes)``."""
+
+    def distribution(self, output, globals_):
+        return dist.Categorical(logits=output)
+
+    def check_targets(self, output, y):
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+            raise TypeError(f"class labels y must be an integer tensor, got dtype {y.dtype}")
+        if y.shape != output.shape[:-1]:
+            raise ValueError(
+                f"labels y have shape {tuple(y.shape)} but the network gives logits of shape "
+                f"{tuple(output.shape)}; expected y of shape {tuple(output.shape[:-1])}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= output.shape[-1]):
+            raise ValueError(
+                f"labels y must lie in [0, {output.shape[-1] - 1}] for a network with "
+                f"{output.shape[-1]} outputs, got values in [{int(y.min())}, {int(y.max())}]"
+            )
+
+    def __repr__(self) -> str:
+        return "Categorical()"
+
+
+class Gaussian(Likelihood):
+    """Regression: ``y ~ Normal(f(x), noise)``, every output dimension independent.
+
+    Parameters
+    ----------
+    noise : float or "learned"
+        A fixed noise scale, or ``"learned"`` for a latent site ``"obs_noise"`` with prior
+        ``noise_prior`` that the guide learns like any weight.
+    noise_prior : Distribution
+        Prior of the learned noise scale (positive support); ``LogNormal(log 0.1, 1)`` by default.
+    """
+
+    def __init__(self, noise: float | str = 1.0, noise_prior: dist.Distribution | None = None):
+        if noise == "learned":
+            self.sites = ("obs_noise",)
+            self.noise_prior = noise_prior or dist.LogNormal(math.log(0.1), 1.0)
+            self.noise = None
+        elif isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise > 0:
+            self.noise = float(noise)
+        else:
+            raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
+
+    def sample_globals(self):
+        if self.noise is not None:
+            return {}
+        return {"obs_noise": pyro.sample("obs_noise", self.noise_prior)}
+
+    def distribution(self, output, globals_):
+        noise = globals_.get("obs_noise", self.noise)
+        return dist.Normal(output, noise).to_event(output.dim() - 1)
+
+    def check_targets(self, output, y):
+        if not y.dtype.is_floating_point:
+            raise TypeError(f"regression targets y must be floating point, got dtype {y.dtype}")
+        if y.shape != output.shape:
+            raise ValueError(
+                f"targets y have shape {tuple(y.shape)} but the network outputs shape "
+                f"{tuple(output.shape)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"Gaussian(noise={'learned' if self.noise is None else self.noise})"
+
+
+def _as_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood == "categorical":
+        return Categorical()
+    if likelihood == "gaussian":
+        return Gaussian()
+    raise ValueError(
+        f"likelihood must be 'categorical', 'gaussian' or a Likelihood, got {likelihood!r}"
+    )
+
+
+# ------------------------------------------------------------------------------------ the model --
+class BayesianNetwork(nn.Module):
+    """A Pyro model whose latent variables are the parameters of a deterministic network.
+
+    Parameters
+    ----------
+    net : nn.Module
+        The network. It is copied (the original is never touched) and evaluated in evaluation
+        mode; its current parameter values are where the guide helpers put the initial means,
+        and its buffers (BatchNorm running statistics) are used as fixed values.
+    prior : float, Prior or callable
+        A float is the scale of an isotropic ``Normal(0, scale)`` prior (default 1); see
+        :class:`NormalPrior`, :class:`FanInPrior`, or pass ``f(name, tensor) -> Distribution``.
+    likelihood : {"categorical", "gaussian"} or Likelihood
+        Observation model of the network's output.
+    input_shape : tuple of int, optional
+        Shape of one input example (without the batch axis). Needed to derive the permutation
+        spec; remembered from the first call with data if not given.
+
+    Notes
+    -----
+    Call as ``model(x, y, num_data=N)``: ``x`` of shape ``(batch, *input_shape)``, ``y`` the
+    observations (``None`` to predict), ``num_data`` the dataset size so a minibatch's likelihood
+    is scaled by ``N / batch``. ``model()`` without data only samples the weights (used to set up
+    guides). Returns the network output (logits or regression means) for the sampled weights.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        prior: PriorLike = 1.0,
+        likelihood: str | Likelihood = "categorical",
+        *,
+        input_shape: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"BayesianNetwork needs an nn.Module, got {type(net).__name__}")
+        if isinstance(net, BayesianNetwork):
+            raise TypeError("net is already a BayesianNetwork; pass its .net")
+        self.prior = _as_prior(prior)
+        self.likelihood = _as_likelihood(likelihood)
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        names = [name for name, _ in self.net.named_parameters()]
+        if not names:
+            raise ValueError("the network has no parameters to put a prior on")
+        clash = set(names) & (set(self.likelihood.sites) | {"obs", "data"})
+        if clash:
+            raise ValueError(f"parameter names {sorted(clash)} clash with the likelihood's sites")
+        self._weight_sites = tuple(names)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self._spec: PermutationSpec | None = None
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Latent site names in execution order: the parameters, then the likelihood's."""
+        return self._weight_sites + tuple(self.likelihood.sites)
+
+    @property
+    def weight_sites(self) -> tuple[str, ...]:
+        """Latent sites that are network parameters."""
+        return self._weight_sites
+
+    def example_input(self, batch: int = 2) -> torch.Tensor:
+        """A zero input of shape ``(batch, *input_shape)``."""
+        if self.input_shape is None:
+            raise ValueError(
+                "the BayesianNetwork does not know its input shape: pass input_shape= when "
+                "building it (or call it once with data)"
+            )
+        return torch.zeros(batch, *self.input_shape)
+
+    @property
+    def spec(self) -> PermutationSpec:
+        """The permutation spec of the network, derived once with :func:`spec_from_module`."""
+        if self._spec is None:
+            from .symmetry import spec_from_module
+
+            self._spec = spec_from_module(self.net, self.example_input())
+        return self._spec
+
+    def sample_weights(self) -> dict[str, torch.Tensor]:
+        """Sample every parameter from its prior (inside a Pyro model: one site each)."""
+        weights = {}
+        for name, param in self.net.named_parameters():
+            prior = self.prior(name, param)
+            weights[name] = pyro.sample(name, prior.to_event(prior.batch_shape.__len__()))
+        return weights
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The network output for given weights (no Pyro sites): ``f(x; weights)``.
+
+        Raises ``ValueError`` naming the shapes when ``x`` does not fit the network.
+        """
+        state = dict(self.net.named_buffers())
+        state.update(weights)
+        try:
+            return functional_call(self.net, state, (x,))
+        except RuntimeError as err:
+            expected = f" (expected {(-1, *self.input_shape)})" if self.input_shape else ""
+            raise ValueError(
+                f"input x of shape {tuple(x.shape)} does not fit the network{expected}: {err}"
+            ) from err
+
+    def forward(
+        self,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+    ) -> torch.Tensor | None:
+        weights = self.sample_weights()
+        globals_ = self.likelihood.sample_globals()
+        if x is None:
+            if y is not None:
+                raise ValueError("y was given without x")
+            return None
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape[1:])
+        output = self.evaluate(weights, x)
+        batch = x.shape[0]
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+            self.likelihood.check_targets(output, y)
+        if num_data is not None and num_data < batch:
+            raise ValueError(f"num_data={num_data} is smaller than the batch of {batch}")
+        size = batch if num_data is None else int(num_data)
+        with pyro.plate("data", size, subsample=torch.arange(batch)):
+            pyro.sample("obs", self.likelihood.distribution(output, globals_), obs=y)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"prior={self.prior!r}, likelihood={self.likelihood!r}"
+
+
+# ------------------------------------------------------------------------------------ training --
+class _ScaleLatents(Messenger):
+    """Multiply the log density of every latent (unobserved) sample site by ``scale``."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.scale
+
+
+def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = data.tensors
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if len(x) != len(y):
+                raise ValueError(f"data has {len(x)} inputs but {len(y)} targets")
+            if len(x) == 0:
+                raise ValueError("data is empty")
+            return x, y
+    raise TypeError("data must be a pair of tensors (x, y) or a TensorDataset of two tensors")
+
+
+def fit(
+    model: Callable,
+    guide: nn.Module,
+    data: Any,
+    *,
+    epochs: int = 60,
+    batch_size: int = 128,
+    lr: float = 1e-2,
+    lr_end: float | None = 1e-3,
+    kl_weight: float | Callable[[int], float] = 1.0,
+    num_particles: int = 1,
+    clip_norm: float | None = 10.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """Train ``guide`` by stochastic variational inference (Adam on the ELBO, minibatches).
+
+    Parameters
+    ----------
+    model : BayesianNetwork or callable
+        The Pyro model, called as ``model(x, y, num_data=N)`` for a :class:`BayesianNetwork` and
+        ``model(x, y)`` otherwise.
+    guide : pyro AutoGuide
+        Trained in place (its parameters are what ``fit`` updates).
+    data : (x, y) tensors or TensorDataset
+        Training data; ``x`` of shape ``(N, *input_shape)``.
+    epochs, batch_size : int
+        Passes over the data and minibatch size.
+    lr, lr_end : float
+        Adam learning rate, decayed exponentially to ``lr_end`` at the last step (``None``: no
+        decay). Gradients are clipped to norm ``clip_norm``.
+    kl_weight : float or callable epoch -> float
+        Weight ``beta`` of the KL term (the prior and guide densities): a constant below 1
+        tempers the posterior, a schedule rising to 1 anneals the KL.
+    num_particles : int
+        Monte-Carlo samples of the ELBO per step.
+    seed : int
+        Seed of the minibatch order and the ELBO's noise; the global RNG state is restored.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    ndarray of shape (epochs,)
+        Mean negative ELBO per epoch (full-data scale).
+    """
+    x, y = _as_tensors(data)
+    for label, v in (("epochs", epochs), ("batch_size", batch_size), ("num_particles", num_particles)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    if not (lr > 0 and (lr_end is None or lr_end > 0)):
+        raise ValueError(f"lr and lr_end must be positive, got {lr} and {lr_end}")
+    if not isinstance(guide, nn.Module):
+        raise TypeError(f"guide must be a Pyro autoguide (an nn.Module), got {type(guide).__name__}")
+    n = len(x)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    gamma = (lr_end / lr) ** (1.0 / max(total - 1, 1)) if lr_end is not None else 1.0
+    kwargs = {"num_data": n} if isinstance(model, BayesianNetwork) else {}
+    elbo = Trace_ELBO(num_particles=num_particles)
+    history = np.zeros(epochs)
+    with torch.random.fork_rng(), pyro.get_param_store().scope():
+        torch.manual_seed(seed)
+        guide(x[:batch_size], y[:batch_size], **kwargs)  # creates the parameters if needed
+        params = [p for p in guide.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the guide has no trainable parameters")
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+        bar = tqdm(range(epochs), desc="fit", disable=not progress, leave=False)
+        for epoch in bar:
+            beta = float(kl_weight(epoch) if callable(kl_weight) else kl_weight)
+            scaled_model = _ScaleLatents(beta)(model) if beta != 1.0 else model
+            scaled_guide = pyro.poutine.scale(guide, scale=beta) if beta != 1.0 else guide
+            order = torch.randperm(n)
+            total_loss = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                optimizer.zero_grad()
+                loss = elbo.differentiable_loss(scaled_model, scaled_guide, x[idx], y[idx],
+                                                **kwargs)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the ELBO became {loss.item()} at epoch {epoch}; lower lr or the "
+                        f"guide's init_scale"
+                    )
+                loss.backward()
+                if clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                optimizer.step()
+                schedule.step()
+                total_loss += loss.item()
+            history[epoch] = total_loss / steps_per_epoch
+            bar.set_postfix(loss=f"{history[epoch]:.4g}")
+    return history

@@ -1,0 +1,266 @@
+"""Plain ``nn.Module`` builders for the networks the studies need.
+
+Every builder returns an ordinary deterministic PyTorch module with readable parameter names
+(``"0.weight"`` for the MLP, ``"layer1.0.conv1.weight"`` for the ResNet). Nothing here knows about
+Pyro: :class:`bnn_align.BayesianNetwork` turns any of them (or any other module) into a Bayesian
+model, and :func:`bnn_align.spec_from_module` derives their permutation symmetries.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["mlp", "cnn1d", "cnn2d", "resnet", "BasicBlock", "ResNet"]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}"
+        ) from None
+
+
+def _check_positive(name: str, values: Sequence[int]) -> list[int]:
+    values = list(values)
+    if not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"{name} must be positive integers, got {values}")
+    return values
+
+
+def mlp(
+    in_features: int,
+    widths: Sequence[int],
+    out_features: int,
+    *,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """Fully connected network ``Linear -> act -> ... -> Linear``.
+
+    Parameters
+    ----------
+    in_features : int
+        Size of the input vector; inputs have shape ``(batch, in_features)``.
+    widths : sequence of int
+        Hidden widths, one per hidden layer (any depth, may be empty).
+    out_features : int
+        Output size (number of classes or regression targets).
+    activation : str
+        One of ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"``, ``"leaky_relu"``.
+
+    Returns
+    -------
+    nn.Sequential
+        Linear layers sit at even indices: ``"0.weight"``, ``"2.weight"``, ...
+    """
+    sizes = _check_positive("in_features, widths and out_features",
+                            [in_features, *widths, out_features])
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(_activation(activation))
+    return nn.Sequential(*layers)
+
+
+def _cnn(
+    dim: int,
+    in_channels: int,
+    input_size: int | tuple[int, ...],
+    num_classes: int,
+    channels: Sequence[int],
+    hidden: Sequence[int],
+    kernel_size: int,
+    activation: str,
+) -> nn.Sequential:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
+    pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d}[dim]
+    channels = _check_positive("channels", channels)
+    hidden = _check_positive("hidden", hidden)
+    spatial = [input_size] * dim if isinstance(input_size, int) else list(input_size)
+    if len(spatial) != dim:
+        raise ValueError(f"input_size must have {dim} entries, got {input_size}")
+    layers: list[nn.Module] = []
+    previous = in_channels
+    for c in channels:
+        layers += [conv(previous, c, kernel_size, padding=kernel_size // 2), _activation(activation)]
+        if min(spatial) >= 2:
+            layers.append(pool(2))
+            spatial = [s // 2 for s in spatial]
+        previous = c
+    layers.append(nn.Flatten())
+    features = previous
+    for s in spatial:
+        features *= s
+    for h in hidden:
+        layers += [nn.Linear(features, h), _activation(activation)]
+        features = h
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn1d(
+    in_channels: int = 1,
+    length: int = 40,
+    num_classes: int = 10,
+    *,
+    channels: Sequence[int] = (32, 32),
+    hidden: Sequence[int] = (128,),
+    kernel_size: int = 5,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """1-D convolutional network: ``[Conv1d -> act -> MaxPool1d] * k -> Flatten -> MLP``.
+
+    Inputs have shape ``(batch, in_channels, length)``; for MNIST-1D (``(batch, 40)``) add the
+    channel axis with ``x.unsqueeze(1)``. The flatten makes the first linear layer's input axis a
+    block per channel, which :func:`bnn_align.spec_from_module` handles.
+    """
+    return _cnn(1, in_channels, length, num_classes, channels, hidden, kernel_size, activation)
+
+
+def cnn2d(
+    in_channels: int = 3,
+    image_size: int | tuple[int, int] = 32,
+    num_classes: int = 10,
+    *,
+    channels: Sequence[int] = (32, 64),
+    hidden: Sequence[int] = (128,),
+    kernel_size: int = 3,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """2-D convolutional network: ``[Conv2d -> act -> MaxPool2d] * k -> Flatten -> MLP``.
+
+    Inputs have shape ``(batch, in_channels, height, width)``.
+    """
+    return _cnn(2, in_channels, image_size, num_classes, channels, hidden, kernel_size, activation)
+
+
+def _norm(kind: str | None, dim: int, channels: int) -> nn.Module:
+    if kind is None or kind == "none":
+        return nn.Identity()
+    if kind == "layer":
+        # GroupNorm with one group normalises each sample over (C, *spatial): a per-sample
+        # LayerNorm with per-channel affine parameters, which commutes with channel permutations.
+        return nn.GroupNorm(1, channels)
+    if kind == "batch":
+        return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dim](channels)
+    raise ValueError(f"norm must be 'layer', 'batch' or None, got {kind!r}")
+
+
+class BasicBlock(nn.Module):
+    """Two ``conv3 -> norm`` layers with a residual connection (ResNet v1 basic block).
+
+    When the stride or width changes, the shortcut is a 1x1 convolution followed by a norm layer
+    (a "downsampling shortcut", option B of He et al.); otherwise it is the identity.
+    """
+
+    def __init__(self, dim: int, in_channels: int, channels: int, stride: int, norm: str | None):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
+        self.conv1 = conv(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(norm, dim, channels)
+        self.conv2 = conv(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = _norm(norm, dim, channels)
+        self.relu = nn.ReLU()
+        if stride != 1 or in_channels != channels:
+            self.shortcut: nn.Module = nn.Sequential(
+                conv(in_channels, channels, 1, stride=stride, bias=False),
+                _norm(norm, dim, channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet for small inputs (He et al. 2016, CIFAR variant): stem, three stages, pooled head.
+
+    Parameter names follow torchvision's style: ``conv1``, ``norm1``, ``layer{1,2,3}.{i}.conv1``,
+    ``layer2.0.shortcut.0`` and ``fc``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 2,
+        depth: int = 20,
+        width: int = 1,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str | None = "layer",
+        base_channels: int = 16,
+    ):
+        super().__init__()
+        if dim not in (1, 2):
+            raise ValueError(f"dim must be 1 or 2, got {dim}")
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, ...), got {depth}")
+        if not (isinstance(width, int) and width > 0):
+            raise ValueError(f"width must be a positive integer, got {width}")
+        blocks = (depth - 2) // 6
+        widths = [base_channels * width * m for m in (1, 2, 4)]
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
+        self.conv1 = conv(in_channels, widths[0], 3, padding=1, bias=False)
+        self.norm1 = _norm(norm, dim, widths[0])
+        self.relu = nn.ReLU()
+        previous = widths[0]
+        for stage, channels in enumerate(widths, start=1):
+            stride = 1 if stage == 1 else 2
+            layer = []
+            for b in range(blocks):
+                layer.append(BasicBlock(dim, previous, channels, stride if b == 0 else 1, norm))
+                previous = channels
+            setattr(self, f"layer{stage}", nn.Sequential(*layer))
+        self.pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}[dim](1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(previous, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.norm1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def resnet(
+    depth: int = 20,
+    width: int = 1,
+    num_classes: int = 10,
+    *,
+    in_channels: int = 3,
+    dim: int = 2,
+    norm: str | None = "layer",
+    base_channels: int = 16,
+) -> ResNet:
+    """ResNet-``depth`` (ResNet-20 by default) with a width multiplier.
+
+    Parameters
+    ----------
+    depth : int
+        ``6 n + 2``; ResNet-20 has three stages of three basic blocks.
+    width : int
+        Width multiplier: stage widths are ``base_channels * width * (1, 2, 4)``.
+    num_classes, in_channels : int
+        Output and input sizes. Inputs have shape ``(batch, in_channels, *spatial)``.
+    dim : int
+        1 for sequences (MNIST-1D: ``(batch, 1, 40)``), 2 for images.
+    norm : {"layer", "batch", None}
+        ``"layer"`` (default) normalises each sample on its own (``GroupNorm(1, C)``), which keeps
+        the network a deterministic function of one input and its weights; ``"batch"`` uses
+        BatchNorm, whose running statistics are buffers that permutations move too.
+    """
+    return ResNet(dim, depth, width, num_classes, in_channels, norm, base_channels)

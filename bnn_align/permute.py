@@ -1,0 +1,225 @@
+"""Apply permutations: the one place in the library that moves tensor axes.
+
+:func:`permute_tensor` reorders the permuted axes of one tensor; everything else (state dicts,
+modules, Bayesian networks, every guide kind) goes through it via :func:`permute`. Permutations
+are LongTensors ``p`` with the gather convention: unit ``i`` of the result is unit ``p[i]`` of the
+input, so ``permute(b, match(a, b).perms)`` lies next to ``a``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from pyro.infer import autoguide
+from torch import nn
+
+from .bayesian import BayesianNetwork
+from .posterior import adapter_for, model_of
+from .spec import PermutationSpec, axis_index
+
+__all__ = ["permute", "permute_tensor", "invert", "compose", "random_perms", "identity_perms",
+           "check_perms", "spec_for"]
+
+Perms = Mapping[str, torch.Tensor]
+
+
+def check_perms(perms: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Validate permutations against group sizes and return them as LongTensors.
+
+    Raises
+    ------
+    TypeError
+        If ``perms`` is not a mapping or a value is not integer-valued.
+    ValueError
+        If a group is missing or unknown, or a value has the wrong length or is not a permutation.
+    """
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"perms must be a mapping of group name to permutation, "
+                        f"got {type(perms).__name__}")
+    unknown = [g for g in perms if g not in sizes]
+    if unknown:
+        raise ValueError(f"perms has groups the spec does not know: {unknown}; "
+                         f"the spec's groups are {list(sizes)}")
+    missing = [g for g in sizes if g not in perms]
+    if missing:
+        raise ValueError(f"perms is missing groups {missing} (give the identity, "
+                         f"torch.arange(n), for groups to leave alone)")
+    out = {}
+    for group, n in sizes.items():
+        value = perms[group]
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu()
+        else:
+            t = torch.as_tensor(np.asarray(value))
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+            raise TypeError(f"permutation of group {group!r} must hold integers, got {t.dtype}")
+        t = t.long()
+        if t.shape != (n,):
+            raise ValueError(f"permutation of group {group!r} must have shape ({n},), "
+                             f"got {tuple(t.shape)}")
+        if not torch.equal(torch.sort(t).values, torch.arange(n)):
+            raise ValueError(f"perms[{group!r}] is not a permutation of 0..{n - 1}")
+        out[group] = t
+    return out
+
+
+def invert(perms: Perms) -> dict[str, torch.Tensor]:
+    """The inverse permutations: ``permute(permute(x, p), invert(p)) == x``."""
+    return {g: torch.argsort(p) for g, p in perms.items()}
+
+
+def compose(first: Perms, second: Perms) -> dict[str, torch.Tensor]:
+    """Permutations equal to applying ``first``, then ``second``."""
+    return {g: first[g][second[g]] for g in first}
+
+
+def identity_perms(sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    return {g: torch.arange(n) for g, n in sizes.items()}
+
+
+def random_perms(sizes: Mapping[str, int], generator: torch.Generator | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """A uniformly random permutation of every group (``sizes``: group -> number of units)."""
+    return {g: torch.randperm(n, generator=generator) for g, n in sizes.items()}
+
+
+def permute_tensor(
+    tensor: torch.Tensor,
+    entries: tuple,
+    perms: Perms,
+    blocks: Mapping[int, int] | None = None,
+) -> torch.Tensor:
+    """Reorder the permuted axes of one tensor.
+
+    Parameters
+    ----------
+    tensor : Tensor of shape ``(*axes, *extra)``
+        The first ``len(entries)`` axes are described by ``entries``; extra trailing axes (e.g.
+        the columns of a covariance factor) are carried along.
+    entries : tuple
+        The tensor's row of ``PermutationSpec.axes_to_perm``.
+    perms : mapping of str to LongTensor
+        Validated permutations (see :func:`check_perms`).
+    blocks : mapping of int to int, optional
+        Axis -> block length for axes permuted in blocks.
+
+    Returns
+    -------
+    Tensor
+        A new tensor (never a view of the input when an axis moves; the input itself when no
+        axis is permuted).
+    """
+    out = tensor
+    for axis, entry in enumerate(entries):
+        index = axis_index(entry, perms, (blocks or {}).get(axis, 1))
+        if index is not None:
+            out = out.index_select(axis, index.to(out.device))
+    return out
+
+
+def permute_tensors(tensors: Mapping[str, torch.Tensor], perms: Perms, spec: PermutationSpec
+                    ) -> dict[str, torch.Tensor]:
+    """Apply :func:`permute_tensor` to every named tensor the spec lists (others are kept)."""
+    blocks = spec.blocks
+    return {name: permute_tensor(t, spec[name], perms, blocks.get(name)) if name in spec else t
+            for name, t in tensors.items()}
+
+
+def spec_for(obj: Any, spec: PermutationSpec | None) -> PermutationSpec:
+    """The given spec, or the one of the BayesianNetwork behind ``obj``."""
+    if spec is not None:
+        if not isinstance(spec, PermutationSpec):
+            raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        return spec
+    model = obj
+    if isinstance(obj, autoguide.AutoGuide):
+        model = model_of(obj)
+    if isinstance(model, BayesianNetwork):
+        return model.spec
+    raise ValueError(
+        f"no spec given and {type(obj).__name__} is not a BayesianNetwork or a guide over one: "
+        f"pass spec= (e.g. bnn_align.spec_from_module(net, example_input))"
+    )
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = None) -> Any:
+    """Apply permutations to a state dict, module, BayesianNetwork or guide.
+
+    Parameters
+    ----------
+    obj : state dict, nn.Module, BayesianNetwork or Pyro autoguide
+        Any posterior kind bnn_align supports. Never modified.
+    perms : mapping of str to permutation
+        Group name -> LongTensor (or array, or list) of shape ``(n_group,)`` for every group of
+        the spec; ``perm[i]`` is the input unit that becomes unit ``i``.
+    spec : PermutationSpec, optional
+        Defaults to the spec of the BayesianNetwork ``obj`` is (or is a guide over).
+
+    Returns
+    -------
+    object of the same kind
+        A new state dict, module, BayesianNetwork or guide. A permuted guide has its mean, scale
+        and covariance-factor rows moved together; a full-rank guide is re-factorised so it stays
+        a valid ``AutoMultivariateNormal``. A guide whose model has permuted buffers (BatchNorm
+        statistics) gets a permuted copy of the model; otherwise it shares the original model.
+    """
+    spec = spec_for(obj, spec)
+    if isinstance(obj, BayesianNetwork):
+        net = permute(obj.net, perms, spec)
+        new = copy.copy(obj)
+        new._modules = dict(obj._modules)
+        new._modules["net"] = net
+        return new
+    if isinstance(obj, autoguide.AutoGuide):
+        return _permute_guide(obj, perms, spec)
+    if isinstance(obj, nn.Module):
+        state = obj.state_dict()
+        perms = check_perms(perms, spec.group_sizes(_shapes(state), where=type(obj).__name__))
+        new = copy.deepcopy(obj)
+        new.load_state_dict(permute_tensors(state, perms, spec))
+        return new
+    if isinstance(obj, Mapping):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        perms = check_perms(perms, spec.group_sizes(_shapes(tensors), where="the state dict"))
+        # keep the mapping's class (a state dict is an OrderedDict with _metadata)
+        out = copy.copy(obj) if isinstance(obj, dict) else dict(obj)
+        out.update({k: v.clone() if v is tensors[k] else v
+                    for k, v in permute_tensors(tensors, perms, spec).items()})
+        return out
+    raise TypeError(
+        f"permute expects a state dict, an nn.Module, a BayesianNetwork or a Pyro autoguide, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
+                   spec: PermutationSpec) -> autoguide.AutoGuide:
+    adapter = adapter_for(guide)
+    raw = adapter.raw(guide)
+    site_shapes = adapter.sites(guide)
+    model = model_of(guide)
+    buffers: dict[str, torch.Tensor] = {}
+    if isinstance(model, BayesianNetwork):
+        buffers = dict(model.net.named_buffers())
+    extra = [n for n in spec.names if n not in site_shapes]
+    strangers = [n for n in extra if n not in buffers]
+    if strangers:
+        raise ValueError(
+            f"the permutation spec names {strangers[:5]}, which are neither sample sites of the "
+            f"{type(guide).__name__} nor buffers of its model"
+        )
+    shapes = dict(site_shapes)
+    shapes.update({n: tuple(buffers[n].shape) for n in extra})
+    perms = check_perms(perms, spec.group_sizes(shapes, where=type(guide).__name__))
+    new_model = None
+    if any(any(e is not None for e in spec[n]) for n in extra):
+        new_model = permute(model, perms, spec)
+    moved = {part: permute_tensors(tensors, perms, spec) for part, tensors in raw.items()}
+    return adapter.from_raw(guide, moved, new_model)

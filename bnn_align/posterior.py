@@ -1,0 +1,554 @@
+"""One Gaussian view over every kind of posterior, and the way back to a guide of the same kind.
+
+Posteriors are Pyro autoguides (``AutoNormal``, ``AutoDiagonalNormal``,
+``AutoLowRankMultivariateNormal``, ``AutoMultivariateNormal``, ``AutoDelta``) or point estimates
+(a state dict or an ``nn.Module``). :func:`as_gaussian` reads any of them as a
+:class:`GaussianView`: per sample site a mean, a diagonal scale and, for low- and full-rank guides,
+the rows of a covariance factor, so that ``theta = loc + scale * eps + factor @ z`` with
+``eps, z ~ N(0, I)``. Everything is in the guides' unconstrained space (for network weights, which
+have real support, that is the weight space itself).
+
+Each posterior kind has a small adapter (the hierarchy mirrors Pyro's autoguides) that reads the
+view, exposes the raw parameters that a permutation moves exactly, and builds a new posterior of
+the same kind from either. Inputs are never modified: new guides are copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from pyro.infer import autoguide
+from pyro.nn.module import PyroModule
+from pyro.poutine.messenger import _bound_partial, unwrap
+from torch import nn
+from torch.distributions import transform_to
+
+__all__ = ["GaussianView", "as_gaussian", "model_of", "POINT", "DIAGONAL", "LOW_RANK", "FULL_RANK"]
+
+POINT, DIAGONAL, LOW_RANK, FULL_RANK = "point", "diagonal", "low_rank", "full_rank"
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianView:
+    """A posterior as ``N(loc, diag(scale**2) + factor factor^T)``, split by sample site.
+
+    Attributes
+    ----------
+    kind : {"point", "diagonal", "low_rank", "full_rank"}
+        Which family the posterior came from.
+    loc : dict of str to Tensor
+        Mean of every site, shape ``site_shape``, in site execution order.
+    scale : dict of str to Tensor
+        Diagonal part of the standard deviation, shape ``site_shape`` (zeros for point
+        estimates and for full-rank guides, whose covariance is all in ``factor``).
+    factor : dict of str to Tensor or None
+        Rows of the covariance factor ``W`` belonging to each site, shape ``site_shape + (rank,)``
+        (``rank = D`` for a full-rank guide); ``None`` for point and diagonal posteriors.
+    """
+
+    kind: str
+    loc: dict[str, torch.Tensor]
+    scale: dict[str, torch.Tensor]
+    factor: dict[str, torch.Tensor] | None = None
+    _source: str = field(default="", repr=False)
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names in execution order."""
+        return list(self.loc)
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in self.loc.items()}
+
+    @property
+    def num_params(self) -> int:
+        """Total number of latent dimensions ``D``."""
+        return sum(v.numel() for v in self.loc.values())
+
+    @property
+    def rank(self) -> int:
+        """Number of columns of the covariance factor (0 without one)."""
+        if not self.factor:
+            return 0
+        return next(iter(self.factor.values())).shape[-1]
+
+    def stddev(self) -> dict[str, torch.Tensor]:
+        """Marginal standard deviation of every weight, shape ``site_shape``."""
+        if self.factor is None:
+            return dict(self.scale)
+        return {k: (self.scale[k] ** 2 + self.factor[k].pow(2).sum(-1)).sqrt() for k in self.loc}
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(loc, scale, factor)`` packed in site order: shapes ``(D,)``, ``(D,)``, ``(D, rank)``."""
+        loc = torch.cat([v.reshape(-1) for v in self.loc.values()])
+        scale = torch.cat([v.reshape(-1) for v in self.scale.values()])
+        factor = None
+        if self.factor is not None:
+            factor = torch.cat([v.reshape(-1, v.shape[-1]) for v in self.factor.values()])
+        return loc, scale, factor
+
+    def sample(
+        self, num_samples: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Draw ``num_samples`` weights: site -> tensor of shape ``(num_samples, *site_shape)``."""
+        noise = self.standard_normal(num_samples, generator)
+        return self.transform(noise)
+
+    def standard_normal(
+        self, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``(eps, z)`` a sample is made from: shapes ``(S, D)`` and ``(S, rank)`` or None."""
+        ref = next(iter(self.loc.values()))
+        eps = torch.randn(num_samples, self.num_params, generator=generator,
+                          dtype=ref.dtype, device=ref.device)
+        z = None
+        if self.factor is not None:
+            z = torch.randn(num_samples, self.rank, generator=generator,
+                            dtype=ref.dtype, device=ref.device)
+        return eps, z
+
+    def transform(self, noise: tuple[torch.Tensor, torch.Tensor | None]
+                  ) -> dict[str, torch.Tensor]:
+        """``loc + scale * eps + factor @ z`` for given standard-normal draws, split by site."""
+        eps, z = noise
+        loc, scale, factor = self.flat()
+        theta = loc + scale * eps
+        if factor is not None and z is not None:
+            theta = theta + z @ factor.T
+        out, pos = {}, 0
+        for name, value in self.loc.items():
+            out[name] = theta[:, pos:pos + value.numel()].reshape(-1, *value.shape)
+            pos += value.numel()
+        return out
+
+    def map(self, fn: Callable[[str, str, torch.Tensor], torch.Tensor]) -> "GaussianView":
+        """A new view with ``fn(part, site, tensor)`` applied to every tensor.
+
+        ``part`` is ``"loc"``, ``"scale"`` or ``"factor"``.
+        """
+        factor = None
+        if self.factor is not None:
+            factor = {k: fn("factor", k, v) for k, v in self.factor.items()}
+        return GaussianView(
+            self.kind,
+            {k: fn("loc", k, v) for k, v in self.loc.items()},
+            {k: fn("scale", k, v) for k, v in self.scale.items()},
+            factor,
+            self._source,
+        )
+
+
+# ------------------------------------------------------------------------------ helpers --
+def model_of(guide: nn.Module) -> Any:
+    """The model a Pyro autoguide was built over, with Pyro's handler wrappers removed."""
+    return unwrap(guide.model)
+
+
+def _replace_model(wrapped: Any, new_model: Any) -> Any:
+    # Autoguides hold their model wrapped in handlers (InitMessenger); rebuild the same chain
+    # of handlers around a new model.
+    if isinstance(wrapped, _bound_partial):
+        return _bound_partial(_replace_model(wrapped.func, new_model))
+    if isinstance(wrapped, functools.partial) and len(wrapped.args) >= 2:
+        inner = _replace_model(wrapped.args[1], new_model)
+        return functools.partial(wrapped.func, wrapped.args[0], inner, *wrapped.args[2:],
+                                 **wrapped.keywords)
+    return new_model
+
+
+def clone_guide(guide: autoguide.AutoGuide, model: Any = None) -> autoguide.AutoGuide:
+    """A deep copy of an autoguide over the same model (or over ``model``).
+
+    ``copy.deepcopy`` alone would go through ``AutoGuide.__getstate__``, which detaches the
+    original guide from its model; that is undone here, so the original is left as it was.
+    """
+    saved_model, saved_master = guide._model, guide.master
+    try:
+        new = copy.deepcopy(guide)
+    finally:
+        guide._model, guide.master = saved_model, saved_master
+    wrapped = saved_model[0] if saved_model else None
+    if model is not None and wrapped is not None:
+        wrapped = _replace_model(wrapped, model)
+    new._model = (wrapped,)
+    return new
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, attr = dotted.split(".")
+    for part in path:
+        module = module._modules[part]
+    return module, attr
+
+
+def _get_unconstrained(module: nn.Module, dotted: str) -> torch.Tensor:
+    owner, attr = _owner(module, dotted)
+    return owner._parameters[attr + "_unconstrained"]
+
+
+def _set_unconstrained(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner, attr = _owner(module, dotted)
+    old = owner._parameters[attr + "_unconstrained"]
+    owner._parameters[attr + "_unconstrained"] = nn.Parameter(
+        value.detach().to(old.dtype).contiguous().clone(), requires_grad=old.requires_grad
+    )
+
+
+def _constraint(module: nn.Module, dotted: str) -> Any:
+    owner, attr = _owner(module, dotted)
+    return owner._pyro_params[attr][0]
+
+
+def _set_constrained(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    _set_unconstrained(module, dotted, transform_to(_constraint(module, dotted)).inv(value))
+
+
+def _set_plain(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    # a plain nn.Parameter (AutoContinuous guides keep loc and cov_factor this way)
+    if name in module._pyro_params:
+        _set_unconstrained(module, name, value)
+    else:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value.detach().to(old.dtype).contiguous().clone(),
+                                                requires_grad=old.requires_grad)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+# ------------------------------------------------------------------------------ adapters --
+class _Adapter:
+    """Reads one kind of posterior and builds new ones of the same kind.
+
+    ``raw`` gives the tensors a permutation moves exactly, as ``{part: {site: tensor}}`` with the
+    site's axes first and any extra axes last; ``from_raw`` puts such tensors back.
+    """
+
+    kind: str = ""
+
+    def view(self, obj: Any) -> GaussianView:
+        raise NotImplementedError
+
+    def raw(self, obj: Any) -> dict[str, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def from_raw(self, obj: Any, raw: Mapping[str, Mapping[str, torch.Tensor]],
+                 model: Any = None) -> Any:
+        raise NotImplementedError
+
+    def from_view(self, obj: Any, view: GaussianView, model: Any = None) -> Any:
+        raise NotImplementedError
+
+
+class _GuideAdapter(_Adapter):
+    def check_ready(self, guide: autoguide.AutoGuide) -> None:
+        if guide.prototype_trace is None:
+            raise ValueError(
+                f"the {type(guide).__name__} guide has no parameters yet: call it once (e.g. "
+                f"guide() for a BayesianNetwork model) or build it with bnn_align.guides"
+            )
+
+    def sites(self, guide: autoguide.AutoGuide) -> dict[str, torch.Size]:
+        self.check_ready(guide)
+        return {name: site["value"].shape
+                for name, site in guide.prototype_trace.iter_stochastic_nodes()}
+
+
+class _NormalAdapter(_GuideAdapter):
+    """``AutoNormal``: one ``locs.<site>`` and ``scales.<site>`` parameter per site."""
+
+    kind = DIAGONAL
+
+    def view(self, guide):
+        sites = self.sites(guide)
+        loc = {s: _detached(_get_unconstrained(guide.locs, s)) for s in sites}
+        scale = {s: transform_to(_constraint(guide.scales, s))(
+            _get_unconstrained(guide.scales, s)).detach() for s in sites}
+        return GaussianView(self.kind, loc, scale, None, type(guide).__name__)
+
+    def raw(self, guide):
+        sites = self.sites(guide)
+        return {"locs": {s: _get_unconstrained(guide.locs, s).detach() for s in sites},
+                "scales": {s: _get_unconstrained(guide.scales, s).detach() for s in sites}}
+
+    def from_raw(self, guide, raw, model=None):
+        new = clone_guide(guide, model)
+        for part, tensors in raw.items():
+            for site, value in tensors.items():
+                _set_unconstrained(getattr(new, part), site, value)
+        return new
+
+    def from_view(self, guide, view, model=None):
+        _require_kind(view, (DIAGONAL, POINT), guide)
+        new = clone_guide(guide, model)
+        for site in self.sites(guide):
+            _set_unconstrained(new.locs, site, view.loc[site])
+            _set_constrained(new.scales, site, view.scale[site])
+        return new
+
+
+class _DeltaAdapter(_GuideAdapter):
+    """``AutoDelta``: one parameter per site holding the point estimate."""
+
+    kind = POINT
+
+    def view(self, guide):
+        loc = {s: _detached(_get_unconstrained(guide, s)) for s in self.sites(guide)}
+        return GaussianView(self.kind, loc, {s: torch.zeros_like(v) for s, v in loc.items()},
+                            None, type(guide).__name__)
+
+    def raw(self, guide):
+        return {"value": {s: _get_unconstrained(guide, s).detach() for s in self.sites(guide)}}
+
+    def from_raw(self, guide, raw, model=None):
+        new = clone_guide(guide, model)
+        for site, value in raw["value"].items():
+            _set_unconstrained(new, site, value)
+        return new
+
+    def from_view(self, guide, view, model=None):
+        _require_kind(view, (POINT,), guide)
+        new = clone_guide(guide, model)
+        for site in self.sites(guide):
+            _set_unconstrained(new, site, view.loc[site])
+        return new
+
+
+class _PackedAdapter(_GuideAdapter):
+    """``AutoContinuous`` guides: all sites packed into one vector in execution order."""
+
+    def layout(self, guide) -> dict[str, tuple[slice, torch.Size]]:
+        self.check_ready(guide)
+        out, pos = {}, 0
+        for name, shape in guide._unconstrained_shapes.items():
+            size = math.prod(shape)
+            out[name] = (slice(pos, pos + size), shape)
+            pos += size
+        return out
+
+    def split(self, guide, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        # (D, *extra) -> {site: (*site_shape, *extra)}
+        return {name: flat[sl].reshape(*shape, *flat.shape[1:])
+                for name, (sl, shape) in self.layout(guide).items()}
+
+    @staticmethod
+    def join(parts: Mapping[str, torch.Tensor], guide_layout: Mapping) -> torch.Tensor:
+        return torch.cat([parts[name].reshape(sl.stop - sl.start, *parts[name].shape[len(shape):])
+                          for name, (sl, shape) in guide_layout.items()])
+
+    raw_names: tuple[str, ...] = ()
+
+    def raw(self, guide):
+        return {name: self.split(guide, self.raw_tensor(guide, name)) for name in self.raw_names}
+
+    def raw_tensor(self, guide, name: str) -> torch.Tensor:
+        if name in guide._pyro_params:
+            return guide._parameters[name + "_unconstrained"].detach()
+        return guide._parameters[name].detach()
+
+    def from_raw(self, guide, raw, model=None):
+        new = clone_guide(guide, model)
+        layout = self.layout(guide)
+        for name, parts in raw.items():
+            _set_plain(new, name, self.join(parts, layout))
+        return new
+
+
+class _DiagonalAdapter(_PackedAdapter):
+    """``AutoDiagonalNormal``: ``loc`` and ``scale`` vectors."""
+
+    kind = DIAGONAL
+    raw_names = ("loc", "scale")
+
+    def view(self, guide):
+        return GaussianView(self.kind, self.split(guide, guide.loc.detach().clone()),
+                            self.split(guide, guide.scale.detach().clone()), None,
+                            type(guide).__name__)
+
+    def from_view(self, guide, view, model=None):
+        _require_kind(view, (DIAGONAL, POINT), guide)
+        layout = self.layout(guide)
+        new = clone_guide(guide, model)
+        _set_plain(new, "loc", self.join(view.loc, layout))
+        _set_constrained(new, "scale", self.join(view.scale, layout))
+        return new
+
+
+class _LowRankAdapter(_PackedAdapter):
+    """``AutoLowRankMultivariateNormal``: covariance ``diag(s) (F F^T + I) diag(s)``.
+
+    In the view, ``scale = s`` and ``factor = diag(s) F``.
+    """
+
+    kind = LOW_RANK
+    raw_names = ("loc", "scale", "cov_factor")
+
+    def view(self, guide):
+        s = guide.scale.detach()
+        return GaussianView(self.kind, self.split(guide, guide.loc.detach().clone()),
+                            self.split(guide, s.clone()),
+                            self.split(guide, s[:, None] * guide.cov_factor.detach()),
+                            type(guide).__name__)
+
+    def from_view(self, guide, view, model=None):
+        _require_kind(view, (LOW_RANK,), guide)
+        if view.rank != guide.cov_factor.shape[1]:
+            raise ValueError(f"the view has rank {view.rank} but the guide has rank "
+                             f"{guide.cov_factor.shape[1]}")
+        layout = self.layout(guide)
+        new = clone_guide(guide, model)
+        s = self.join(view.scale, layout)
+        _set_plain(new, "loc", self.join(view.loc, layout))
+        _set_constrained(new, "scale", s)
+        _set_plain(new, "cov_factor", self.join(view.factor, layout) / s[:, None])
+        return new
+
+
+class _FullRankAdapter(_PackedAdapter):
+    """``AutoMultivariateNormal``: covariance ``W W^T`` with ``W = diag(s) L`` (``L`` unit lower).
+
+    A permutation of the rows of ``W`` breaks its triangular form, so new guides re-factorise
+    ``W W^T`` (an exact identity in exact arithmetic, done in float64).
+    """
+
+    kind = FULL_RANK
+    raw_names = ("loc", "cov_rows")
+
+    def rows(self, guide) -> torch.Tensor:
+        return guide.scale.detach()[:, None] * guide.scale_tril.detach()
+
+    def view(self, guide):
+        loc = self.split(guide, guide.loc.detach().clone())
+        return GaussianView(self.kind, loc, {k: torch.zeros_like(v) for k, v in loc.items()},
+                            self.split(guide, self.rows(guide)), type(guide).__name__)
+
+    def raw(self, guide):
+        return {"loc": self.split(guide, guide.loc.detach()),
+                "cov_rows": self.split(guide, self.rows(guide))}
+
+    def set_rows(self, new, rows: torch.Tensor) -> None:
+        # W W^T = R^T R for W^T = Q R, so L = R^T (signs fixed so the diagonal is positive).
+        r = torch.linalg.qr(rows.to(torch.float64).T, mode="r").R
+        lower = r.T * torch.sign(torch.diagonal(r))[None, :].where(
+            torch.diagonal(r) != 0, torch.ones(()))
+        s = torch.diagonal(lower)
+        _set_constrained(new, "scale", s.to(rows.dtype))
+        _set_constrained(new, "scale_tril", (lower / s[:, None]).to(rows.dtype))
+
+    def from_raw(self, guide, raw, model=None):
+        new = clone_guide(guide, model)
+        layout = self.layout(guide)
+        _set_plain(new, "loc", self.join(raw["loc"], layout))
+        self.set_rows(new, self.join(raw["cov_rows"], layout))
+        return new
+
+    def from_view(self, guide, view, model=None):
+        _require_kind(view, (FULL_RANK,), guide)
+        layout = self.layout(guide)
+        new = clone_guide(guide, model)
+        _set_plain(new, "loc", self.join(view.loc, layout))
+        rows = self.join(view.factor, layout)
+        if any(bool((v != 0).any()) for v in view.scale.values()):
+            # fold a diagonal part into the factor: W W^T + diag(d^2) = [W, diag(d)] [..]^T
+            d = self.join(view.scale, layout)
+            rows = torch.cat([rows, torch.diag(d)], dim=1)
+        self.set_rows(new, rows)
+        return new
+
+
+class _PointAdapter(_Adapter):
+    """A state dict (mapping of name to tensor) or an ``nn.Module``: a point estimate.
+
+    For a module the sites are its parameters; for a mapping every floating-point tensor.
+    """
+
+    kind = POINT
+
+    def tensors(self, obj) -> dict[str, torch.Tensor]:
+        if isinstance(obj, nn.Module):
+            return {k: v.detach() for k, v in obj.named_parameters()}
+        return {k: v.detach() for k, v in obj.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+    def view(self, obj):
+        loc = {k: v.clone() for k, v in self.tensors(obj).items()}
+        return GaussianView(self.kind, loc, {k: torch.zeros_like(v) for k, v in loc.items()},
+                            None, type(obj).__name__)
+
+    def from_view(self, obj, view, model=None):
+        _require_kind(view, (POINT,), obj)
+        if isinstance(obj, nn.Module):
+            new = copy.deepcopy(obj)
+            with torch.no_grad():
+                for name, param in new.named_parameters():
+                    param.copy_(view.loc[name])
+            return new
+        out = dict(obj)
+        out.update({k: v.clone() for k, v in view.loc.items()})
+        return out
+
+
+def _require_kind(view: GaussianView, kinds: tuple[str, ...], target: Any) -> None:
+    if view.kind not in kinds:
+        raise ValueError(
+            f"a {view.kind} posterior cannot be written into a {type(target).__name__}, which "
+            f"holds {' or '.join(kinds)} posteriors"
+        )
+
+
+_GUIDE_ADAPTERS: tuple[tuple[type, _Adapter], ...] = (
+    (autoguide.AutoNormal, _NormalAdapter()),
+    (autoguide.AutoDelta, _DeltaAdapter()),
+    (autoguide.AutoLowRankMultivariateNormal, _LowRankAdapter()),
+    (autoguide.AutoMultivariateNormal, _FullRankAdapter()),
+    (autoguide.AutoDiagonalNormal, _DiagonalAdapter()),
+)
+_POINT = _PointAdapter()
+SUPPORTED = ("AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal",
+             "AutoMultivariateNormal", "AutoDelta", "a state dict", "an nn.Module")
+
+
+def adapter_for(obj: Any) -> _Adapter:
+    """The adapter of a posterior object (raises ``TypeError`` for unsupported kinds)."""
+    if isinstance(obj, autoguide.AutoGuide):
+        for cls, adapter in _GUIDE_ADAPTERS:
+            if type(obj) is cls:
+                return adapter
+        for cls, adapter in _GUIDE_ADAPTERS:  # user subclasses of a supported guide
+            if isinstance(obj, cls) and not isinstance(obj, autoguide.AutoLaplaceApproximation):
+                return adapter
+        raise TypeError(f"unsupported guide {type(obj).__name__}; supported: {', '.join(SUPPORTED)}")
+    if isinstance(obj, Mapping) or (isinstance(obj, nn.Module) and not isinstance(obj, PyroModule)):
+        return _POINT
+    raise TypeError(
+        f"expected a posterior ({', '.join(SUPPORTED)}), got {type(obj).__name__}"
+    )
+
+
+def as_gaussian(posterior: Any) -> GaussianView:
+    """Read any supported posterior as a :class:`GaussianView` (a copy; nothing is shared).
+
+    Parameters
+    ----------
+    posterior : autoguide, state dict, nn.Module or GaussianView
+        See the module docstring for the supported kinds.
+    """
+    if isinstance(posterior, GaussianView):
+        return posterior
+    return adapter_for(posterior).view(posterior)
+
+
+def from_gaussian(template: Any, view: GaussianView, model: Any = None) -> Any:
+    """A new posterior of ``template``'s kind holding the values of ``view``.
+
+    The view must be of a family the template can hold (a diagonal guide takes diagonal or point
+    views, a low-rank guide low-rank views of its rank, ...). ``model`` replaces the guide's model.
+    """
+    return adapter_for(template).from_view(template, view, model)

@@ -1,0 +1,315 @@
+"""Permutation specs: which axis of which tensor each permutation group acts on.
+
+A :class:`PermutationSpec` uses the exchange format of Git Re-Basin (Ainsworth et al., 2023):
+``axes_to_perm`` maps every parameter or buffer name to one entry per axis, the name of the group
+that permutes that axis or ``None``; ``perm_to_axes`` is derived from it. Two extensions keep the
+format exact for networks the original could not describe, and reduce to it when unused:
+
+* **Blocks.** ``blocks={"4.weight": {1: 16}}`` says axis 1 of ``"4.weight"`` is permuted in
+  contiguous blocks of 16 (unit ``i`` owns indices ``16 i ... 16 i + 15``): the layout
+  ``torch.flatten`` produces after a convolution with 16 positions per channel. Axes not listed
+  have blocks of 1, and their length must equal the group size exactly.
+* **Concatenation.** An entry may be a tuple of group names: the axis is the concatenation of those
+  groups' units (each in blocks of the same ``k``), as after ``torch.cat`` along the feature axis.
+
+Specs are derived automatically by :func:`bnn_align.spec_from_module`; this module only holds the
+format, its validation against tensor shapes and the index arithmetic every permutation uses.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+
+__all__ = ["PermutationSpec", "AxisEntry"]
+
+AxisEntry = Union[str, None, tuple]
+"""One axis of a tensor: a group name, ``None`` (not permuted) or a tuple of group names."""
+
+
+def _groups_of(entry: AxisEntry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+class PermutationSpec:
+    """Which axes of which tensors share a permutation.
+
+    Parameters
+    ----------
+    axes_to_perm : mapping of str to sequence
+        Tensor name (``"0.weight"``, ``"layer1.0.norm1.running_mean"``) to one entry per axis: a
+        group name, ``None``, or a tuple of group names for a concatenated axis. Names not listed
+        are never permuted.
+    blocks : mapping of str to mapping of int to int, optional
+        Tensor name -> {axis: block length} for axes permuted in contiguous blocks.
+
+    Examples
+    --------
+    A two-layer MLP ``Linear(4, 8) -> ReLU -> Linear(8, 3)`` has one group::
+
+        PermutationSpec({"0.weight": ("P0", None), "0.bias": ("P0",),
+                         "2.weight": (None, "P0"), "2.bias": (None,)})
+    """
+
+    def __init__(
+        self,
+        axes_to_perm: Mapping[str, Sequence[AxisEntry]],
+        *,
+        blocks: Mapping[str, Mapping[int, int]] | None = None,
+    ):
+        if not isinstance(axes_to_perm, Mapping):
+            raise TypeError(
+                f"axes_to_perm must be a mapping of tensor name to axis entries, "
+                f"got {type(axes_to_perm).__name__}"
+            )
+        normalised: dict[str, tuple[AxisEntry, ...]] = {}
+        for name, entries in axes_to_perm.items():
+            if not isinstance(name, str):
+                raise TypeError(f"tensor names must be str, got {name!r}")
+            if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+                raise TypeError(
+                    f"axes_to_perm[{name!r}] must be a sequence with one entry per axis, "
+                    f"got {entries!r}"
+                )
+            row = []
+            for axis, entry in enumerate(entries):
+                if isinstance(entry, (list, tuple)):
+                    entry = tuple(entry)
+                    if len(entry) == 0 or not all(isinstance(g, str) for g in entry):
+                        raise TypeError(
+                            f"axes_to_perm[{name!r}][{axis}]: a concatenated axis is a non-empty "
+                            f"tuple of group names, got {entry!r}"
+                        )
+                    if len(entry) == 1:
+                        entry = entry[0]
+                elif entry is not None and not isinstance(entry, str):
+                    raise TypeError(
+                        f"axes_to_perm[{name!r}][{axis}] must be a group name, None or a tuple "
+                        f"of group names, got {entry!r}"
+                    )
+                row.append(entry)
+            normalised[name] = tuple(row)
+        self._axes_to_perm = normalised
+        self._blocks: dict[str, dict[int, int]] = {}
+        for name, by_axis in (blocks or {}).items():
+            if name not in normalised:
+                raise ValueError(f"blocks names {name!r}, which is not in axes_to_perm")
+            for axis, block in dict(by_axis).items():
+                axis, block = int(axis), int(block)
+                if not 0 <= axis < len(normalised[name]) or normalised[name][axis] is None:
+                    raise ValueError(f"blocks[{name!r}] names axis {axis}, which is not permuted")
+                if block < 1:
+                    raise ValueError(f"blocks[{name!r}][{axis}] must be >= 1, got {block}")
+                if block > 1:
+                    self._blocks.setdefault(name, {})[axis] = block
+
+    # -- the exchange format -------------------------------------------------------------------
+    @property
+    def axes_to_perm(self) -> dict[str, tuple[AxisEntry, ...]]:
+        """Tensor name -> one entry per axis (a copy; the spec is immutable)."""
+        return dict(self._axes_to_perm)
+
+    @property
+    def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
+        """Group name -> list of ``(tensor name, axis)`` it acts on, in tensor order."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for name, entries in self._axes_to_perm.items():
+            for axis, entry in enumerate(entries):
+                for group in dict.fromkeys(_groups_of(entry)):
+                    out.setdefault(group, []).append((name, axis))
+        return out
+
+    @property
+    def groups(self) -> list[str]:
+        """Group names in order of first appearance."""
+        return list(self.perm_to_axes)
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the tensors the spec describes."""
+        return list(self._axes_to_perm)
+
+    @property
+    def blocks(self) -> dict[str, dict[int, int]]:
+        """Tensor name -> {axis: block length} for the axes permuted in blocks (a copy)."""
+        return {name: dict(b) for name, b in self._blocks.items()}
+
+    def block(self, name: str, axis: int) -> int:
+        """Block length of one axis (1 unless listed in :attr:`blocks`)."""
+        return self._blocks.get(name, {}).get(axis, 1)
+
+    def __getitem__(self, name: str) -> tuple[AxisEntry, ...]:
+        return self._axes_to_perm[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._axes_to_perm
+
+    def __len__(self) -> int:
+        return len(self._axes_to_perm)
+
+    def __repr__(self) -> str:
+        lines = [f"  {name!r}: {entries!r}," for name, entries in self._axes_to_perm.items()]
+        return "PermutationSpec({\n" + "\n".join(lines) + "\n})"
+
+    def to_dict(self) -> dict[str, dict]:
+        """Plain-Python form ``{"axes_to_perm": ..., "perm_to_axes": ...}`` (JSON-friendly)."""
+        return {
+            "axes_to_perm": {k: [list(e) if isinstance(e, tuple) else e for e in v]
+                             for k, v in self._axes_to_perm.items()},
+            "perm_to_axes": {g: [list(a) for a in axes] for g, axes in self.perm_to_axes.items()},
+            "blocks": {name: {str(a): k for a, k in b.items()} for name, b in self._blocks.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "PermutationSpec":
+        """Inverse of :meth:`to_dict`; also accepts a bare ``axes_to_perm`` mapping."""
+        if "axes_to_perm" not in data:
+            return cls(data)
+        return cls(data["axes_to_perm"], blocks=data.get("blocks"))
+
+    # -- comparison ----------------------------------------------------------------------------
+    def _canonical(self) -> tuple:
+        # Group names are labels: two specs are equal when they permute the same axes together.
+        relabel: dict[str, int] = {}
+        for group in self.perm_to_axes:
+            relabel.setdefault(group, len(relabel))
+        rows = []
+        for name in sorted(self._axes_to_perm):
+            row = []
+            for entry in self._axes_to_perm[name]:
+                groups = _groups_of(entry)
+                row.append(tuple(relabel[g] for g in groups) if groups else None)
+            rows.append((name, tuple(row), tuple(sorted(self._blocks.get(name, {}).items()))))
+        # Relabel by first appearance in sorted-name order so the order of construction is moot.
+        order: dict[int, int] = {}
+        for _, row, _ in rows:
+            for entry in row:
+                for g in entry or ():
+                    order.setdefault(g, len(order))
+        return tuple(
+            (name, tuple(tuple(order[g] for g in e) if e else None for e in row), blocks)
+            for name, row, blocks in rows
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PermutationSpec):
+            return NotImplemented
+        return self._canonical() == other._canonical()
+
+    def __hash__(self) -> int:
+        return hash(self._canonical())
+
+    def restrict(self, names: Iterable[str]) -> "PermutationSpec":
+        """The spec for a subset of tensors (e.g. only the sample sites of a guide)."""
+        keep = [n for n in names if n in self._axes_to_perm]
+        return PermutationSpec(
+            {n: self._axes_to_perm[n] for n in keep},
+            blocks={n: self._blocks[n] for n in keep if n in self._blocks},
+        )
+
+    # -- validation against shapes -------------------------------------------------------------
+    def group_sizes(self, shapes: Mapping[str, Sequence[int]], *, where: str = "") -> dict[str, int]:
+        """Check the spec against tensor shapes and return the size of every group.
+
+        Parameters
+        ----------
+        shapes : mapping of str to shape
+            Shape of every tensor the spec names.
+        where : str
+            Context for error messages (e.g. ``"guide_b"``).
+
+        Raises
+        ------
+        ValueError
+            If the spec names a missing tensor, has the wrong number of axes for one, or if the
+            axes of a group disagree on its size.
+        """
+        ctx = f" in {where}" if where else ""
+        missing = [n for n in self._axes_to_perm if n not in shapes]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5])
+            raise ValueError(
+                f"the permutation spec names {len(missing)} tensor(s) missing{ctx}: {shown}"
+                + (" ..." if len(missing) > 5 else "")
+            )
+        sizes: dict[str, int] = {}
+        first: dict[str, str] = {}
+        for name, entries in self._axes_to_perm.items():
+            shape = tuple(shapes[name])
+            if len(shape) != len(entries):
+                raise ValueError(
+                    f"the permutation spec gives {len(entries)} axes for {name!r} but it has "
+                    f"shape {shape}{ctx}"
+                )
+            for axis, entry in enumerate(entries):
+                if not isinstance(entry, str):
+                    continue
+                block = self.block(name, axis)
+                if shape[axis] % block:
+                    raise ValueError(
+                        f"axis {axis} of {name!r} has length {shape[axis]}, not a multiple of its "
+                        f"block length {block}{ctx}"
+                    )
+                units = shape[axis] // block
+                if entry in sizes and sizes[entry] != units:
+                    raise ValueError(
+                        f"permutation group {entry!r} has {sizes[entry]} units on "
+                        f"{first[entry]} but {units} on axis {axis} of {name!r}{ctx}"
+                    )
+                sizes[entry] = units
+                first.setdefault(entry, f"{name!r}")
+        for group in self.perm_to_axes:
+            if group not in sizes:
+                raise ValueError(
+                    f"permutation group {group!r} only appears in concatenated axes; "
+                    f"it needs at least one axis of its own to fix its size{ctx}"
+                )
+        for name, entries in self._axes_to_perm.items():
+            for axis, entry in enumerate(entries):
+                if isinstance(entry, tuple):
+                    units = sum(sizes[g] for g in entry) * self.block(name, axis)
+                    if shapes[name][axis] != units:
+                        raise ValueError(
+                            f"axis {axis} of {name!r} has length {shapes[name][axis]}, but the "
+                            f"concatenation {entry!r} holds {units}{ctx}"
+                        )
+        return sizes
+
+
+def axis_index(
+    entry: AxisEntry, perms: Mapping[str, torch.Tensor], block: int = 1
+) -> torch.Tensor | None:
+    """Gather index that applies ``perms`` to one axis described by ``entry``.
+
+    Parameters
+    ----------
+    entry : AxisEntry
+        The spec entry for the axis.
+    perms : mapping of str to LongTensor
+        Group name -> permutation of shape ``(n_group,)``; ``perm[i]`` is the unit of the input
+        that becomes unit ``i`` of the output.
+    block : int
+        Contiguous block length per unit (see the module docstring).
+
+    Returns
+    -------
+    LongTensor of shape ``(block * units,)`` or None
+        ``None`` when the axis is not permuted.
+    """
+    groups = _groups_of(entry)
+    if not groups:
+        return None
+    parts, offset = [], 0
+    for g in groups:
+        p = perms[g]
+        parts.append(p + offset)
+        offset += len(p)
+    unit_index = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if block == 1:
+        return unit_index
+    return (unit_index[:, None] * block + torch.arange(block)).reshape(-1)

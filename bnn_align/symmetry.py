@@ -1,0 +1,638 @@
+"""Derive a network's permutation symmetries from its graph (``spec_from_module``).
+
+The module is traced with ``torch.fx`` and run once on an example input. Every activation tensor
+carries at most one *unit axis* (features of a linear layer, channels of a convolution), labelled
+by union-find variables. Each operation either creates a fresh variable (the output units of a
+linear or convolutional layer, which may be reordered freely), passes its input's units through
+(elementwise functions, pooling, normalisation that provably commutes with permutations), or
+unites variables that must share one permutation (the branches of a residual sum). The network's
+inputs and outputs are tied to a fixed variable that is never permuted. What is not provably safe
+is refused, with the module and operation named, or, if asked, tied to the fixed variable, which
+leaves it unpermuted. The result can therefore never change the function.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .spec import PermutationSpec
+
+__all__ = ["spec_from_module"]
+
+_FIXED = 0
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent = [_FIXED]
+        self.origin = ["<input/output>"]  # who created each variable (for group names)
+
+    def new(self, origin: str) -> int:
+        self.parent.append(len(self.parent))
+        self.origin.append(origin)
+        return len(self.parent) - 1
+
+    def find(self, v: int) -> int:
+        while self.parent[v] != v:
+            self.parent[v] = self.parent[self.parent[v]]
+            v = self.parent[v]
+        return v
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        # The smaller id stays root: the fixed variable wins, then the earliest creator.
+        if rb < ra:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+
+
+@dataclass(frozen=True)
+class _Units:
+    """The unit axis of an activation: which axis, which variables, and the block length.
+
+    ``axis is None`` marks a tensor whose every axis is fixed (network inputs, outputs of ops that
+    were frozen on request); ``segments`` holds several variables after a concatenation.
+    """
+
+    axis: int | None
+    segments: tuple[int, ...]
+    block: int = 1
+
+
+_FIXED_UNITS = _Units(None, (_FIXED,))
+
+
+class UnsupportedOperation(ValueError):
+    """Raised when a module contains an operation whose permutation behaviour is not known."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        # torch.fx's interpreter appends its own notes to exceptions; keep the original text
+        self.message = message
+
+
+_ELEMENTWISE = {
+    # activations and pointwise maths: any permutation of units commutes with them
+    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "elu", "selu", "celu", "leaky_relu",
+    "softplus", "softsign", "hardtanh", "hardswish", "hardsigmoid", "mish", "logsigmoid",
+    "tanhshrink", "abs", "neg", "exp", "log", "log1p", "sqrt", "rsqrt", "square", "sin", "cos",
+    "erf", "clamp", "clip", "sign", "reciprocal",
+    # dropout is elementwise in distribution and the identity at evaluation
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    # softmax over any axis is permutation-equivariant on that axis
+    "softmax", "log_softmax",
+    # no-ops on values
+    "clone", "contiguous", "float", "double", "half", "to", "detach", "type_as",
+    # pooling keeps channels where they are
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+}
+_BINARY = {"add", "sub", "mul", "div", "true_divide", "maximum", "minimum", "where"}
+_INPLACE_BINARY = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_RESHAPE = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"}
+_REDUCTION = {"mean", "sum", "amax", "amin", "logsumexp", "prod", "std", "var", "norm"}
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.CELU,
+    nn.LeakyReLU, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CHANNEL_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", repr(target))
+
+
+class _Tracer(torch.fx.Tracer):
+    # torch.nn's own modules are leaves (their semantics are known or refused by type);
+    # containers and user modules are traced through.
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return type(m).__module__.startswith("torch.nn")
+
+
+class _Deriver(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, unknown: str):
+        super().__init__(gm)
+        self.uf = _UnionFind()
+        self.unknown = unknown
+        self.units: dict[torch.fx.Node, _Units | None] = {}
+        # (tensor name, axis) -> variables; tensors reused by several calls are united.
+        self.assignments: dict[tuple[str, int], tuple[int, ...]] = {}
+        self.blocks: dict[tuple[str, int], int] = {}
+        self.node: torch.fx.Node | None = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def where(self) -> str:
+        node = self.node
+        if node is None:
+            return "?"
+        if node.op == "call_module":
+            module = self.module.get_submodule(node.target)
+            return f"module {node.target!r} ({type(module).__name__})"
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.values())[-1][0] if stack else ""
+        owner = f" in module {owner!r}" if owner else ""
+        return f"operation {_target_name(node.target)!r} (node {node.name!r}){owner}"
+
+    def refuse(self, why: str, inputs: Sequence[_Units | None] = ()) -> _Units:
+        if self.unknown == "error":
+            raise UnsupportedOperation(
+                f"spec_from_module cannot prove that permutations commute with {self.where()}: "
+                f"{why}. Pass unknown='fix' to leave the units around it unpermuted, or write a "
+                f"PermutationSpec by hand."
+            )
+        for u in inputs:
+            self.fix(u)
+        return _FIXED_UNITS
+
+    def fix(self, u: _Units | None) -> None:
+        if u is not None:
+            for v in u.segments:
+                self.uf.union(v, _FIXED)
+
+    def unite(self, a: _Units, b: _Units) -> bool:
+        if a.axis is None or b.axis is None:
+            self.fix(a)
+            self.fix(b)
+            return True
+        if len(a.segments) != len(b.segments) or a.block != b.block:
+            return False
+        for va, vb in zip(a.segments, b.segments):
+            self.uf.union(va, vb)
+        return True
+
+    def assign(self, name: str, axis: int, units: _Units, block: int | None = None) -> None:
+        if units.axis is None:  # fixed input: leave the axis unpermuted
+            return
+        key = (name, axis)
+        if key in self.assignments:
+            old = self.assignments[key]
+            if len(old) != len(units.segments):
+                self.refuse(f"tensor {name!r} is used with different unit layouts", [units])
+                return
+            for va, vb in zip(old, units.segments):
+                self.uf.union(va, vb)
+        else:
+            self.assignments[key] = units.segments
+            self.blocks[key] = units.block if block is None else block
+
+    def tensor_units(self, args: Any) -> list[_Units | None]:
+        found: list[_Units | None] = []
+        torch.fx.node.map_arg(args, lambda n: found.append(self.units.get(n)))
+        return found
+
+    def fresh(self, origin: str, axis: int) -> _Units:
+        return _Units(axis, (self.uf.new(origin),))
+
+    # -- the interpreter hooks --------------------------------------------------------------------
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.node = n
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        result = getattr(self, n.op)(n.target, args, kwargs)
+        if n.op == "placeholder":
+            self.units[n] = _FIXED_UNITS if isinstance(result, torch.Tensor) else None
+        elif n.op == "output":
+            for u in self.tensor_units(n.args):
+                self.fix(u)
+        elif n.op == "get_attr":
+            self.units[n] = None
+        elif isinstance(result, torch.Tensor) or n.op == "call_module":
+            self.units[n] = self.rule(n, args, kwargs, result)
+        else:
+            # shape arithmetic (x.size(0)) and containers: no unit axis to follow
+            inputs = [u for u in self.tensor_units((n.args, n.kwargs)) if u is not None]
+            self.units[n] = None
+            if inputs and n.op != "call_method" and _target_name(n.target) not in ("size", "dim"):
+                if not (n.op == "call_function" and n.target is getattr):
+                    self.refuse("it returns a non-tensor built from activations", inputs)
+        return result
+
+    def rule(self, n: torch.fx.Node, args: tuple, kwargs: dict, out: torch.Tensor) -> _Units:
+        if n.op == "call_module":
+            return self.module_rule(n.target, self.module.get_submodule(n.target), args, out)
+        name = _target_name(n.target)
+        units = self.tensor_units((n.args, n.kwargs))
+        uses_attr = any(
+            isinstance(a, torch.fx.Node) and a.op == "get_attr"
+            for a in _flatten_args((n.args, n.kwargs))
+        )
+        if uses_attr:
+            return self.refuse("it uses a parameter or buffer directly instead of through a "
+                               "torch.nn layer", units)
+        first = _first_tensor(args)
+        in_units = self.units.get(_first_node(n.args)) if n.args else None
+        inplace = name.endswith("_") and not name.startswith("_") and n.op == "call_method"
+        base = name[:-1] if inplace else name
+        if n.target in _INPLACE_BINARY:
+            base = {operator.iadd: "add", operator.isub: "sub", operator.imul: "mul",
+                    operator.itruediv: "div"}[n.target]
+        if base in _ELEMENTWISE and in_units is not None:
+            return in_units
+        if base in _BINARY or n.target in (operator.add, operator.sub, operator.mul,
+                                           operator.truediv, operator.neg):
+            return self.broadcast(units_with_shapes(n, self), out)
+        if base in _RESHAPE and in_units is not None and first is not None:
+            return self.reshape(in_units, tuple(first.shape), tuple(out.shape))
+        if base in ("transpose", "swapaxes", "permute", "t") and in_units is not None:
+            return self.transpose(base, in_units, first, args[1:], out)
+        if base in _REDUCTION and in_units is not None and first is not None:
+            return self.reduce(in_units, first, args, kwargs, out)
+        if base in ("cat", "concat", "concatenate", "stack"):
+            return self.concatenate(base, n, args, kwargs, out)
+        return self.refuse("this operation is not known to commute with permutations", units)
+
+    # -- functional rules ---------------------------------------------------------------------------
+    def broadcast(self, operands: list[tuple[_Units, tuple[int, ...]]], out: torch.Tensor) -> _Units:
+        if not operands:
+            return _FIXED_UNITS
+        ndim = out.dim()
+        result: _Units | None = None
+        for units, shape in operands:
+            if units.axis is None:
+                for other, _ in operands:
+                    self.fix(other)
+                return _FIXED_UNITS
+            # align from the right as broadcasting does; a unit axis of length 1 is broadcast
+            # and therefore constant across units, so it does not constrain the others
+            axis = units.axis + ndim - len(shape)
+            if shape[units.axis] == 1 and out.shape[axis] != 1:
+                continue
+            moved = _Units(axis, units.segments, units.block)
+            if result is None:
+                result = moved
+            elif result.axis != axis or not self.unite(result, moved):
+                return self.refuse("its operands carry units on different axes or layouts",
+                                   [u for u, _ in operands])
+        return result if result is not None else _FIXED_UNITS
+
+    def reshape(self, units: _Units, in_shape: tuple, out_shape: tuple) -> _Units:
+        if units.axis is None:
+            return units
+        moved = _reshape_units(in_shape, out_shape, units.axis, units.block)
+        if moved is None:
+            return self.refuse(
+                f"it reshapes {in_shape} -> {out_shape} in a way that splits or interleaves the "
+                f"units of axis {units.axis}", [units])
+        axis, block = moved
+        return _Units(axis, units.segments, block)
+
+    def transpose(self, name: str, units: _Units, x: torch.Tensor, rest: tuple,
+                  out: torch.Tensor) -> _Units:
+        if units.axis is None:
+            return units
+        ndim = x.dim()
+        if name == "t":
+            order = list(range(ndim))[::-1]
+        elif name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            order = [d % ndim for d in dims]
+        else:
+            d0, d1 = (d % ndim for d in rest[:2])
+            order = list(range(ndim))
+            order[d0], order[d1] = order[d1], order[d0]
+        return _Units(order.index(units.axis), units.segments, units.block)
+
+    def reduce(self, units: _Units, x: torch.Tensor, args: tuple, kwargs: dict,
+               out: torch.Tensor) -> _Units:
+        if units.axis is None:
+            return units
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool)
+                             else False)
+        if dims is None:
+            return _FIXED_UNITS  # a full reduction is invariant to any permutation
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % x.dim() for d in dims]
+        if units.axis in dims:
+            return _FIXED_UNITS  # reduced over the units: invariant
+        axis = units.axis if keepdim else units.axis - sum(d < units.axis for d in dims)
+        return _Units(axis, units.segments, units.block)
+
+    def concatenate(self, name: str, n: torch.fx.Node, args: tuple, kwargs: dict,
+                    out: torch.Tensor) -> _Units:
+        nodes = list(n.args[0])
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        dim = dim % out.dim()
+        parts = [self.units.get(node) for node in nodes]
+        if any(u is None or u.axis is None for u in parts):
+            for u in parts:
+                self.fix(u)
+            return _FIXED_UNITS
+        if name == "stack":
+            axis = parts[0].axis
+            for u in parts[1:]:
+                if u.axis != axis or not self.unite(parts[0], u):
+                    return self.refuse("its operands carry units on different axes", parts)
+            return _Units(axis + (dim <= axis), parts[0].segments, parts[0].block)
+        axes = {u.axis for u in parts}
+        if len(axes) != 1:
+            return self.refuse("its operands carry units on different axes", parts)
+        axis = axes.pop()
+        if dim != axis:
+            for u in parts[1:]:
+                if not self.unite(parts[0], u):
+                    return self.refuse("its operands have different unit layouts", parts)
+            return parts[0]
+        blocks = {u.block for u in parts}
+        if len(blocks) != 1:
+            return self.refuse("it concatenates units with different block lengths", parts)
+        return _Units(axis, tuple(v for u in parts for v in u.segments), blocks.pop())
+
+    # -- module rules ---------------------------------------------------------------------------------
+    def module_rule(self, qualname: str, m: nn.Module, args: tuple, out: Any) -> _Units:
+        node = self.node
+        if isinstance(m, nn.MultiheadAttention):
+            return self.refuse("attention heads mix units across the head split",
+                               self.tensor_units((node.args, node.kwargs)))
+        if not isinstance(out, torch.Tensor):
+            return self.refuse("it does not return a single tensor",
+                               self.tensor_units((node.args, node.kwargs)))
+        x = args[0] if args else None
+        units = self.units.get(node.args[0]) if node.args else None
+        if units is None or not isinstance(x, torch.Tensor):
+            return self.refuse("its input is not a tensor activation",
+                               self.tensor_units(node.args))
+        if len(node.args) > 1 or node.kwargs:
+            return self.refuse("it is called with more than one argument",
+                               self.tensor_units((node.args, node.kwargs)))
+        prefix = qualname + "."
+        if isinstance(m, _ELEMENTWISE_MODULES):
+            return units
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return self.reshape(units, tuple(x.shape), tuple(out.shape))
+        if isinstance(m, nn.Linear):
+            if units.axis is not None and units.axis != x.dim() - 1:
+                return self.refuse("its input units are not on the last axis", [units])
+            new = self.fresh(qualname, out.dim() - 1)
+            self.assign(prefix + "weight", 0, new)
+            self.assign(prefix + "weight", 1, units)
+            if m.bias is not None:
+                self.assign(prefix + "bias", 0, new)
+            return new
+        if isinstance(m, _CONV):
+            if units.axis is not None and units.axis != 1:
+                return self.refuse("its input units are not on the channel axis", [units])
+            if m.groups == 1:
+                new = self.fresh(qualname, 1)
+                self.assign(prefix + "weight", 1, units)
+            elif m.groups == m.in_channels == m.out_channels and units.axis is not None:
+                new = units  # depthwise: output channel c only sees input channel c
+            elif m.groups == m.in_channels == m.out_channels:
+                new = _FIXED_UNITS
+            else:
+                return self.refuse(f"grouped convolutions (groups={m.groups}) only allow "
+                                   f"permutations within groups", [units])
+            self.assign(prefix + "weight", 0, new)
+            if m.bias is not None:
+                self.assign(prefix + "bias", 0, new)
+            return new
+        if isinstance(m, _CHANNEL_NORM):
+            if units.axis is not None and units.axis != 1:
+                return self.refuse("its input units are not on the channel axis", [units])
+            for tensor in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(m, tensor, None) is not None:
+                    self.assign(prefix + tensor, 0, units)
+            return units
+        if isinstance(m, nn.GroupNorm):
+            if units.axis is not None and units.axis != 1:
+                return self.refuse("its input units are not on the channel axis", [units])
+            if m.num_groups not in (1, m.num_channels):
+                return self.refuse(
+                    f"with {m.num_groups} groups of channels, a permutation that moves a "
+                    f"channel to another group changes the normalisation", [units])
+            if m.affine:
+                self.assign(prefix + "weight", 0, units)
+                self.assign(prefix + "bias", 0, units)
+            return units
+        if isinstance(m, nn.LayerNorm):
+            first_normalised = x.dim() - len(m.normalized_shape)
+            # Statistics over a set of axes are invariant to permuting one of them, and
+            # per-element affine parameters move with their units.
+            if m.elementwise_affine and units.axis is not None and units.axis >= first_normalised:
+                self.assign(prefix + "weight", units.axis - first_normalised, units)
+                if m.bias is not None:
+                    self.assign(prefix + "bias", units.axis - first_normalised, units)
+            return units
+        if isinstance(m, nn.Embedding):
+            new = self.fresh(qualname, out.dim() - 1)
+            self.assign(prefix + "weight", 1, new)
+            return new
+        return self.refuse("this layer type is not known to commute with permutations", [units])
+
+
+def _flatten_args(a: Any) -> list:
+    out: list = []
+    torch.fx.node.map_aggregate(a, out.append)
+    return out
+
+
+def _first_node(args: tuple) -> torch.fx.Node | None:
+    for a in _flatten_args(args):
+        if isinstance(a, torch.fx.Node):
+            return a
+    return None
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    for a in _flatten_args(args):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def units_with_shapes(n: torch.fx.Node, d: _Deriver) -> list[tuple[_Units, tuple[int, ...]]]:
+    """Units and shapes of the tensor operands of a broadcasting operation."""
+    out = []
+    for a in _flatten_args((n.args, n.kwargs)):
+        if isinstance(a, torch.fx.Node) and d.units.get(a) is not None:
+            shape = tuple(a.meta["_bnn_shape"])
+            out.append((d.units[a], shape))
+    return out
+
+
+def _reshape_units(in_shape: tuple, out_shape: tuple, axis: int, block: int
+                   ) -> tuple[int, int] | None:
+    """Where the unit axis goes under a reshape, or None if the reshape scrambles units.
+
+    Dimensions are grouped into runs whose products match (the usual reshape decomposition). The
+    unit axis is safe when its run merges it with later axes (units become contiguous blocks) or
+    splits it into a leading axis and a remainder that divides the current block.
+    """
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        i0, j0 = i, j
+        p_in = in_shape[i] if i < len(in_shape) else 1
+        p_out = out_shape[j] if j < len(out_shape) else 1
+        i, j = i + 1, j + 1
+        while p_in != p_out:
+            if p_in < p_out:
+                if i >= len(in_shape):
+                    return None
+                p_in *= in_shape[i]
+                i += 1
+            else:
+                if j >= len(out_shape):
+                    return None
+                p_out *= out_shape[j]
+                j += 1
+        # Size-1 output axes that trail the run belong to it as well.
+        if not (i0 <= axis < i):
+            continue
+        ins = list(range(i0, min(i, len(in_shape))))
+        outs = list(range(j0, min(j, len(out_shape))))
+        if any(in_shape[k] != 1 for k in ins if k < axis):
+            return None  # the units are interleaved with a more major axis
+        if not outs:
+            return None
+        # drop leading size-1 output axes
+        while len(outs) > 1 and out_shape[outs[0]] == 1:
+            outs.pop(0)
+        merged = block * math.prod(in_shape[k] for k in ins if k > axis)
+        rest = math.prod(out_shape[k] for k in outs[1:])
+        if merged % rest:
+            return None
+        return outs[0], merged // rest
+    return None
+
+
+def spec_from_module(
+    net: nn.Module,
+    example_input: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    unknown: str = "error",
+) -> PermutationSpec:
+    """Derive the permutation spec of a network by tracing its graph.
+
+    Parameters
+    ----------
+    net : nn.Module
+        Any module ``torch.fx`` can trace. It is not modified (the trace runs on a copy in
+        evaluation mode, so BatchNorm statistics stay as they are).
+    example_input : Tensor or sequence of Tensor
+        One input batch (or the positional inputs), e.g. ``torch.randn(2, 40)``; only its shape
+        matters.
+    unknown : {"error", "fix"}
+        What to do with an operation whose permutation behaviour is not known (attention, custom
+        ops, indexing): ``"error"`` raises :class:`ValueError` naming the module and operation;
+        ``"fix"`` ties the units around it to the unpermuted inputs, so the spec permutes less but
+        still never changes the function.
+
+    Returns
+    -------
+    PermutationSpec
+        An entry for every parameter and buffer in ``net.state_dict()``; groups are named
+        ``"P_<module>"`` after the first layer that creates their units.
+
+    Raises
+    ------
+    TypeError
+        If ``net`` is not an ``nn.Module``.
+    ValueError
+        If the module cannot be traced or contains an operation that cannot be proved safe.
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"spec_from_module needs an nn.Module, got {type(net).__name__}")
+    if unknown not in ("error", "fix"):
+        raise ValueError(f"unknown must be 'error' or 'fix', got {unknown!r}")
+    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+    if not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_input must be a tensor or a sequence of tensors")
+    work = copy.deepcopy(net).eval()
+    try:
+        graph = _Tracer().trace(work)
+    except Exception as err:  # torch.fx raises many types (TraceError, TypeError, ...)
+        raise ValueError(
+            f"spec_from_module could not trace {type(net).__name__} with torch.fx: {err}. "
+            f"Modules with data-dependent control flow need a hand-written PermutationSpec."
+        ) from err
+    gm = torch.fx.GraphModule(work, graph)
+    deriver = _Deriver(gm, unknown)
+    _record_shapes(gm, inputs)
+    with torch.no_grad():
+        try:
+            deriver.run(*inputs)
+        except UnsupportedOperation as err:
+            raise UnsupportedOperation(err.message) from None
+        except Exception as err:
+            raise ValueError(
+                f"running {type(net).__name__} on the example input failed at "
+                f"{deriver.where()}: {err}"
+            ) from err
+    return _build_spec(net, deriver)
+
+
+def _record_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> None:
+    # A first pass stores every tensor's shape on its node so rules can look at operands' shapes.
+    class _Shapes(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                n.meta["_bnn_shape"] = tuple(result.shape)
+            return result
+
+    with torch.no_grad():
+        try:
+            _Shapes(gm).run(*inputs)
+        except Exception:
+            pass  # the deriving pass reports the failure with its location
+
+
+def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
+    uf = d.uf
+    # A concatenated axis is permuted as a whole or not at all: once any of its parts is fixed
+    # (possibly by a union made after the concatenation), fix the other parts too.
+    changed = True
+    while changed:
+        changed = False
+        for vars_ in d.assignments.values():
+            roots = {uf.find(v) for v in vars_}
+            if len(vars_) > 1 and uf.find(_FIXED) in roots and len(roots) > 1:
+                for v in vars_:
+                    uf.union(v, _FIXED)
+                changed = True
+    names: dict[int, str] = {}
+    for root in sorted({uf.find(v) for v in range(len(uf.parent))} - {uf.find(_FIXED)}):
+        names[root] = f"P_{uf.origin[root]}"
+
+    def entry(vars_: tuple[int, ...]) -> Any:
+        groups = []
+        for v in vars_:
+            root = uf.find(v)
+            if root == uf.find(_FIXED):
+                return None
+            groups.append(names[root])
+        return groups[0] if len(groups) == 1 else tuple(groups)
+
+    axes: dict[str, tuple] = {}
+    blocks: dict[str, dict[int, int]] = {}
+    for name, tensor in net.state_dict().items():
+        row = []
+        for axis in range(tensor.dim()):
+            vars_ = d.assignments.get((name, axis))
+            e = entry(vars_) if vars_ else None
+            row.append(e)
+            if e is not None and d.blocks.get((name, axis), 1) > 1:
+                blocks.setdefault(name, {})[axis] = d.blocks[(name, axis)]
+        axes[name] = tuple(row)
+    return PermutationSpec(axes, blocks=blocks)

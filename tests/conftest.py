@@ -1,0 +1,58 @@
+"""Shared fixtures: small networks, Bayesian models and one guide of every kind."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+from bnn_align import BayesianNetwork, guides, models
+
+GUIDE_KINDS = ["mean_field", "diagonal", "low_rank", "full_rank", "delta"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_pyro():
+    """Every test starts with a seeded RNG and an empty Pyro param store."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def make_guide(kind: str, model: BayesianNetwork, *, spread: float = 0.05, seed: int = 0):
+    """A guide of the given kind whose scales and factors are random (not the init values),
+    so tests can tell a moved parameter from an unmoved one."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "mean_field":
+        guide = guides.mean_field(model)
+        with torch.no_grad():
+            for p in guide.scales.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) - 3)
+            for p in guide.locs.parameters():
+                p.add_(spread * torch.randn(p.shape, generator=gen))
+    elif kind == "diagonal":
+        guide = guides.diagonal(model)
+        with torch.no_grad():
+            guide.scale_unconstrained.copy_(torch.randn(guide.scale.shape, generator=gen) - 3)
+    elif kind == "low_rank":
+        guide = guides.low_rank(model, rank=3)
+        with torch.no_grad():
+            guide.scale_unconstrained.copy_(torch.randn(guide.scale.shape, generator=gen) - 3)
+            guide.cov_factor.copy_(torch.randn(guide.cov_factor.shape, generator=gen))
+    elif kind == "full_rank":
+        guide = guides.full_rank(model)
+        with torch.no_grad():
+            guide.scale_unconstrained.copy_(torch.randn(guide.scale.shape, generator=gen) - 3)
+            tril = guide.scale_tril_unconstrained
+            tril.copy_(0.1 * torch.randn(tril.shape, generator=gen))
+    elif kind == "delta":
+        guide = guides.delta(model)
+    else:
+        raise ValueError(kind)
+    return guide
+
+
+@pytest.fixture
+def small_mlp_model() -> BayesianNetwork:
+    return BayesianNetwork(models.mlp(5, [7, 6], 3), input_shape=(5,))

@@ -1,0 +1,273 @@
+"""permute(): every object kind, exact inverses, function invariance of guide samples, bad input."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro.infer import autoguide
+from torch import nn
+
+from bnn_align import BayesianNetwork, PermutationSpec, as_gaussian, models, permute
+from bnn_align.permute import check_perms, compose, invert, random_perms
+
+from conftest import GUIDE_KINDS, make_guide
+
+
+def group_sizes(model: BayesianNetwork) -> dict[str, int]:
+    return model.spec.group_sizes({k: v.shape for k, v in model.net.state_dict().items()})
+
+
+def snapshot(obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return {k: v.detach().clone() for k, v in obj.state_dict().items()}
+    return {k: v.clone() for k, v in obj.items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def permuted_noise(view, perms, spec, noise):
+    """Move the per-weight noise of a sample with the weights (the rank noise stays)."""
+    eps, z = noise
+    pos, parts = 0, []
+    for site, loc in view.loc.items():
+        block = eps[:, pos:pos + loc.numel()].reshape(-1, *loc.shape)
+        moved = block.movedim(0, -1)  # sample axis last so the spec's axes come first
+        if site in spec:
+            from bnn_align.permute import permute_tensor
+
+            moved = permute_tensor(moved, spec[site], perms, spec.blocks.get(site))
+        parts.append(moved.movedim(-1, 0).reshape(len(eps), -1))
+        pos += loc.numel()
+    return torch.cat(parts, dim=1), z
+
+
+ARCHITECTURES = {
+    "mlp": (lambda: models.mlp(5, [7, 6], 3), (5,)),
+    "cnn1d": (lambda: models.cnn1d(1, 12, 3, channels=(4, 3), hidden=(5,)), (1, 12)),
+    "resnet8_1d": (lambda: models.resnet(8, width=1, dim=1, in_channels=1, num_classes=3,
+                                         base_channels=4), (1, 10)),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("kind", GUIDE_KINDS)
+def test_guide_samples_compute_the_same_function(arch, kind):
+    if kind == "full_rank" and arch == "resnet8_1d":
+        pytest.skip("full-rank guides are for small networks")
+    build, input_shape = ARCHITECTURES[arch]
+    model = BayesianNetwork(build(), input_shape=input_shape)
+    guide = make_guide(kind, model)
+    spec = model.spec
+    perms = random_perms(group_sizes(model), torch.Generator().manual_seed(1))
+    moved = permute(guide, perms)
+    assert type(moved) is type(guide)
+    x = torch.randn(6, *input_shape)
+    view, moved_view = as_gaussian(guide), as_gaussian(moved)
+    noise = view.standard_normal(4, torch.Generator().manual_seed(2))
+    theta = view.transform(noise)
+    if kind == "full_rank":
+        # the factor is re-factorised, so compare the distributions: mean and covariance move
+        # exactly with the permutation, and a permuted sample computes the same function
+        d = view.num_params
+        index = permute_flat_index(view, perms, spec)
+        _, _, w = view.flat()
+        _, _, w_new = moved_view.flat()
+        torch.testing.assert_close(w_new @ w_new.T, (w @ w.T)[index][:, index],
+                                   rtol=1e-4, atol=1e-7)
+        theta_moved = {k: permute_sample(v, spec[k], perms, spec.blocks.get(k))
+                       for k, v in theta.items()}
+        assert d == len(index)
+    else:
+        theta_moved = moved_view.transform(permuted_noise(view, perms, spec, noise))
+    for s in range(4):
+        out = model.evaluate({k: v[s] for k, v in theta.items()}, x)
+        out_moved = model.evaluate({k: v[s] for k, v in theta_moved.items()}, x)
+        assert (out - out_moved).abs().max().item() < 1e-5
+    # something actually moved
+    assert any(not torch.equal(view.loc[k], moved_view.loc[k]) for k in view.loc)
+
+
+def permute_sample(v, entries, perms, blocks):
+    from bnn_align.permute import permute_tensor
+
+    return permute_tensor(v.movedim(0, -1), entries, perms, blocks).movedim(-1, 0)
+
+
+def permute_flat_index(view, perms, spec) -> torch.Tensor:
+    """Flat index i -> source index: the permutation of the packed latent vector."""
+    flat = torch.arange(view.num_params)
+    pos, parts = 0, []
+    for site, loc in view.loc.items():
+        block = flat[pos:pos + loc.numel()].reshape(loc.shape)
+        if site in spec:
+            from bnn_align.permute import permute_tensor
+
+            block = permute_tensor(block, spec[site], perms, spec.blocks.get(site))
+        parts.append(block.reshape(-1))
+        pos += loc.numel()
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("kind", GUIDE_KINDS)
+def test_permute_then_inverse_gives_back_the_guide(kind, small_mlp_model):
+    guide = make_guide(kind, small_mlp_model)
+    before = snapshot(guide)
+    perms = random_perms(group_sizes(small_mlp_model), torch.Generator().manual_seed(3))
+    there = permute(guide, perms)
+    back = permute(there, invert(perms))
+    if kind == "full_rank":
+        # re-factorised: equal up to float32 rounding (the unconstrained upper triangle of
+        # scale_tril is unused by Pyro, so compare the constrained values)
+        for name in ("loc", "scale", "scale_tril"):
+            torch.testing.assert_close(getattr(back, name), getattr(guide, name),
+                                       rtol=1e-4, atol=1e-7)
+    else:
+        assert_same_state(snapshot(back), before)
+    assert_same_state(snapshot(guide), before)  # the input is untouched
+    assert guide.model is not None and back.model is not None
+    assert not all(torch.equal(a, b) for a, b in zip(snapshot(there).values(), before.values()))
+
+
+def test_permuted_guides_are_usable_pyro_guides(small_mlp_model):
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    perms = random_perms(group_sizes(small_mlp_model))
+    for kind in GUIDE_KINDS:
+        guide = make_guide(kind, small_mlp_model)
+        moved = permute(guide, perms)
+        with pyro.get_param_store().scope():
+            loss = pyro.infer.Trace_ELBO().differentiable_loss(small_mlp_model, moved, x, y,
+                                                               num_data=100)
+        assert torch.isfinite(loss)
+        if kind == "full_rank":
+            tril = moved.scale_tril
+            assert torch.equal(tril, torch.tril(tril))
+            torch.testing.assert_close(torch.diagonal(tril), torch.ones(len(tril)))
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "module", "bayesian_network"])
+def test_permute_then_inverse_for_point_objects(kind):
+    net = models.resnet(8, width=1, norm="batch", base_channels=4)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+    model = BayesianNetwork(net, input_shape=(3, 8, 8))
+    obj = {"state_dict": net.state_dict(), "module": net, "bayesian_network": model}[kind]
+    before = snapshot(obj)
+    perms = random_perms(group_sizes(model))
+    there = permute(obj, perms, model.spec)
+    assert type(there) is type(obj)
+    back = permute(there, invert(perms), model.spec)
+    assert_same_state(snapshot(back), before)
+    assert_same_state(snapshot(obj), before)
+    changed = snapshot(there)
+    assert not torch.equal(changed[next(k for k in changed if k.endswith("running_mean"))],
+                           before[next(k for k in before if k.endswith("running_mean"))])
+
+
+def test_guide_over_batchnorm_network_moves_the_model_buffers():
+    net = models.resnet(8, width=1, norm="batch", base_channels=4, dim=1, in_channels=1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    model = BayesianNetwork(net, input_shape=(1, 10))
+    guide = make_guide("mean_field", model)
+    perms = random_perms(group_sizes(model))
+    moved = permute(guide, perms)
+    from bnn_align.posterior import model_of
+
+    assert model_of(moved) is not model
+    assert model_of(guide) is model
+    x = torch.randn(3, 1, 10)
+    view = as_gaussian(guide)
+    theta = {k: v for k, v in view.loc.items()}
+    theta_moved = as_gaussian(moved).loc
+    out = model.evaluate(theta, x)
+    out_moved = model_of(moved).evaluate(theta_moved, x)
+    assert (out - out_moved).abs().max() < 1e-5
+
+
+def test_composition_and_identity():
+    sizes = {"a": 5, "b": 3}
+    p = random_perms(sizes, torch.Generator().manual_seed(0))
+    q = random_perms(sizes, torch.Generator().manual_seed(1))
+    spec = PermutationSpec({"w": ("a", "b")})
+    w = {"w": torch.randn(5, 3)}
+    both = permute(permute(w, p, spec), q, spec)
+    assert torch.equal(both["w"], permute(w, compose(p, q), spec)["w"])
+    ident = compose(p, invert(p))
+    assert all(torch.equal(v, torch.arange(len(v))) for v in ident.values())
+
+
+# ------------------------------------------------------------------------------- bad input --
+def test_bad_permutations_are_rejected_with_the_group_named(small_mlp_model):
+    sizes = group_sizes(small_mlp_model)
+    good = random_perms(sizes)
+    group, n = next(iter(sizes.items()))
+    guide = make_guide("mean_field", small_mlp_model)
+    before = snapshot(guide)
+    cases = [
+        ({**good, group: torch.arange(n + 1)}, ValueError, f"{group!r} must have shape"),
+        ({**good, group: torch.zeros(n, dtype=torch.long)}, ValueError, "not a permutation"),
+        ({**good, group: torch.arange(n).float()}, TypeError, "must hold integers"),
+        ({k: v for k, v in good.items() if k != group}, ValueError, "missing groups"),
+        ({**good, "Q": torch.arange(2)}, ValueError, "does not know"),
+        ([1, 2], TypeError, "mapping"),
+    ]
+    for perms, error, words in cases:
+        with pytest.raises(error, match=words):
+            permute(guide, perms)
+    assert_same_state(snapshot(guide), before)
+
+
+def test_permutations_may_be_lists_or_arrays(small_mlp_model):
+    sizes = group_sizes(small_mlp_model)
+    perms = random_perms(sizes)
+    as_lists = {g: p.tolist() for g, p in perms.items()}
+    as_arrays = {g: p.numpy() for g, p in perms.items()}
+    assert check_perms(as_lists, sizes).keys() == perms.keys()
+    sd = small_mlp_model.net.state_dict()
+    a, b = permute(sd, as_lists, small_mlp_model.spec), permute(sd, as_arrays, small_mlp_model.spec)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spec_naming_a_missing_parameter(small_mlp_model):
+    spec = PermutationSpec({**small_mlp_model.spec.axes_to_perm, "9.weight": ("P_0", None)})
+    guide = make_guide("mean_field", small_mlp_model)
+    perms = random_perms(group_sizes(small_mlp_model))
+    with pytest.raises(ValueError, match="'9.weight'"):
+        permute(guide, perms, spec)
+    with pytest.raises(ValueError, match="'9.weight'"):
+        permute(small_mlp_model.net.state_dict(), perms, spec)
+
+
+def test_guide_over_a_plain_pyro_model_needs_a_spec():
+    def model():
+        pyro.sample("w", pyro.distributions.Normal(torch.zeros(3, 2), 1.0).to_event(2))
+
+    guide = autoguide.AutoNormal(model)
+    with pyro.get_param_store().scope():
+        guide()
+    with pytest.raises(ValueError, match="no spec given .*AutoNormal"):
+        permute(guide, {"P": torch.arange(3)})
+    spec = PermutationSpec({"w": ("P", None)})
+    moved = permute(guide, {"P": torch.tensor([2, 0, 1])}, spec)
+    torch.testing.assert_close(as_gaussian(moved).loc["w"], as_gaussian(guide).loc["w"][[2, 0, 1]])
+
+
+def test_unsupported_objects():
+    with pytest.raises(TypeError, match="expects a state dict"):
+        permute(42, {}, PermutationSpec({}))
+    model = BayesianNetwork(models.mlp(2, [3], 2), input_shape=(2,))
+    guide = autoguide.AutoLaplaceApproximation(model)
+    with pyro.get_param_store().scope():
+        guide()
+    with pytest.raises(TypeError, match="unsupported guide AutoLaplaceApproximation"):
+        permute(guide, random_perms(group_sizes(model)))

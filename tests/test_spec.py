@@ -1,0 +1,435 @@
+"""Permutation specs: the format, automatic derivation, and function invariance of every network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnn_align import PermutationSpec, models, permute, spec_from_module
+from bnn_align.permute import random_perms
+
+
+def state_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def randomise_buffers(net: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen))
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen))
+
+
+def assert_invariant(net: nn.Module, x: torch.Tensor, spec: PermutationSpec, seed: int = 0,
+                     tol: float = 1e-5) -> None:
+    """A random permutation of every group leaves the outputs unchanged; the weights move."""
+    net = net.eval()
+    sizes = spec.group_sizes(state_shapes(net))
+    assert sizes, "the spec has no groups: the test would be vacuous"
+    perms = random_perms(sizes, torch.Generator().manual_seed(seed))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    permuted = permute(net, perms, spec)
+    with torch.no_grad():
+        diff = (net(x) - permuted(x)).abs().max().item()
+    assert diff < tol, f"outputs changed by {diff}"
+    moved = any(not torch.equal(before[k], v) for k, v in permuted.state_dict().items())
+    assert moved, "no weight moved: the permutation was trivial"
+    for k, v in net.state_dict().items():  # the input is untouched
+        assert torch.equal(before[k], v)
+
+
+# ------------------------------------------------------------------------- hand-written specs --
+def hand_mlp_spec() -> PermutationSpec:
+    return PermutationSpec({
+        "0.weight": ("A", None), "0.bias": ("A",),
+        "2.weight": ("B", "A"), "2.bias": ("B",),
+        "4.weight": ("C", "B"), "4.bias": ("C",),
+        "6.weight": (None, "C"), "6.bias": (None,),
+    })
+
+
+def hand_resnet_spec(blocks: int = 3, norm: str = "layer") -> PermutationSpec:
+    axes: dict[str, tuple] = {}
+    conv = (None, None)  # kernel axes of a 2-D convolution
+
+    def norm_params(prefix: str, group: str) -> None:
+        axes[prefix + ".weight"] = (group,)
+        axes[prefix + ".bias"] = (group,)
+        if norm == "batch":
+            axes[prefix + ".running_mean"] = (group,)
+            axes[prefix + ".running_var"] = (group,)
+            axes[prefix + ".num_batches_tracked"] = ()
+
+    axes["conv1.weight"] = ("S1", None, *conv)
+    norm_params("norm1", "S1")
+    previous = "S1"
+    for stage in (1, 2, 3):
+        stream = f"S{stage}"
+        for b in range(blocks):
+            p = f"layer{stage}.{b}"
+            inner = f"{p}.inner"
+            axes[f"{p}.conv1.weight"] = (inner, previous, *conv)
+            norm_params(f"{p}.norm1", inner)
+            axes[f"{p}.conv2.weight"] = (stream, inner, *conv)
+            norm_params(f"{p}.norm2", stream)
+            if b == 0 and stage > 1:
+                axes[f"{p}.shortcut.0.weight"] = (stream, previous, *conv)
+                norm_params(f"{p}.shortcut.1", stream)
+            previous = stream
+    axes["fc.weight"] = (None, "S3")
+    axes["fc.bias"] = (None,)
+    return PermutationSpec(axes)
+
+
+def test_derived_spec_equals_hand_written_mlp():
+    net = models.mlp(10, [16, 9, 12], 4)
+    assert spec_from_module(net, torch.randn(2, 10)) == hand_mlp_spec()
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_derived_spec_equals_hand_written_resnet(norm):
+    net = models.resnet(20, width=1, norm=norm)
+    derived = spec_from_module(net, torch.randn(2, 3, 16, 16))
+    assert derived == hand_resnet_spec(3, norm)
+    assert len(derived.groups) == 3 + 9  # three residual streams, one inner group per block
+
+
+def test_spec_equality_is_up_to_relabelling_but_not_structure():
+    a = hand_mlp_spec()
+    relabelled = PermutationSpec({k: tuple({"A": "x", "B": "y", "C": "z"}.get(e, e) for e in v)
+                                  for k, v in a.axes_to_perm.items()})
+    assert a == relabelled
+    merged = dict(a.axes_to_perm)
+    merged["2.weight"] = ("A", "A")
+    assert a != PermutationSpec(merged)
+
+
+def test_perm_to_axes_and_round_trip_through_dict():
+    spec = spec_from_module(models.cnn1d(), torch.randn(2, 1, 40))
+    p2a = spec.perm_to_axes
+    for group, axes in p2a.items():
+        for name, axis in axes:
+            assert spec[name][axis] == group
+    assert PermutationSpec.from_dict(spec.to_dict()) == spec
+    # the flatten after the last convolution: 32 channels x 10 positions
+    (first_linear,) = [n for n in spec.blocks]
+    assert spec.block(first_linear, 1) == 10
+
+
+# --------------------------------------------------------------------------- invariance --
+BUILDERS = {
+    "mlp": (lambda: models.mlp(11, [13, 7, 9], 5), (4, 11)),
+    "mlp_gelu_depth1": (lambda: models.mlp(6, [17], 2, activation="gelu"), (4, 6)),
+    "cnn1d": (lambda: models.cnn1d(1, 40, 10, channels=(8, 6), hidden=(12,)), (3, 1, 40)),
+    "cnn2d": (lambda: models.cnn2d(3, 12, 7, channels=(5, 6), hidden=(9,)), (3, 3, 12, 12)),
+    "resnet20": (lambda: models.resnet(20, width=1), (2, 3, 16, 16)),
+    "resnet8_w2_batchnorm": (lambda: models.resnet(8, width=2, norm="batch"), (2, 3, 8, 8)),
+    "resnet14_1d": (lambda: models.resnet(14, width=1, dim=1, in_channels=1), (2, 1, 40)),
+    "resnet8_1d_nonorm": (lambda: models.resnet(8, dim=1, in_channels=1, norm=None), (2, 1, 20)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_builders_are_invariant_under_random_permutations(name):
+    build, shape = BUILDERS[name]
+    net = build()
+    randomise_buffers(net)
+    x = torch.randn(*shape)
+    spec = spec_from_module(net, x)
+    for seed in range(3):
+        assert_invariant(net, x, spec, seed=seed)
+
+
+class Residual(nn.Module):
+    """Odd widths, an input projection and two residual blocks, one with a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 11)
+        self.block1 = nn.Sequential(nn.Linear(11, 7), nn.ReLU(), nn.Linear(7, 11))
+        self.norm = nn.LayerNorm(11)
+        self.block2 = nn.Sequential(nn.Linear(11, 3), nn.Tanh(), nn.Linear(3, 11, bias=False))
+        self.out = nn.Linear(11, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.block1(h)
+        h = self.norm(h)
+        h = torch.relu(h + self.block2(h))
+        return self.out(h)
+
+
+class ConvViewLinear(nn.Module):
+    """Convolutions with BatchNorm, then ``x.view(x.size(0), -1)`` into a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.depthwise = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(5 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = self.pool(self.depthwise(torch.relu(self.bn(self.conv(x)))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Concat(nn.Module):
+    """Two branches concatenated along the features (different widths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(6, 7)
+        self.mix = nn.Linear(11, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.sigmoid(self.b(x))], dim=1)
+        return self.out(torch.relu(self.mix(h)))
+
+
+class ConcatConvFlatten(nn.Module):
+    """Concatenated channels, flattened: blocks of positions inside a concatenated axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(1, 3, 3, padding=1)
+        self.b = nn.Conv1d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(5 * 8, 4)
+
+    def forward(self, x):
+        h = torch.cat([self.a(x), torch.relu(self.b(x))], dim=1)
+        return self.fc(torch.flatten(torch.relu(h), 1))
+
+
+class MeanPoolHead(nn.Module):
+    """Global average pooling written as a reduction, GroupNorm per channel, skip from a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.gn = nn.GroupNorm(6, 6)
+        self.c2 = nn.Conv1d(6, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.gn(self.c1(x))
+        h = torch.relu(h) + self.c2(h) * 0.5
+        return self.fc(h.mean(dim=-1))
+
+
+HAND_MADE = {
+    "residual_layernorm": (Residual, (4, 5)),
+    "conv_bn_depthwise_view_linear": (ConvViewLinear, (3, 2, 6, 6)),
+    "concat": (Concat, (4, 6)),
+    "concat_conv_flatten": (ConcatConvFlatten, (3, 1, 8)),
+    "mean_pool_groupnorm": (MeanPoolHead, (3, 2, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_MADE))
+def test_hand_made_modules_are_invariant(name):
+    cls, shape = HAND_MADE[name]
+    net = cls()
+    randomise_buffers(net)
+    x = torch.randn(*shape)
+    spec = spec_from_module(net, x)
+    for seed in range(3):
+        assert_invariant(net, x, spec, seed=seed)
+
+
+def test_residual_sum_shares_one_group():
+    spec = spec_from_module(Residual(), torch.randn(2, 5))
+    stream = spec["inp.weight"][0]
+    assert spec["block1.2.weight"][0] == stream
+    assert spec["block2.2.weight"][0] == stream
+    assert spec["norm.weight"] == (stream,)
+    assert spec["out.weight"] == (None, stream)
+    assert spec["block1.0.weight"][0] not in (stream, None)
+
+
+def test_concatenation_and_blocks_are_recorded():
+    spec = spec_from_module(Concat(), torch.randn(2, 6))
+    assert spec["mix.weight"][1] == (spec["a.weight"][0], spec["b.weight"][0])
+    spec = spec_from_module(ConcatConvFlatten(), torch.randn(2, 1, 8))
+    assert spec["fc.weight"][1] == (spec["a.weight"][0], spec["b.weight"][0])
+    assert spec.block("fc.weight", 1) == 8
+
+
+def test_inputs_and_outputs_are_never_permuted():
+    for build, shape in BUILDERS.values():
+        net = build()
+        spec = spec_from_module(net, torch.randn(*shape))
+        first = next(iter(net.state_dict()))
+        assert spec[first][1] is None  # input axis of the first layer
+        last_weight = [k for k in net.state_dict() if k.endswith("weight")][-1]
+        assert spec[last_weight][0] is None  # output axis of the last layer
+
+
+def test_batchnorm_buffers_move_with_their_channels():
+    net = models.resnet(8, norm="batch")
+    spec = spec_from_module(net, torch.randn(2, 3, 8, 8))
+    group = spec["norm1.weight"][0]
+    assert spec["norm1.running_mean"] == (group,)
+    assert spec["norm1.running_var"] == (group,)
+    assert spec["norm1.num_batches_tracked"] == ()
+
+
+# -------------------------------------------------------------------------------- refusals --
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.out(self.attn(h, h, h)[0])
+
+
+class SliceOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))[:, :3])
+
+
+class GroupedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(1, 8, 3)
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.gn(self.c(x)).mean(-1))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return x
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(15, 2)
+
+    def forward(self, x):
+        return self.fc(self.c(x).transpose(1, 2).flatten(1))
+
+
+class RawParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.gain = nn.Parameter(torch.randn(5))
+        self.b = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.gain)
+
+
+@pytest.mark.parametrize("cls, shape, words", [
+    (Attention, (2, 3, 4), ["'attn'", "MultiheadAttention", "attention heads"]),
+    (SliceOp, (2, 4), ["getitem"]),
+    (GroupedNorm, (2, 1, 5), ["'gn'", "GroupNorm", "2 groups"]),
+    (ChannelsLast, (2, 1, 5), ["flatten", "(2, 5, 3)"]),
+    (RawParameter, (2, 4), ["mul", "parameter or buffer directly"]),
+])
+def test_unsafe_operations_are_refused_with_their_name(cls, shape, words):
+    with pytest.raises(ValueError) as info:
+        spec_from_module(cls(), torch.randn(*shape))
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("cls, shape", [(Attention, (2, 3, 4)), (SliceOp, (2, 4)),
+                                        (GroupedNorm, (2, 1, 5)), (ChannelsLast, (2, 1, 5)),
+                                        (RawParameter, (2, 4))])
+def test_unknown_fix_leaves_unsafe_parts_unpermuted_and_stays_invariant(cls, shape):
+    net = cls()
+    x = torch.randn(*shape)
+    spec = spec_from_module(net, x, unknown="fix")
+    if spec.groups:
+        for seed in range(3):
+            assert_invariant(net, x, spec, seed=seed)
+    else:  # everything touched the unsafe operation: nothing may be permuted
+        assert all(e is None for row in spec.axes_to_perm.values() for e in row)
+
+
+def test_fix_keeps_the_safe_groups():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 5)
+            self.c = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x))))[:, :3])
+
+    spec = spec_from_module(Mixed(), torch.randn(2, 4), unknown="fix")
+    assert spec["a.weight"][0] is not None  # before the slice: still permutable
+    assert spec["b.weight"][0] is None      # sliced: left alone
+
+
+def test_untraceable_module_gives_a_clear_error():
+    with pytest.raises(ValueError, match="could not trace DataDependent"):
+        spec_from_module(DataDependent(), torch.randn(2, 4))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        spec_from_module(lambda x: x, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="unknown must be"):
+        spec_from_module(models.mlp(4, [3], 2), torch.randn(2, 4), unknown="ignore")
+    with pytest.raises(ValueError, match="does not fit|failed"):
+        spec_from_module(models.mlp(4, [3], 2), torch.randn(2, 5))
+
+
+def test_derivation_does_not_modify_the_module():
+    net = models.resnet(8, norm="batch").train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    spec_from_module(net, torch.randn(4, 3, 8, 8))
+    assert net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+# ------------------------------------------------------------------------------ the format --
+def test_spec_validation_errors_name_the_problem():
+    net = models.mlp(4, [3], 2)
+    shapes = state_shapes(net)
+    spec = PermutationSpec({"0.weight": ("P", None), "missing.weight": ("P", None)})
+    with pytest.raises(ValueError, match="missing.weight"):
+        spec.group_sizes(shapes)
+    spec = PermutationSpec({"0.weight": ("P", None, None)})
+    with pytest.raises(ValueError, match="3 axes for '0.weight'"):
+        spec.group_sizes(shapes)
+    spec = PermutationSpec({"0.weight": ("P", None), "2.weight": ("P", None)})
+    with pytest.raises(ValueError, match="group 'P' has 3 units"):
+        spec.group_sizes(shapes)
+    with pytest.raises(TypeError, match="one entry per axis"):
+        PermutationSpec({"0.weight": "P"})
+    with pytest.raises(TypeError, match="group name"):
+        PermutationSpec({"0.weight": (3, None)})
+    with pytest.raises(ValueError, match="not permuted"):
+        PermutationSpec({"0.weight": ("P", None)}, blocks={"0.weight": {1: 2}})
