@@ -182,20 +182,22 @@ class _Deriver(torch.fx.Interpreter):
             self.uf.union(va, vb)
         return True
 
-    def assign(self, name: str, axis: int, units: _Units, block: int | None = None) -> None:
-        if units.axis is None:  # fixed input: leave the axis unpermuted
-            return
+    def assign(self, name: str, axis: int, units: _Units) -> None:
+        """Record that axis ``axis`` of tensor ``name`` carries ``units``."""
         key = (name, axis)
-        if key in self.assignments:
-            old = self.assignments[key]
-            if len(old) != len(units.segments):
-                self.refuse(f"tensor {name!r} is used with different unit layouts", [units])
-                return
+        if key not in self.assignments:
+            self.assignments[key] = units.segments
+            self.blocks[key] = units.block
+            return
+        # the tensor is used again (a shared layer): both uses must permute it the same way
+        old = self.assignments[key]
+        if len(old) == len(units.segments) and self.blocks[key] == units.block:
             for va, vb in zip(old, units.segments):
                 self.uf.union(va, vb)
         else:
-            self.assignments[key] = units.segments
-            self.blocks[key] = units.block if block is None else block
+            # two different unit layouts meet in one tensor: only leaving it alone is safe
+            for v in (*old, *units.segments):
+                self.uf.union(v, _FIXED)
 
     def tensor_units(self, args: Any) -> list[_Units | None]:
         found: list[_Units | None] = []
@@ -220,12 +222,12 @@ class _Deriver(torch.fx.Interpreter):
         elif isinstance(result, torch.Tensor) or n.op == "call_module":
             self.units[n] = self.rule(n, args, kwargs, result)
         else:
-            # shape arithmetic (x.size(0)) and containers: no unit axis to follow
-            inputs = [u for u in self.tensor_units((n.args, n.kwargs)) if u is not None]
+            # Shapes (x.size(0), x.shape, x.dim()) carry no units. Other non-tensors computed
+            # from activations (x.item(), x.tolist()) could carry unit order into the function.
             self.units[n] = None
-            if inputs and n.op != "call_method" and _target_name(n.target) not in ("size", "dim"):
-                if not (n.op == "call_function" and n.target is getattr):
-                    self.refuse("it returns a non-tensor built from activations", inputs)
+            inputs = [u for u in self.tensor_units((n.args, n.kwargs)) if u is not None]
+            if inputs and _target_name(n.target) not in ("size", "dim", "getattr", "getitem"):
+                self.refuse("it turns activations into a Python value", inputs)
         return result
 
     def rule(self, n: torch.fx.Node, args: tuple, kwargs: dict, out: torch.Tensor) -> _Units:
@@ -264,27 +266,33 @@ class _Deriver(torch.fx.Interpreter):
 
     # -- functional rules ---------------------------------------------------------------------------
     def broadcast(self, operands: list[tuple[_Units, tuple[int, ...]]], out: torch.Tensor) -> _Units:
-        if not operands:
-            return _FIXED_UNITS
         ndim = out.dim()
-        result: _Units | None = None
+        live: list[_Units] = []
+        fixed_shapes: list[tuple[int, ...]] = []
         for units, shape in operands:
             if units.axis is None:
-                for other, _ in operands:
-                    self.fix(other)
-                return _FIXED_UNITS
-            # align from the right as broadcasting does; a unit axis of length 1 is broadcast
-            # and therefore constant across units, so it does not constrain the others
+                fixed_shapes.append(shape)
+                continue
+            # align from the right as broadcasting does; a unit axis of length 1 is broadcast,
+            # so it is the same for every unit and does not constrain the other operands
             axis = units.axis + ndim - len(shape)
             if shape[units.axis] == 1 and out.shape[axis] != 1:
                 continue
-            moved = _Units(axis, units.segments, units.block)
-            if result is None:
-                result = moved
-            elif result.axis != axis or not self.unite(result, moved):
+            live.append(_Units(axis, units.segments, units.block))
+        if not live:
+            return _FIXED_UNITS
+        result = live[0]
+        for other in live[1:]:
+            if other.axis != result.axis or not self.unite(result, other):
                 return self.refuse("its operands carry units on different axes or layouts",
                                    [u for u, _ in operands])
-        return result if result is not None else _FIXED_UNITS
+        for shape in fixed_shapes:
+            # an unpermutable operand that varies along the units pins them
+            k = result.axis - (ndim - len(shape))
+            if k >= 0 and shape[k] != 1:
+                self.fix(result)
+                return _FIXED_UNITS
+        return result
 
     def reshape(self, units: _Units, in_shape: tuple, out_shape: tuple) -> _Units:
         if units.axis is None:

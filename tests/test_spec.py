@@ -433,3 +433,52 @@ def test_spec_validation_errors_name_the_problem():
         PermutationSpec({"0.weight": (3, None)})
     with pytest.raises(ValueError, match="not permuted"):
         PermutationSpec({"0.weight": ("P", None)}, blocks={"0.weight": {1: 2}})
+
+
+class InvariantScale(nn.Module):
+    """``h * h.amax()`` (an invariant scalar) and ``h + x`` (the unpermutable input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 4)
+        self.c = nn.Linear(4, 3)
+        self.d = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h * h.amax()            # a full reduction is invariant: h keeps its group
+        skip = self.b(h) + x        # adds the input: b's units are pinned to the input order
+        return self.d(torch.tanh(self.c(skip)))
+
+
+class SharedLayer(nn.Module):
+    """One layer applied twice: to the input and to a hidden activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+
+def test_invariant_scalars_do_not_pin_units_but_fixed_operands_do():
+    net = InvariantScale()
+    x = torch.randn(3, 4)
+    spec = spec_from_module(net, x)
+    assert spec["a.weight"][0] is not None
+    assert spec["b.weight"][0] is None
+    assert spec["c.weight"][0] is not None
+    assert_invariant(net, x, spec)
+
+
+def test_a_layer_reused_on_the_input_is_left_unpermuted():
+    net = SharedLayer()
+    x = torch.randn(3, 4)
+    spec = spec_from_module(net, x)
+    # shared's output feeds shared's input, which also sees the network input: fixed
+    assert spec["shared.weight"] == (None, None)
+    with torch.no_grad():
+        assert torch.equal(net(x), permute(net, {}, spec)(x))
