@@ -5,6 +5,7 @@ Data flows one way: model -> guide -> spec -> match -> path -> marginal estimate
 
 from . import guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
+from .matching import Alignment, match
 from .permute import permute
 from .posterior import GaussianView, as_gaussian
 from .spec import PermutationSpec
@@ -13,6 +14,6 @@ from .symmetry import spec_from_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian", "GaussianView", "NormalPrior",
-    "PermutationSpec", "as_gaussian", "fit", "guides", "permute", "spec_from_module",
+    "Alignment", "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian", "GaussianView", "NormalPrior",
+    "PermutationSpec", "as_gaussian", "fit", "guides", "match", "permute", "spec_from_module",
 ]

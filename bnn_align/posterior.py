@@ -410,6 +410,12 @@ class _LowRankAdapter(_PackedAdapter):
         _set_plain(new, "cov_factor", self.join(view.factor, layout) / s[:, None])
         return new
 
+    def rotate_(self, guide, rotation: torch.Tensor) -> None:
+        """Rotate the factor's columns in place, ``F <- F R`` (the distribution is unchanged)."""
+        if rotation.shape != (guide.cov_factor.shape[1],) * 2:
+            return  # ranks were padded to match another guide: keep this guide's own factor
+        _set_plain(guide, "cov_factor", guide.cov_factor.detach() @ rotation)
+
 
 class _FullRankAdapter(_PackedAdapter):
     """``AutoMultivariateNormal``: covariance ``W W^T`` with ``W = diag(s) L`` (``L`` unit lower).

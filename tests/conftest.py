@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bnn_align import BayesianNetwork, guides, models
+from bnn_align.permute import permute_tensor
 
 GUIDE_KINDS = ["mean_field", "diagonal", "low_rank", "full_rank", "delta"]
 
@@ -56,3 +57,29 @@ def make_guide(kind: str, model: BayesianNetwork, *, spread: float = 0.05, seed:
 @pytest.fixture
 def small_mlp_model() -> BayesianNetwork:
     return BayesianNetwork(models.mlp(5, [7, 6], 3), input_shape=(5,))
+
+
+def group_sizes(model: BayesianNetwork) -> dict[str, int]:
+    return model.spec.group_sizes({k: v.shape for k, v in model.net.state_dict().items()})
+
+
+def permute_sample(v: torch.Tensor, spec, site: str, perms) -> torch.Tensor:
+    """Permute a batch of weights ``(S, *site_shape)`` of one site."""
+    if site not in spec:
+        return v
+    return permute_tensor(v.movedim(0, -1), spec[site], perms,
+                          spec.blocks.get(site)).movedim(-1, 0)
+
+
+def permuted_noise(view, perms, spec, noise, rotation=None):
+    """Move the per-weight noise of a sample with the weights; the factor noise ``z`` becomes
+    ``R^T z`` when the factor was rotated by ``R``."""
+    eps, z = noise
+    pos, parts = 0, []
+    for site, loc in view.loc.items():
+        block = eps[:, pos:pos + loc.numel()].reshape(-1, *loc.shape)
+        parts.append(permute_sample(block, spec, site, perms).reshape(len(eps), -1))
+        pos += loc.numel()
+    if z is not None and rotation is not None:
+        z = z @ rotation
+    return torch.cat(parts, dim=1), z

@@ -1,0 +1,630 @@
+"""Align two posteriors over permutations: :func:`match` and its :class:`Alignment` result.
+
+The weight-space methods minimise the expected squared distance between the posteriors under the
+coupling that shares the standard-normal noise, ``theta = loc + scale * eps + factor @ z``:
+
+    cost(P, R) = ||mu_a - P mu_b||^2 + ||s_a - P s_b||^2 + ||W_a - P W_b R||_F^2
+
+For diagonal Gaussians this is exactly the squared 2-Wasserstein distance; with covariance factors
+it is the cost of one particular coupling, hence an upper bound on W2^2, tight when the factors'
+column spaces agree after rotation. ``R`` is orthogonal (factor columns are only defined up to a
+rotation). Because permutations preserve norms, minimising the cost means maximising
+``sum_t <A_t, P(B_t)>`` over tensors ``t``: a sum of bilinear assignment problems, solved by
+coordinate descent over the permutation groups (each step an exact linear assignment, which can
+only lower the cost) alternated with an orthogonal Procrustes step for ``R``.
+
+Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
+axis it permutes, and each contribution depends only on the permutations of that tensor's other
+axes. Contributions are cached and recomputed only when one of those permutations changed, and a
+group whose contributions are all unchanged is not solved again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from pyro.infer import autoguide
+from scipy.optimize import linear_sum_assignment
+from tqdm.auto import tqdm
+
+from .bayesian import BayesianNetwork
+from .permute import check_perms, identity_perms, permute, permute_tensor, random_perms
+from .posterior import GaussianView, adapter_for, as_gaussian, model_of
+from .spec import PermutationSpec, _groups_of
+
+__all__ = ["match", "Alignment", "METHODS"]
+
+METHODS = ("wasserstein", "mean", "activation")
+
+
+# ------------------------------------------------------------------------------ the result --
+@dataclass
+class Alignment:
+    """The result of :func:`match`.
+
+    Attributes
+    ----------
+    perms : dict of str to LongTensor
+        Group -> permutation of shape ``(n_group,)``; ``permute(guide_b, perms)`` is aligned.
+    aligned : object
+        A new posterior of ``guide_b``'s kind, permuted (and, for low-rank guides, with its
+        covariance factor rotated by ``rotation``, which leaves its distribution unchanged).
+    cost_before, cost_after : float
+        The method's objective before and after: the coupled squared distance of the module
+        docstring for ``"wasserstein"`` (W2^2 for diagonal Gaussians), ``||mu_a - P mu_b||^2`` for
+        ``"mean"``, and for ``"activation"`` (which maximises activation correlations) the
+        ``"wasserstein"`` objective of the permutations it finds.
+    history : list of float
+        The objective after each sweep of coordinate descent (best restart).
+    iterations : int
+        Sweeps used by the best restart.
+    converged : bool
+        Whether the best restart stopped because a sweep changed nothing.
+    seconds : float
+        Wall-clock time of the whole call.
+    method : str
+    spec : PermutationSpec
+    rotation : Tensor or None
+        The orthogonal ``R`` (``rank x rank``) aligning the covariance factors, if any.
+    restart_costs : list of float
+        Final objective of every restart.
+    """
+
+    perms: dict[str, torch.Tensor]
+    aligned: Any
+    cost_before: float
+    cost_after: float
+    history: list[float]
+    iterations: int
+    converged: bool
+    seconds: float
+    method: str
+    spec: PermutationSpec
+    rotation: torch.Tensor | None = None
+    restart_costs: list[float] = field(default_factory=list)
+
+    def apply(self, obj: Any) -> Any:
+        """Permute any other object over the same spec (state dict, module, guide, ...)."""
+        return permute(obj, self.perms, self.spec)
+
+    def save(self, path: str | Path) -> None:
+        """Save the permutations, the spec and the numbers (not the guides) with ``torch.save``."""
+        torch.save({
+            "perms": self.perms, "spec": self.spec.to_dict(), "cost_before": self.cost_before,
+            "cost_after": self.cost_after, "history": list(self.history),
+            "iterations": self.iterations, "converged": self.converged,
+            "seconds": self.seconds, "method": self.method, "rotation": self.rotation,
+            "restart_costs": list(self.restart_costs), "format": "bnn_align.Alignment/1",
+        }, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, aligned: Any = None) -> "Alignment":
+        """Load a saved alignment; ``aligned`` is None unless given (use :meth:`apply`)."""
+        state = torch.load(Path(path), weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != "bnn_align.Alignment/1":
+            raise ValueError(f"{path} does not hold a saved bnn_align Alignment")
+        return cls(
+            perms=state["perms"], aligned=aligned, cost_before=state["cost_before"],
+            cost_after=state["cost_after"], history=state["history"],
+            iterations=state["iterations"], converged=state["converged"],
+            seconds=state["seconds"], method=state["method"],
+            spec=PermutationSpec.from_dict(state["spec"]), rotation=state["rotation"],
+            restart_costs=state["restart_costs"],
+        )
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g}({len(p)})" for g, p in list(self.perms.items())[:4])
+        more = " ..." if len(self.perms) > 4 else ""
+        return (f"Alignment(method={self.method!r}, cost_before={self.cost_before:.6g}, "
+                f"cost_after={self.cost_after:.6g}, iterations={self.iterations}, "
+                f"converged={self.converged}, seconds={self.seconds:.3g}, "
+                f"perms=[{groups}{more}])")
+
+
+# --------------------------------------------------------------------------- the problem --
+class _Problem:
+    """``max_P sum_t <A_t, P(B_t)>`` over named tensors, with cached similarity contributions.
+
+    ``pairs[site]`` is a list of ``(A, B)`` tensors shaped like the site (plus trailing axes);
+    ``B`` may be replaced between steps (a rotated factor), which bumps ``part_version``.
+    """
+
+    def __init__(self, pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                 spec: PermutationSpec, sizes: Mapping[str, int],
+                 factor_part: Mapping[str, int] | None = None):
+        self.pairs = pairs
+        # site -> index of its covariance-factor pair, whose b side is W_b R for the rotation R
+        self.factor_part = dict(factor_part or {})
+        self.factors_b = {site: pairs[site][i][1] for site, i in self.factor_part.items()}
+        self.rotation: torch.Tensor | None = None
+        self.spec = spec
+        self.sizes = dict(sizes)
+        self.blocks = spec.blocks
+        # group -> [(site, axis, offset, others)]: where the group acts, and the groups of the
+        # tensor's other axes, on which the contribution depends
+        self.uses: dict[str, list[tuple[str, int, int, tuple[str, ...]]]] = {g: [] for g in sizes}
+        for site in pairs:
+            if site not in spec:
+                continue
+            entries = spec[site]
+            for axis, entry in enumerate(entries):
+                offset = 0
+                for g in _groups_of(entry):
+                    others = tuple(sorted({h for ax, e in enumerate(entries) if ax != axis
+                                           for h in _groups_of(e)}))
+                    self.uses[g].append((site, axis, offset, others))
+                    offset += self.sizes[g]
+        self.version = {g: 0 for g in sizes}
+        self.part_version = {site: [0] * len(p) for site, p in pairs.items()}
+        self.cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self.solved_at: dict[str, tuple] = {}
+
+    def rotate(self, perms: Mapping[str, torch.Tensor]) -> bool:
+        """Procrustes step: the orthogonal ``R`` maximising ``<W_a, P(W_b) R>``, i.e. ``U V^T``
+        from the SVD of ``P(W_b)^T W_a``. Returns whether ``R`` changed."""
+        if not self.factor_part:
+            return False
+        cross = None
+        for site, index in self.factor_part.items():
+            wa, wb = self.pairs[site][index][0], self.factors_b[site]
+            pb = self.permuted(site, wb, perms).reshape(-1, wb.shape[-1]).double()
+            c = pb.T @ wa.reshape(-1, wa.shape[-1]).double()
+            cross = c if cross is None else cross + c
+        u, _, vh = torch.linalg.svd(cross)
+        new = (u @ vh).to(next(iter(self.factors_b.values())).dtype)
+        if self.rotation is not None and torch.allclose(new, self.rotation, atol=1e-6):
+            return False
+        self.rotation = new
+        for site, index in self.factor_part.items():
+            a, _ = self.pairs[site][index]
+            self.pairs[site][index] = (a, self.factors_b[site] @ new)
+            self.part_version[site][index] += 1
+        return True
+
+    def _deps(self, g: str) -> tuple:
+        out = []
+        for site, axis, offset, others in self.uses[g]:
+            out.append((tuple(self.version[h] for h in others), tuple(self.part_version[site])))
+        return tuple(out)
+
+    def needs_solve(self, g: str) -> bool:
+        return self.solved_at.get(g) != self._deps(g)
+
+    def similarity(self, g: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``S[i, j]`` = gain of putting unit ``j`` of b at unit ``i``: shape ``(n, n)``."""
+        n = self.sizes[g]
+        total = torch.zeros(n, n, dtype=torch.float64)
+        for site, axis, offset, others in self.uses[g]:
+            for index, (a, b) in enumerate(self.pairs[site]):
+                key = (g, site, axis, offset, index)
+                stamp = (tuple(self.version[h] for h in others), self.part_version[site][index])
+                hit = self.cache.get(key)
+                if hit is None or hit[0] != stamp:
+                    hit = (stamp, self._contribution(site, axis, offset, n, a, b, perms))
+                    self.cache[key] = hit
+                total += hit[1]
+        self.solved_at[g] = self._deps(g)
+        return total
+
+    def _contribution(self, site: str, axis: int, offset: int, n: int,
+                      a: torch.Tensor, b: torch.Tensor, perms: Mapping[str, torch.Tensor]
+                      ) -> torch.Tensor:
+        entries = self.spec[site]
+        block = self.blocks.get(site, {}).get(axis, 1)
+        # b with every other permuted axis in its current order; this axis stays as it is
+        others = tuple(e if ax != axis else None for ax, e in enumerate(entries))
+        b = permute_tensor(b, others, perms, self.blocks.get(site))
+        a = a.narrow(axis, offset * block, n * block).movedim(axis, 0).reshape(n, -1)
+        b = b.narrow(axis, offset * block, n * block).movedim(axis, 0).reshape(n, -1)
+        return (a @ b.T).to(torch.float64)
+
+    def inner(self, perms: Mapping[str, torch.Tensor]) -> float:
+        """``sum_t <A_t, P(B_t)>`` computed directly."""
+        total = 0.0
+        for site, pairs in self.pairs.items():
+            for a, b in pairs:
+                pb = self.permuted(site, b, perms)
+                total += float(torch.sum(a.double() * pb.double()))
+        return total
+
+    def cost(self, perms: Mapping[str, torch.Tensor]) -> float:
+        """``sum_t ||A_t - P(B_t)||^2`` computed directly (no cancellation)."""
+        total = 0.0
+        for site, pairs in self.pairs.items():
+            for a, b in pairs:
+                total += float(torch.sum((a - self.permuted(site, b, perms)).double() ** 2))
+        return total
+
+    def permuted(self, site: str, b: torch.Tensor, perms: Mapping[str, torch.Tensor]
+                 ) -> torch.Tensor:
+        if site not in self.spec:
+            return b
+        return permute_tensor(b, self.spec[site], perms, self.blocks.get(site))
+
+
+def _assign(similarity: torch.Tensor) -> torch.Tensor:
+    """Exact linear assignment maximising ``sum_i S[i, p[i]]``."""
+    rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
+    return torch.from_numpy(cols[np.argsort(rows)]).long()
+
+
+# ------------------------------------------------------------------------------ inputs --
+def _views(guide_a: Any, guide_b: Any) -> tuple[GaussianView, GaussianView]:
+    va, vb = as_gaussian(guide_a), as_gaussian(guide_b)
+    # A state dict also holds buffers: compare it on the other side's sites.
+    if isinstance(guide_a, Mapping) and not isinstance(guide_b, Mapping):
+        va = _restrict(va, vb.sites, "guide_a")
+    if isinstance(guide_b, Mapping) and not isinstance(guide_a, Mapping):
+        vb = _restrict(vb, va.sites, "guide_b")
+    for site in va.sites:
+        if site not in vb.loc:
+            raise ValueError(f"site {site!r} of guide_a is missing from guide_b: the posteriors "
+                             f"are over different architectures")
+        if va.loc[site].shape != vb.loc[site].shape:
+            raise ValueError(
+                f"site {site!r} has shape {tuple(va.loc[site].shape)} in guide_a but "
+                f"{tuple(vb.loc[site].shape)} in guide_b: the posteriors are over different "
+                f"architectures")
+    extra = [s for s in vb.sites if s not in va.loc]
+    if extra:
+        raise ValueError(f"site {extra[0]!r} of guide_b is missing from guide_a: the posteriors "
+                         f"are over different architectures")
+    for label, view in (("guide_a", va), ("guide_b", vb)):
+        for part, tensors in (("mean", view.loc), ("scale", view.scale),
+                              ("covariance factor", view.factor or {})):
+            for site, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{label} has NaN or infinite values in the {part} of site "
+                                     f"{site!r}")
+    return va, vb
+
+
+def _restrict(view: GaussianView, sites: Sequence[str], label: str) -> GaussianView:
+    missing = [s for s in sites if s not in view.loc]
+    if missing:
+        raise ValueError(f"site {missing[0]!r} is missing from {label}: the posteriors are over "
+                         f"different architectures")
+    return GaussianView(view.kind, {s: view.loc[s] for s in sites},
+                        {s: view.scale[s] for s in sites}, None, view._source)
+
+
+def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None) -> PermutationSpec:
+    if spec is not None:
+        if not isinstance(spec, PermutationSpec):
+            raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        return spec
+    for guide in (guide_a, guide_b):
+        model = _bayesian_model(guide)
+        if model is not None:
+            return model.spec
+    raise ValueError(
+        "no spec given and neither posterior is a guide over a BayesianNetwork: pass spec= "
+        "(e.g. bnn_align.spec_from_module(net, example_input)) with your model's site names"
+    )
+
+
+def _bayesian_model(obj: Any) -> BayesianNetwork | None:
+    if isinstance(obj, autoguide.AutoGuide):
+        model = model_of(obj)
+        return model if isinstance(model, BayesianNetwork) else None
+    return None
+
+
+def _spec_sizes(spec: PermutationSpec, va: GaussianView, guide_a: Any) -> dict[str, int]:
+    shapes = {s: tuple(t.shape) for s, t in va.loc.items()}
+    model = _bayesian_model(guide_a)
+    if model is not None:  # buffers (BatchNorm statistics) may be named by the spec too
+        shapes.update({k: tuple(v.shape) for k, v in model.net.named_buffers()
+                       if k not in shapes})
+    try:
+        return spec.group_sizes(shapes, where="the posteriors")
+    except ValueError as err:
+        raise ValueError(f"the permutation spec does not fit the posteriors: {err}") from None
+
+
+# --------------------------------------------------------------------------- the solvers --
+def _problem(va: GaussianView, vb: GaussianView, method: str, spec: PermutationSpec,
+             sizes: Mapping[str, int]) -> tuple[_Problem, float]:
+    """The assignment problem of a method, and the constant part of its cost (terms present on
+    one side only, which no permutation changes)."""
+    pairs: dict[str, list] = {s: [(va.loc[s], vb.loc[s])] for s in va.sites}
+    constant = 0.0
+    factor_part: dict[str, int] = {}
+    if method == "mean":
+        return _Problem(pairs, spec, sizes), constant
+    a_has, b_has = va.kind not in ("point", "full_rank"), vb.kind not in ("point", "full_rank")
+    for s in va.sites:
+        if a_has and b_has:
+            pairs[s].append((va.scale[s], vb.scale[s]))
+        elif a_has or b_has:
+            constant += float(((va.scale[s] if a_has else vb.scale[s]).double() ** 2).sum())
+    if va.factor is not None and vb.factor is not None:
+        rank = max(va.rank, vb.rank)  # zero columns leave a covariance unchanged
+        for s in va.sites:
+            factor_part[s] = len(pairs[s])
+            pairs[s].append((_pad(va.factor[s], rank), _pad(vb.factor[s], rank)))
+    else:
+        for view in (va, vb):
+            if view.factor is not None:
+                constant += sum(float((f.double() ** 2).sum()) for f in view.factor.values())
+    return _Problem(pairs, spec, sizes, factor_part), constant
+
+
+def _pad(factor: torch.Tensor, rank: int) -> torch.Tensor:
+    extra = rank - factor.shape[-1]
+    if extra == 0:
+        return factor
+    return torch.cat([factor, factor.new_zeros(*factor.shape[:-1], extra)], dim=-1)
+
+
+def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], constant: float,
+                        max_iter: int, rng: np.random.Generator, bar: Any
+                        ) -> tuple[dict, list[float], int, bool, torch.Tensor | None]:
+    """Sweeps over the groups in random order, each an exact assignment, then a rotation step,
+    until a sweep changes nothing."""
+    perms = dict(start)
+    groups = list(problem.sizes)
+    problem.rotate(perms)
+    history: list[float] = []
+    converged = False
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        changed = False
+        for g in rng.permutation(groups):
+            g = str(g)
+            if not problem.needs_solve(g):
+                continue  # nothing it depends on moved since its last solve
+            new = _assign(problem.similarity(g, perms))
+            if not torch.equal(new, perms[g]):
+                perms[g] = new
+                problem.version[g] += 1
+                changed = True
+        changed = problem.rotate(perms) or changed
+        history.append(problem.cost(perms) + constant)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(cost=f"{history[-1]:.6g}")
+        if not changed:
+            converged = True
+            break
+    return perms, history, iterations, converged, problem.rotation
+
+
+# --------------------------------------------------------------------- activation matching --
+def _activation_perms(guide_a: Any, guide_b: Any, va: GaussianView, vb: GaussianView,
+                      spec: PermutationSpec, sizes: Mapping[str, int], data: Any,
+                      num_samples: int, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
+    model_a, model_b = _bayesian_model(guide_a), _bayesian_model(guide_b)
+    model_a = model_a or model_b
+    model_b = model_b or model_a
+    if model_a is None:
+        raise ValueError("method='activation' runs the network, so at least one posterior must "
+                         "be a guide over a BayesianNetwork")
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("data must be a tensor of inputs or a tuple (x, y) of tensors")
+    producers = _producers(model_a, spec, sizes)
+    gen = torch.Generator().manual_seed(seed)
+    stats = {g: _CorrelationStats(sizes[g]) for g in producers}
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        acts_a = _expected_activations(model_a, va, producers, batch, num_samples, gen)
+        acts_b = _expected_activations(model_b, vb, producers, batch, num_samples, gen)
+        for g in producers:
+            stats[g].update(acts_a[g], acts_b[g])
+    perms = identity_perms(sizes)
+    for g, s in stats.items():
+        perms[g] = _assign(s.correlation())
+    return perms
+
+
+def _producers(model: BayesianNetwork, spec: PermutationSpec, sizes: Mapping[str, int]
+               ) -> dict[str, list[str]]:
+    """Group -> names of the linear/convolutional layers whose outputs carry its units."""
+    out: dict[str, list[str]] = {}
+    for name, module in model.net.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d)):
+            key = f"{name}.weight"
+            if key in spec and isinstance(spec[key][0], str):
+                out.setdefault(spec[key][0], []).append(name)
+    missing = [g for g in sizes if g not in out]
+    if missing:
+        raise ValueError(f"activation matching found no layer producing the units of groups "
+                         f"{missing}; use method='wasserstein' or 'mean'")
+    return out
+
+
+def _expected_activations(model: BayesianNetwork, view: GaussianView,
+                          producers: Mapping[str, list[str]], x: torch.Tensor,
+                          num_samples: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Posterior-mean activations of every group's producing layers: ``(points, units)``."""
+    is_point = view.kind == "point"
+    draws = view.loc if is_point else view.sample(num_samples, gen)
+    count = 1 if is_point else num_samples
+    sums: dict[str, torch.Tensor] = {}
+    modules = dict(model.net.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            captured[name] = output.detach()
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name))
+               for names in producers.values() for name in names]
+    try:
+        with torch.no_grad():
+            for s in range(count):
+                weights = draws if is_point else {k: v[s] for k, v in draws.items()}
+                model.evaluate(weights, x)
+                for g, names in producers.items():
+                    # units on axis 1 (channels) or last (features); positions become points
+                    acts = torch.cat([_points_by_units(captured[n]) for n in names], dim=0)
+                    sums[g] = acts if g not in sums else sums[g] + acts
+    finally:
+        for h in handles:
+            h.remove()
+    return {g: v / count for g, v in sums.items()}
+
+
+def _points_by_units(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() <= 2:
+        return t.reshape(len(t), -1)
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+class _CorrelationStats:
+    """Streaming Pearson correlation between the units of two activation matrices."""
+
+    def __init__(self, n: int):
+        self.count = 0
+        self.sa = torch.zeros(n, dtype=torch.float64)
+        self.sb = torch.zeros(n, dtype=torch.float64)
+        self.saa = torch.zeros(n, dtype=torch.float64)
+        self.sbb = torch.zeros(n, dtype=torch.float64)
+        self.sab = torch.zeros(n, n, dtype=torch.float64)
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.double(), b.double()
+        self.count += len(a)
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab += a.T @ b
+
+    def correlation(self) -> torch.Tensor:
+        n = self.count
+        cov = self.sab / n - torch.outer(self.sa / n, self.sb / n)
+        va = (self.saa / n - (self.sa / n) ** 2).clamp_min(0)
+        vb = (self.sbb / n - (self.sb / n) ** 2).clamp_min(0)
+        return cov / (torch.outer(va.sqrt(), vb.sqrt()) + 1e-12)
+
+
+# ------------------------------------------------------------------------------- match --
+def match(
+    guide_a: Any,
+    guide_b: Any,
+    *,
+    spec: PermutationSpec | None = None,
+    method: str = "wasserstein",
+    data: Any = None,
+    max_iter: int = 100,
+    seed: int = 0,
+    init: Mapping[str, Any] | None = None,
+    num_restarts: int = 1,
+    num_samples: int = 16,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> Alignment:
+    """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
+
+    Parameters
+    ----------
+    guide_a, guide_b : posterior
+        Pyro autoguides (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``,
+        ``AutoMultivariateNormal``, ``AutoDelta``), state dicts or modules over the same
+        architecture; the two may be of different kinds. Neither is modified.
+    spec : PermutationSpec, optional
+        Defaults to the spec of the guides' BayesianNetwork; pass one for your own Pyro model.
+    method : {"wasserstein", "mean", "activation"}
+        ``"wasserstein"`` minimises the coupled squared distance of the module docstring (W2^2
+        for diagonal Gaussians) over permutations and, with covariance factors on both sides,
+        a rotation of the factors. ``"mean"`` is Git Re-Basin weight matching on the means.
+        ``"activation"`` matches units by the Pearson correlation of their posterior-expected
+        activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
+        assignment per group; residual streams share one permutation, and their correlation
+        sums over every layer that writes to the stream.
+    data : Tensor or (x, y), optional
+        Inputs for ``"activation"`` (required there, unused otherwise).
+    max_iter : int
+        Maximum number of sweeps over the groups.
+    seed : int
+        Seed of the group order, random restarts and activation sampling.
+    init : mapping of str to permutation, optional
+        Starting permutations (default: the identity) for the first restart.
+    num_restarts : int
+        Restarts of coordinate descent; restarts after the first start from random
+        permutations. The lowest final objective wins.
+    num_samples, batch_size : int
+        Weight draws and batch size for ``"activation"``.
+    progress : bool
+        Show a tqdm progress bar over sweeps.
+
+    Returns
+    -------
+    Alignment
+
+    Raises
+    ------
+    ValueError
+        Different architectures (naming the first site that differs), NaN or infinite
+        parameters (naming the site), a spec that does not fit, an unknown method,
+        ``"activation"`` without data.
+    TypeError
+        Unsupported posterior kinds.
+    """
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for label, v in (("max_iter", max_iter), ("num_restarts", num_restarts),
+                     ("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    if method == "activation" and data is None:
+        raise ValueError("method='activation' needs data= (inputs to compute activations on)")
+    va, vb = _views(guide_a, guide_b)
+    spec = _resolve_spec(guide_a, guide_b, spec)
+    sizes = _spec_sizes(spec, va, guide_a)
+    start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
+    rng = np.random.default_rng(seed)
+
+    if method == "activation":
+        start = _activation_perms(guide_a, guide_b, va, vb, spec, sizes, data, num_samples,
+                                  seed, batch_size)
+        objective = "wasserstein"
+        max_iter, num_restarts = 0, 1
+    else:
+        objective = method
+
+    bar = tqdm(total=max_iter * num_restarts, desc=f"match ({method})", disable=not progress,
+               leave=False)
+    best = None
+    restart_costs = []
+    cost_before = None
+    gen = torch.Generator().manual_seed(seed)
+    for restart in range(num_restarts):
+        problem, constant = _problem(va, vb, objective, spec, sizes)
+        if cost_before is None:
+            problem.rotate(identity_perms(sizes))
+            cost_before = problem.cost(identity_perms(sizes)) + constant
+        init_perms = start if restart == 0 else random_perms(sizes, gen)
+        if max_iter == 0:
+            problem.rotate(init_perms)
+            result = (dict(init_perms), [problem.cost(init_perms) + constant], 0, True,
+                      problem.rotation)
+        else:
+            result = _coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
+        restart_costs.append(result[1][-1])
+        if best is None or result[1][-1] < best[1][-1]:
+            best = result
+    bar.close()
+    perms, history, iterations, converged, rotation = best
+    del va, vb, problem  # free the working copies before building the aligned guide
+    aligned = permute(guide_b, perms, spec)
+    adapter = adapter_for(aligned)
+    if rotation is not None and hasattr(adapter, "rotate_"):
+        adapter.rotate_(aligned, rotation)  # aligned is our own new guide
+    return Alignment(
+        perms=perms, aligned=aligned, cost_before=cost_before, cost_after=history[-1],
+        history=history, iterations=iterations, converged=converged,
+        seconds=time.perf_counter() - started, method=method, spec=spec, rotation=rotation,
+        restart_costs=restart_costs,
+    )

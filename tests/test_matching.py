@@ -1,0 +1,317 @@
+"""match(): planted recovery, monotone objective, invariance, determinism and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from bnn_align import (Alignment, BayesianNetwork, PermutationSpec, as_gaussian, match, models,
+                       permute)
+from bnn_align.permute import invert, random_perms
+
+from conftest import group_sizes, make_guide, permuted_noise
+
+
+def orthogonal(r: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(r, r, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def planted(guide, model, *, seed: int = 1, noise: float = 1e-3, rotate: bool = True):
+    """guide_b = a random permutation of guide_a, with small noise on means, scales and factors
+    (and the low-rank factor's columns rotated, which leaves the distribution unchanged)."""
+    perms = random_perms(group_sizes(model), torch.Generator().manual_seed(seed))
+    moved = permute(guide, perms)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            if name.endswith("cov_factor") and rotate:
+                p.copy_(p @ orthogonal(p.shape[1], seed))
+            p.add_(noise * torch.randn(p.shape, generator=gen))
+    return moved, invert(perms)  # invert(perms) aligns moved back onto guide
+
+
+ARCHES = {
+    "mlp": (lambda: models.mlp(8, [16, 12], 4), (8,)),
+    "cnn1d": (lambda: models.cnn1d(1, 12, 4, channels=(6, 5), hidden=(7,)), (1, 12)),
+    "resnet": (lambda: models.resnet(8, width=1, dim=1, in_channels=1, num_classes=3,
+                                     base_channels=6), (1, 10)),
+}
+
+
+def make(arch: str) -> BayesianNetwork:
+    build, shape = ARCHES[arch]
+    return BayesianNetwork(build(), input_shape=shape)
+
+
+def w2_objective(view_a, view_b) -> float:
+    """The coupled squared distance recomputed from two views, independently of match."""
+    total = 0.0
+    for s in view_a.sites:
+        total += float(((view_a.loc[s] - view_b.loc[s]).double() ** 2).sum())
+        if view_a.kind not in ("point", "full_rank") and view_b.kind not in ("point", "full_rank"):
+            total += float(((view_a.scale[s] - view_b.scale[s]).double() ** 2).sum())
+        if view_a.factor is not None and view_b.factor is not None:
+            total += float(((view_a.factor[s] - view_b.factor[s]).double() ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("kind", ["mean_field", "low_rank", "delta"])
+def test_planted_permutations_are_recovered(arch, kind):
+    model = make(arch)
+    guide_a = make_guide(kind, model, spread=0.3)
+    guide_b, truth = planted(guide_a, model)
+    result = match(guide_a, guide_b, num_restarts=3 if arch == "resnet" else 1)
+    for g, p in truth.items():
+        assert torch.equal(result.perms[g], p), g
+    assert result.converged
+    assert result.cost_after < 1e-3 * result.cost_before
+    # only the noise is left: its energy is about noise^2 per parameter
+    d = sum(p.numel() for p in guide_b.parameters())
+    assert result.cost_after < 10 * d * 1e-6
+    recomputed = w2_objective(as_gaussian(guide_a), as_gaussian(result.aligned))
+    assert result.cost_after == pytest.approx(recomputed, rel=1e-4, abs=1e-9)
+
+
+def test_planted_recovery_for_state_dicts_and_mixed_kinds():
+    model = make("cnn1d")
+    net_a = model.net
+    perms = random_perms(group_sizes(model), torch.Generator().manual_seed(4))
+    sd_b = permute(net_a.state_dict(), perms, model.spec)
+    result = match(net_a.state_dict(), sd_b, spec=model.spec)
+    assert all(torch.equal(result.perms[g], p) for g, p in invert(perms).items())
+    assert result.cost_after == 0.0
+    # a mean-field posterior against a point estimate at its permuted means
+    guide = make_guide("mean_field", model, spread=0.3)
+    delta = make_guide("delta", model)
+    with torch.no_grad():
+        for site, value in as_gaussian(guide).loc.items():
+            owner = delta
+            *path, attr = site.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            getattr(owner, attr + "_unconstrained").copy_(value)
+    result = match(guide, permute(delta, perms))
+    assert all(torch.equal(result.perms[g], p) for g, p in invert(perms).items())
+    # what is left is the spread of the mean-field posterior: sum of its variances
+    variances = sum(float((s.double() ** 2).sum()) for s in as_gaussian(guide).scale.values())
+    assert result.cost_after == pytest.approx(variances, rel=1e-5)
+
+
+def test_objective_never_increases_and_is_recomputable():
+    model = make("mlp")
+    a = make_guide("mean_field", model, spread=0.3, seed=1)
+    b = make_guide("mean_field", BayesianNetwork(models.mlp(8, [16, 12], 4), input_shape=(8,)),
+                   spread=0.3, seed=2)
+    result = match(a, b, spec=model.spec)
+    history = np.array(result.history)
+    assert len(history) == result.iterations >= 2
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    assert result.cost_after <= result.cost_before
+    assert result.cost_after < 0.99 * result.cost_before  # independent nets: a real gain
+    assert result.cost_after == pytest.approx(
+        w2_objective(as_gaussian(a), as_gaussian(result.aligned)), rel=1e-6)
+    assert result.cost_before == pytest.approx(w2_objective(as_gaussian(a), as_gaussian(b)),
+                                               rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mean_field", "low_rank", "delta"])
+def test_aligned_guide_has_the_same_predictive_distribution(kind):
+    model = make("cnn1d")
+    a = make_guide(kind, model, seed=1, spread=0.3)
+    b = make_guide(kind, make("cnn1d"), seed=2, spread=0.3)
+    result = match(a, b, spec=model.spec)
+    assert type(result.aligned) is type(b)
+    vb, va = as_gaussian(b), as_gaussian(result.aligned)
+    noise = vb.standard_normal(5, torch.Generator().manual_seed(0))
+    theta_b = vb.transform(noise)
+    theta_aligned = va.transform(permuted_noise(vb, result.perms, model.spec, noise,
+                                                result.rotation))
+    x = torch.randn(7, 1, 12)
+    for s in range(5):
+        out_b = model.evaluate({k: v[s] for k, v in theta_b.items()}, x)
+        out_aligned = model.evaluate({k: v[s] for k, v in theta_aligned.items()}, x)
+        assert (out_b - out_aligned).abs().max() < 1e-4 * max(1.0, out_b.abs().max().item())
+
+
+def test_same_seed_same_result_and_inputs_untouched():
+    model = make("resnet")
+    a = make_guide("mean_field", model, seed=1, spread=0.3)
+    b = make_guide("mean_field", make("resnet"), seed=2, spread=0.3)
+    before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
+    r1 = match(a, b, seed=5, num_restarts=2, spec=model.spec)
+    r2 = match(a, b, seed=5, num_restarts=2, spec=model.spec)
+    assert all(torch.equal(r1.perms[g], r2.perms[g]) for g in r1.perms)
+    assert r1.history == r2.history
+    after = [p.detach() for p in (*a.parameters(), *b.parameters())]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert b.model is model or b.model is not None
+
+
+def test_restarts_keep_the_best():
+    model = make("resnet")
+    a = make_guide("mean_field", model, seed=1, spread=0.3)
+    b = make_guide("mean_field", make("resnet"), seed=2, spread=0.3)
+    one = match(a, b, spec=model.spec, seed=3)
+    many = match(a, b, spec=model.spec, seed=3, num_restarts=4)
+    assert len(many.restart_costs) == 4
+    assert many.cost_after == min(many.restart_costs) <= one.cost_after + 1e-9
+
+
+def test_wasserstein_beats_mean_matching_when_only_scales_are_informative():
+    model = BayesianNetwork(models.mlp(6, [10], 3), input_shape=(6,))
+    a = make_guide("mean_field", model, seed=1)
+    with torch.no_grad():  # every hidden unit has the same means: they carry no information
+        for p in a.locs.parameters():
+            p.fill_(0.1)
+    b, truth = planted(a, model, seed=7, noise=0.0)
+    w2 = match(a, b)
+    mean = match(a, b, method="mean")
+    assert all(torch.equal(w2.perms[g], p) for g, p in truth.items())
+    va = as_gaussian(a)
+    w2_cost = w2_objective(va, as_gaussian(w2.aligned))
+    mean_cost = w2_objective(va, as_gaussian(mean.aligned))
+    assert w2_cost < 1e-10
+    assert mean_cost > 1e-3
+    assert mean.cost_after == pytest.approx(0.0, abs=1e-10)  # its own objective cannot tell
+
+
+def exact_w2_squared(va, vb) -> float:
+    """Exact squared 2-Wasserstein distance between two full Gaussians (matrix square roots)."""
+    def moments(v):
+        loc, scale, factor = v.flat()
+        cov = torch.diag(scale.double() ** 2)
+        if factor is not None:
+            cov = cov + factor.double() @ factor.double().T
+        return loc.double().numpy(), cov.numpy()
+
+    ma, ca = moments(va)
+    mb, cb = moments(vb)
+    root_a = scipy.linalg.sqrtm(ca).real
+    cross = scipy.linalg.sqrtm(root_a @ cb @ root_a).real
+    return float(((ma - mb) ** 2).sum() + np.trace(ca + cb - 2 * cross))
+
+
+@pytest.mark.parametrize("kind", ["low_rank", "full_rank"])
+def test_factor_objective_bounds_the_exact_w2_and_alignment_lowers_it(kind):
+    model = BayesianNetwork(models.mlp(4, [6, 5], 3), input_shape=(4,))
+    a = make_guide(kind, model, seed=1, spread=0.3)
+    b = make_guide(kind, BayesianNetwork(models.mlp(4, [6, 5], 3), input_shape=(4,)), seed=2,
+                   spread=0.3)
+    result = match(a, b, spec=model.spec)
+    exact_before = exact_w2_squared(as_gaussian(a), as_gaussian(b))
+    exact_after = exact_w2_squared(as_gaussian(a), as_gaussian(result.aligned))
+    assert exact_after < exact_before
+    assert result.cost_after >= exact_after - 1e-6  # a coupling's cost bounds W2^2 from above
+    assert result.cost_before >= exact_before - 1e-6
+    # planted: the exact W2 after alignment is only the noise
+    c, _ = planted(a, model, seed=3, noise=1e-4)
+    aligned = match(a, c).aligned
+    assert exact_w2_squared(as_gaussian(a), as_gaussian(aligned)) < 1e-3 * exact_before
+
+
+def test_low_rank_rotation_is_applied_to_the_aligned_factor():
+    model = make("mlp")
+    a = make_guide("low_rank", model, spread=0.3)
+    b, _ = planted(a, model, noise=0.0)
+    result = match(a, b)
+    assert result.rotation is not None and result.rotation.shape == (3, 3)
+    torch.testing.assert_close(result.rotation.T @ result.rotation, torch.eye(3),
+                               atol=1e-5, rtol=0)
+    fa, fb = as_gaussian(a).factor, as_gaussian(result.aligned).factor
+    for s in fa:
+        torch.testing.assert_close(fa[s], fb[s], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+def test_activation_matching_recovers_planted_permutations(arch):
+    model = make(arch)
+    a = make_guide("delta", model, spread=0.3)
+    b, truth = planted(a, model, noise=0.0)
+    x = torch.randn(256, *model.input_shape)
+    result = match(a, b, method="activation", data=x)
+    for g, p in truth.items():
+        assert torch.equal(result.perms[g], p), g
+    assert result.cost_after < 1e-8
+
+
+def test_activation_matching_under_mean_field_posteriors():
+    model = make("mlp")
+    a = make_guide("mean_field", model, spread=0.3)
+    b, truth = planted(a, model, noise=0.0)
+    data = (torch.randn(512, 8), torch.zeros(512, dtype=torch.long))
+    result = match(a, b, method="activation", data=data, num_samples=64, seed=1)
+    agree = np.mean([float((result.perms[g] == p).float().mean()) for g, p in truth.items()])
+    assert agree > 0.9
+    assert result.cost_after < 0.1 * result.cost_before
+
+
+def test_alignment_save_load_and_apply(tmp_path):
+    model = make("mlp")
+    a = make_guide("mean_field", model, spread=0.3)
+    b, _ = planted(a, model)
+    result = match(a, b)
+    path = tmp_path / "alignment.pt"
+    result.save(path)
+    loaded = Alignment.load(path)
+    assert loaded.aligned is None and loaded.spec == result.spec
+    assert all(torch.equal(loaded.perms[g], result.perms[g]) for g in result.perms)
+    assert loaded.cost_after == result.cost_after and loaded.history == result.history
+    applied = loaded.apply(b)
+    for s, v in as_gaussian(applied).loc.items():
+        assert torch.equal(v, as_gaussian(result.aligned).loc[s])
+    torch.save({"not": "an alignment"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not hold a saved bnn_align Alignment"):
+        Alignment.load(tmp_path / "other.pt")
+    assert "Alignment(method='wasserstein'" in repr(result)
+
+
+# ------------------------------------------------------------------------------- bad input --
+def test_bad_input_is_rejected_and_nothing_is_modified():
+    model = make("mlp")
+    a = make_guide("mean_field", model, spread=0.3)
+    snapshot = [p.detach().clone() for p in a.parameters()]
+    wider = make_guide("mean_field", BayesianNetwork(models.mlp(8, [16, 13], 4),
+                                                     input_shape=(8,)))
+    with pytest.raises(ValueError, match=r"site '2.weight' has shape \(12, 16\) in guide_a but "
+                                         r"\(13, 16\)"):
+        match(a, wider)
+    deeper = make_guide("mean_field", BayesianNetwork(models.mlp(8, [16, 12, 5], 4),
+                                                      input_shape=(8,)))
+    with pytest.raises(ValueError, match="different architectures"):
+        match(a, deeper)
+    broken = make_guide("mean_field", make("mlp"))
+    with torch.no_grad():
+        broken.locs.__getattr__("2").weight_unconstrained[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"guide_b has NaN or infinite values in the mean of "
+                                         r"site '2.weight'"):
+        match(a, broken)
+    with torch.no_grad():
+        broken.locs.__getattr__("2").weight_unconstrained[0, 0] = 0.0
+        broken.scales.__getattr__("0").bias_unconstrained[1] = float("inf")
+    with pytest.raises(ValueError, match="scale of site '0.bias'"):
+        match(a, broken)
+    other_spec = make("cnn1d").spec
+    with pytest.raises(ValueError, match="spec does not fit"):
+        match(a, a, spec=other_spec)
+    bad_sizes = PermutationSpec({"0.weight": ("P", None), "2.weight": ("P", None)})
+    with pytest.raises(ValueError, match="group 'P'"):
+        match(a, a, spec=bad_sizes)
+    with pytest.raises(ValueError, match="needs data"):
+        match(a, a, method="activation")
+    with pytest.raises(ValueError, match="method must be one of"):
+        match(a, a, method="sinkhorn")
+    with pytest.raises(ValueError, match="max_iter"):
+        match(a, a, max_iter=0)
+    with pytest.raises(ValueError, match="not a permutation"):
+        match(a, a, init={g: torch.zeros(n, dtype=torch.long)
+                          for g, n in group_sizes(model).items()})
+    with pytest.raises(TypeError, match="expected a posterior"):
+        match(a, "guide")
+    plain = {"0.weight": torch.randn(16, 8)}
+    with pytest.raises(ValueError, match="no spec given"):
+        match(plain, plain)
+    assert all(torch.equal(x, y.detach()) for x, y in zip(snapshot, a.parameters()))
