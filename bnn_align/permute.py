@@ -96,9 +96,10 @@ def permute_tensor(
 
     Parameters
     ----------
-    tensor : Tensor of shape ``(*axes, *extra)``
+    tensor : Tensor or ndarray of shape ``(*axes, *extra)``
         The first ``len(entries)`` axes are described by ``entries``; extra trailing axes (e.g.
-        the columns of a covariance factor) are carried along.
+        the columns of a covariance factor) are carried along. A numpy array gives a numpy
+        array (the matching solver works in numpy).
     entries : tuple
         The tensor's row of ``PermutationSpec.axes_to_perm``.
     perms : mapping of str to LongTensor
@@ -115,7 +116,11 @@ def permute_tensor(
     out = tensor
     for axis, entry in enumerate(entries):
         index = axis_index(entry, perms, (blocks or {}).get(axis, 1))
-        if index is not None:
+        if index is None:
+            continue
+        if isinstance(out, np.ndarray):
+            out = np.take(out, index.numpy(), axis=axis)
+        else:
             out = out.index_select(axis, index.to(out.device))
     return out
 

@@ -162,15 +162,52 @@ def _replace_model(wrapped: Any, new_model: Any) -> Any:
     return new_model
 
 
-def clone_guide(guide: autoguide.AutoGuide, model: Any = None) -> autoguide.AutoGuide:
-    """A deep copy of an autoguide over the same model (or over ``model``).
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    """The submodule holding a dotted parameter name (site names contain dots), and the name."""
+    *path, attr = dotted.split(".")
+    for part in path:
+        module = module._modules[part]
+    return module, attr
 
-    ``copy.deepcopy`` alone would go through ``AutoGuide.__getstate__``, which detaches the
-    original guide from its model; that is undone here, so the original is left as it was.
+
+def _param(module: nn.Module, dotted: str) -> nn.Parameter:
+    """The ``nn.Parameter`` behind a (possibly constrained, possibly nested) guide parameter."""
+    owner, attr = _owner(module, dotted)
+    if attr in getattr(owner, "_pyro_params", {}):
+        return owner._parameters[attr + "_unconstrained"]
+    return owner._parameters[attr]
+
+
+def _constraint(module: nn.Module, dotted: str) -> Any:
+    owner, attr = _owner(module, dotted)
+    return owner._pyro_params[attr][0]
+
+
+def _unconstrained(module: nn.Module, dotted: str, value: torch.Tensor) -> torch.Tensor:
+    """The unconstrained value a constrained guide parameter needs to take ``value``."""
+    return transform_to(_constraint(module, dotted)).inv(value)
+
+
+def clone_guide(guide: autoguide.AutoGuide, model: Any = None,
+                replace: Mapping[nn.Parameter, torch.Tensor] | None = None
+                ) -> autoguide.AutoGuide:
+    """A copy of an autoguide, with some parameters replaced by new values.
+
+    Parameters named in ``replace`` (old parameter -> new unconstrained value) are not copied at
+    all, and the prototype trace (read-only after set-up, and as large as the network) is
+    shared, so a clone costs one copy of the parameters it does not replace. ``model`` replaces
+    the model the guide is built over. ``copy.deepcopy`` alone would go through
+    ``AutoGuide.__getstate__``, which detaches the original from its model; that is undone.
     """
+    memo: dict[int, Any] = {id(guide.prototype_trace): guide.prototype_trace}
+    for old, value in (replace or {}).items():
+        value = value.detach().to(old.dtype)
+        if value.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():
+            value = value.clone()  # never share memory with the original
+        memo[id(old)] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
     saved_model, saved_master = guide._model, guide.master
     try:
-        new = copy.deepcopy(guide)
+        new = copy.deepcopy(guide, memo)
     finally:
         guide._model, guide.master = saved_model, saved_master
     wrapped = saved_model[0] if saved_model else None
@@ -180,60 +217,24 @@ def clone_guide(guide: autoguide.AutoGuide, model: Any = None) -> autoguide.Auto
     return new
 
 
-def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    *path, attr = dotted.split(".")
-    for part in path:
-        module = module._modules[part]
-    return module, attr
-
-
-def _get_unconstrained(module: nn.Module, dotted: str) -> torch.Tensor:
-    owner, attr = _owner(module, dotted)
-    return owner._parameters[attr + "_unconstrained"]
-
-
-def _set_unconstrained(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
-    owner, attr = _owner(module, dotted)
-    old = owner._parameters[attr + "_unconstrained"]
-    owner._parameters[attr + "_unconstrained"] = nn.Parameter(
-        value.detach().to(old.dtype).contiguous().clone(), requires_grad=old.requires_grad
-    )
-
-
-def _constraint(module: nn.Module, dotted: str) -> Any:
-    owner, attr = _owner(module, dotted)
-    return owner._pyro_params[attr][0]
-
-
-def _set_constrained(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
-    _set_unconstrained(module, dotted, transform_to(_constraint(module, dotted)).inv(value))
-
-
-def _set_plain(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    # a plain nn.Parameter (AutoContinuous guides keep loc and cov_factor this way)
-    if name in module._pyro_params:
-        _set_unconstrained(module, name, value)
-    else:
-        old = module._parameters[name]
-        module._parameters[name] = nn.Parameter(value.detach().to(old.dtype).contiguous().clone(),
-                                                requires_grad=old.requires_grad)
-
-
-def _detached(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone()
+def _copy(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    t = t.detach()
+    return t.clone() if copy else t
 
 
 # ------------------------------------------------------------------------------ adapters --
 class _Adapter:
     """Reads one kind of posterior and builds new ones of the same kind.
 
-    ``raw`` gives the tensors a permutation moves exactly, as ``{part: {site: tensor}}`` with the
-    site's axes first and any extra axes last; ``from_raw`` puts such tensors back.
+    ``view(obj, copy=False)`` may share memory with ``obj`` (for internal, read-only use).
+    ``raw`` gives the tensors a permutation moves exactly, as ``{part: {site: tensor}}`` with
+    the site's axes first and any extra axes last; ``from_raw`` builds a posterior from such
+    tensors, ``from_view`` from a Gaussian view.
     """
 
     kind: str = ""
 
-    def view(self, obj: Any) -> GaussianView:
+    def view(self, obj: Any, copy: bool = True) -> GaussianView:
         raise NotImplementedError
 
     def raw(self, obj: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -266,32 +267,31 @@ class _NormalAdapter(_GuideAdapter):
 
     kind = DIAGONAL
 
-    def view(self, guide):
+    def view(self, guide, copy=True):
         sites = self.sites(guide)
-        loc = {s: _detached(_get_unconstrained(guide.locs, s)) for s in sites}
-        scale = {s: transform_to(_constraint(guide.scales, s))(
-            _get_unconstrained(guide.scales, s)).detach() for s in sites}
+        loc = {s: _copy(_param(guide.locs, s), copy) for s in sites}
+        scale = {s: transform_to(_constraint(guide.scales, s))(_param(guide.scales, s)).detach()
+                 for s in sites}
         return GaussianView(self.kind, loc, scale, None, type(guide).__name__)
 
     def raw(self, guide):
         sites = self.sites(guide)
-        return {"locs": {s: _get_unconstrained(guide.locs, s).detach() for s in sites},
-                "scales": {s: _get_unconstrained(guide.scales, s).detach() for s in sites}}
+        return {part: {s: _param(getattr(guide, part), s).detach() for s in sites}
+                for part in ("locs", "scales")}
 
     def from_raw(self, guide, raw, model=None):
-        new = clone_guide(guide, model)
-        for part, tensors in raw.items():
-            for site, value in tensors.items():
-                _set_unconstrained(getattr(new, part), site, value)
-        return new
+        return clone_guide(guide, model, {
+            _param(getattr(guide, part), site): value
+            for part, tensors in raw.items() for site, value in tensors.items()})
 
     def from_view(self, guide, view, model=None):
         _require_kind(view, (DIAGONAL, POINT), guide)
-        new = clone_guide(guide, model)
+        replace = {}
         for site in self.sites(guide):
-            _set_unconstrained(new.locs, site, view.loc[site])
-            _set_constrained(new.scales, site, view.scale[site])
-        return new
+            replace[_param(guide.locs, site)] = view.loc[site]
+            replace[_param(guide.scales, site)] = _unconstrained(guide.scales, site,
+                                                                 view.scale[site])
+        return clone_guide(guide, model, replace)
 
 
 class _DeltaAdapter(_GuideAdapter):
@@ -299,30 +299,28 @@ class _DeltaAdapter(_GuideAdapter):
 
     kind = POINT
 
-    def view(self, guide):
-        loc = {s: _detached(_get_unconstrained(guide, s)) for s in self.sites(guide)}
+    def view(self, guide, copy=True):
+        loc = {s: _copy(_param(guide, s), copy) for s in self.sites(guide)}
         return GaussianView(self.kind, loc, {s: torch.zeros_like(v) for s, v in loc.items()},
                             None, type(guide).__name__)
 
     def raw(self, guide):
-        return {"value": {s: _get_unconstrained(guide, s).detach() for s in self.sites(guide)}}
+        return {"value": {s: _param(guide, s).detach() for s in self.sites(guide)}}
 
     def from_raw(self, guide, raw, model=None):
-        new = clone_guide(guide, model)
-        for site, value in raw["value"].items():
-            _set_unconstrained(new, site, value)
-        return new
+        return clone_guide(guide, model,
+                           {_param(guide, s): v for s, v in raw["value"].items()})
 
     def from_view(self, guide, view, model=None):
         _require_kind(view, (POINT,), guide)
-        new = clone_guide(guide, model)
-        for site in self.sites(guide):
-            _set_unconstrained(new, site, view.loc[site])
-        return new
+        return clone_guide(guide, model,
+                           {_param(guide, s): view.loc[s] for s in self.sites(guide)})
 
 
 class _PackedAdapter(_GuideAdapter):
     """``AutoContinuous`` guides: all sites packed into one vector in execution order."""
+
+    raw_names: tuple[str, ...] = ()
 
     def layout(self, guide) -> dict[str, tuple[slice, torch.Size]]:
         self.check_ready(guide)
@@ -334,31 +332,20 @@ class _PackedAdapter(_GuideAdapter):
         return out
 
     def split(self, guide, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        # (D, *extra) -> {site: (*site_shape, *extra)}
+        # (D, *extra) -> {site: (*site_shape, *extra)}, as views of ``flat``
         return {name: flat[sl].reshape(*shape, *flat.shape[1:])
                 for name, (sl, shape) in self.layout(guide).items()}
 
-    @staticmethod
-    def join(parts: Mapping[str, torch.Tensor], guide_layout: Mapping) -> torch.Tensor:
+    def join(self, guide, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([parts[name].reshape(sl.stop - sl.start, *parts[name].shape[len(shape):])
-                          for name, (sl, shape) in guide_layout.items()])
-
-    raw_names: tuple[str, ...] = ()
+                          for name, (sl, shape) in self.layout(guide).items()])
 
     def raw(self, guide):
-        return {name: self.split(guide, self.raw_tensor(guide, name)) for name in self.raw_names}
-
-    def raw_tensor(self, guide, name: str) -> torch.Tensor:
-        if name in guide._pyro_params:
-            return guide._parameters[name + "_unconstrained"].detach()
-        return guide._parameters[name].detach()
+        return {name: self.split(guide, _param(guide, name).detach()) for name in self.raw_names}
 
     def from_raw(self, guide, raw, model=None):
-        new = clone_guide(guide, model)
-        layout = self.layout(guide)
-        for name, parts in raw.items():
-            _set_plain(new, name, self.join(parts, layout))
-        return new
+        return clone_guide(guide, model, {_param(guide, name): self.join(guide, parts)
+                                          for name, parts in raw.items()})
 
 
 class _DiagonalAdapter(_PackedAdapter):
@@ -367,18 +354,16 @@ class _DiagonalAdapter(_PackedAdapter):
     kind = DIAGONAL
     raw_names = ("loc", "scale")
 
-    def view(self, guide):
-        return GaussianView(self.kind, self.split(guide, guide.loc.detach().clone()),
-                            self.split(guide, guide.scale.detach().clone()), None,
-                            type(guide).__name__)
+    def view(self, guide, copy=True):
+        return GaussianView(self.kind, self.split(guide, _copy(guide.loc, copy)),
+                            self.split(guide, guide.scale.detach()), None, type(guide).__name__)
 
     def from_view(self, guide, view, model=None):
         _require_kind(view, (DIAGONAL, POINT), guide)
-        layout = self.layout(guide)
-        new = clone_guide(guide, model)
-        _set_plain(new, "loc", self.join(view.loc, layout))
-        _set_constrained(new, "scale", self.join(view.scale, layout))
-        return new
+        return clone_guide(guide, model, {
+            _param(guide, "loc"): self.join(guide, view.loc),
+            _param(guide, "scale"): _unconstrained(guide, "scale", self.join(guide, view.scale)),
+        })
 
 
 class _LowRankAdapter(_PackedAdapter):
@@ -390,10 +375,10 @@ class _LowRankAdapter(_PackedAdapter):
     kind = LOW_RANK
     raw_names = ("loc", "scale", "cov_factor")
 
-    def view(self, guide):
+    def view(self, guide, copy=True):
         s = guide.scale.detach()
-        return GaussianView(self.kind, self.split(guide, guide.loc.detach().clone()),
-                            self.split(guide, s.clone()),
+        return GaussianView(self.kind, self.split(guide, _copy(guide.loc, copy)),
+                            self.split(guide, s),
                             self.split(guide, s[:, None] * guide.cov_factor.detach()),
                             type(guide).__name__)
 
@@ -402,19 +387,21 @@ class _LowRankAdapter(_PackedAdapter):
         if view.rank != guide.cov_factor.shape[1]:
             raise ValueError(f"the view has rank {view.rank} but the guide has rank "
                              f"{guide.cov_factor.shape[1]}")
-        layout = self.layout(guide)
-        new = clone_guide(guide, model)
-        s = self.join(view.scale, layout)
-        _set_plain(new, "loc", self.join(view.loc, layout))
-        _set_constrained(new, "scale", s)
-        _set_plain(new, "cov_factor", self.join(view.factor, layout) / s[:, None])
-        return new
+        s = self.join(guide, view.scale)
+        return clone_guide(guide, model, {
+            _param(guide, "loc"): self.join(guide, view.loc),
+            _param(guide, "scale"): _unconstrained(guide, "scale", s),
+            _param(guide, "cov_factor"): self.join(guide, view.factor) / s[:, None],
+        })
 
     def rotate_(self, guide, rotation: torch.Tensor) -> None:
-        """Rotate the factor's columns in place, ``F <- F R`` (the distribution is unchanged)."""
+        """Rotate the factor's columns in place, ``F <- F R`` (the distribution is unchanged).
+
+        Only for a guide the caller owns (e.g. one just made by ``permute``)."""
         if rotation.shape != (guide.cov_factor.shape[1],) * 2:
             return  # ranks were padded to match another guide: keep this guide's own factor
-        _set_plain(guide, "cov_factor", guide.cov_factor.detach() @ rotation)
+        with torch.no_grad():
+            guide.cov_factor.copy_(guide.cov_factor @ rotation)
 
 
 class _FullRankAdapter(_PackedAdapter):
@@ -430,8 +417,8 @@ class _FullRankAdapter(_PackedAdapter):
     def rows(self, guide) -> torch.Tensor:
         return guide.scale.detach()[:, None] * guide.scale_tril.detach()
 
-    def view(self, guide):
-        loc = self.split(guide, guide.loc.detach().clone())
+    def view(self, guide, copy=True):
+        loc = self.split(guide, _copy(guide.loc, copy))
         return GaussianView(self.kind, loc, {k: torch.zeros_like(v) for k, v in loc.items()},
                             self.split(guide, self.rows(guide)), type(guide).__name__)
 
@@ -439,34 +426,30 @@ class _FullRankAdapter(_PackedAdapter):
         return {"loc": self.split(guide, guide.loc.detach()),
                 "cov_rows": self.split(guide, self.rows(guide))}
 
-    def set_rows(self, new, rows: torch.Tensor) -> None:
+    def refactorise(self, guide, loc: torch.Tensor, rows: torch.Tensor, model: Any):
         # W W^T = R^T R for W^T = Q R, so L = R^T (signs fixed so the diagonal is positive).
         r = torch.linalg.qr(rows.to(torch.float64).T, mode="r").R
-        lower = r.T * torch.sign(torch.diagonal(r))[None, :].where(
-            torch.diagonal(r) != 0, torch.ones(()))
+        diag = torch.diagonal(r)
+        lower = r.T * torch.where(diag < 0, -1.0, 1.0)[None, :]
         s = torch.diagonal(lower)
-        _set_constrained(new, "scale", s.to(rows.dtype))
-        _set_constrained(new, "scale_tril", (lower / s[:, None]).to(rows.dtype))
+        return clone_guide(guide, model, {
+            _param(guide, "loc"): loc,
+            _param(guide, "scale"): _unconstrained(guide, "scale", s.to(rows.dtype)),
+            _param(guide, "scale_tril"): _unconstrained(guide, "scale_tril",
+                                                        (lower / s[:, None]).to(rows.dtype)),
+        })
 
     def from_raw(self, guide, raw, model=None):
-        new = clone_guide(guide, model)
-        layout = self.layout(guide)
-        _set_plain(new, "loc", self.join(raw["loc"], layout))
-        self.set_rows(new, self.join(raw["cov_rows"], layout))
-        return new
+        return self.refactorise(guide, self.join(guide, raw["loc"]),
+                                self.join(guide, raw["cov_rows"]), model)
 
     def from_view(self, guide, view, model=None):
         _require_kind(view, (FULL_RANK,), guide)
-        layout = self.layout(guide)
-        new = clone_guide(guide, model)
-        _set_plain(new, "loc", self.join(view.loc, layout))
-        rows = self.join(view.factor, layout)
+        rows = self.join(guide, view.factor)
         if any(bool((v != 0).any()) for v in view.scale.values()):
             # fold a diagonal part into the factor: W W^T + diag(d^2) = [W, diag(d)] [..]^T
-            d = self.join(view.scale, layout)
-            rows = torch.cat([rows, torch.diag(d)], dim=1)
-        self.set_rows(new, rows)
-        return new
+            rows = torch.cat([rows, torch.diag(self.join(guide, view.scale))], dim=1)
+        return self.refactorise(guide, self.join(guide, view.loc), rows, model)
 
 
 class _PointAdapter(_Adapter):
@@ -483,8 +466,8 @@ class _PointAdapter(_Adapter):
         return {k: v.detach() for k, v in obj.items()
                 if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
-    def view(self, obj):
-        loc = {k: v.clone() for k, v in self.tensors(obj).items()}
+    def view(self, obj, copy=True):
+        loc = {k: _copy(v, copy) for k, v in self.tensors(obj).items()}
         return GaussianView(self.kind, loc, {k: torch.zeros_like(v) for k, v in loc.items()},
                             None, type(obj).__name__)
 
@@ -496,7 +479,7 @@ class _PointAdapter(_Adapter):
                 for name, param in new.named_parameters():
                     param.copy_(view.loc[name])
             return new
-        out = dict(obj)
+        out = copy.copy(obj) if isinstance(obj, dict) else dict(obj)
         out.update({k: v.clone() for k, v in view.loc.items()})
         return out
 
@@ -538,17 +521,20 @@ def adapter_for(obj: Any) -> _Adapter:
     )
 
 
-def as_gaussian(posterior: Any) -> GaussianView:
-    """Read any supported posterior as a :class:`GaussianView` (a copy; nothing is shared).
+def as_gaussian(posterior: Any, *, copy: bool = True) -> GaussianView:
+    """Read any supported posterior as a :class:`GaussianView`.
 
     Parameters
     ----------
     posterior : autoguide, state dict, nn.Module or GaussianView
         See the module docstring for the supported kinds.
+    copy : bool
+        Copy the means (the default). ``copy=False`` lets the view share memory with the
+        posterior's parameters: cheaper, for code that only reads the view.
     """
     if isinstance(posterior, GaussianView):
         return posterior
-    return adapter_for(posterior).view(posterior)
+    return adapter_for(posterior).view(posterior, copy=copy)
 
 
 def from_gaussian(template: Any, view: GaussianView, model: Any = None) -> Any:

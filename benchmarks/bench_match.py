@@ -1,0 +1,226 @@
+"""Speed and memory of ``bnn_align.match`` against a reference Git Re-Basin weight matching.
+
+For every network the benchmark builds two mean-field posteriors (``AutoNormal``, so two tensors
+per weight) in two settings: *planted* (guide b is a random permutation of guide a plus small
+noise) and *independent* (two networks initialised from different seeds, with random scales).
+It times
+
+* ``bnn_align.match(a, b)`` (method "wasserstein": means and standard deviations), and
+* a straightforward numpy + scipy implementation of weight matching (Ainsworth et al., 2023,
+  Algorithm 1) on the means alone, written below: for every group the similarity matrix is
+  rebuilt from all other groups' current permutations, one linear assignment per group per
+  sweep, until a sweep brings no improvement,
+
+in the same process, and reports the ratio ours / reference. Peak memory is the largest resident
+set size seen while ``match`` runs, above what the process held before, relative to the bytes of
+the two guides' parameters.
+
+Run ``python benchmarks/bench_match.py`` (all cases, about 15-25 minutes on 2 cores) or
+``--cases mlp512 resnet20x4`` for a subset. Results go to ``benchmarks/results/match.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from scipy.optimize import linear_sum_assignment
+
+import bnn_align
+from bnn_align import BayesianNetwork, as_gaussian, guides, match, models, permute
+from bnn_align.permute import invert, random_perms
+
+RESULTS = Path(__file__).parent / "results" / "match.json"
+
+CASES = {
+    "mlp512": (lambda seed: _seeded(seed, models.mlp, 784, [512, 512, 512], 10), (784,)),
+    "mlp2048": (lambda seed: _seeded(seed, models.mlp, 784, [2048, 2048, 2048], 10), (784,)),
+    "resnet20x4": (lambda seed: _seeded(seed, models.resnet, 20, 4), (3, 32, 32)),
+    "resnet20x16": (lambda seed: _seeded(seed, models.resnet, 20, 16), (3, 32, 32)),
+}
+
+
+def _seeded(seed, builder, *args):
+    torch.manual_seed(seed)
+    return builder(*args)
+
+
+# ------------------------------------------------------------------------------ reference --
+def reference_weight_matching(perm_to_axes, axes_to_perm, params_a, params_b, sizes,
+                              max_iter=100, seed=0):
+    """Git Re-Basin weight matching on numpy arrays (the published coordinate descent)."""
+    rng = np.random.default_rng(seed)
+    perm = {p: np.arange(n) for p, n in sizes.items()}
+    names = list(sizes)
+
+    def permuted_b(name, except_axis):
+        w = params_b[name]
+        for axis, p in enumerate(axes_to_perm[name]):
+            if axis == except_axis or p is None:
+                continue
+            w = np.take(w, perm[p], axis=axis)
+        return w
+
+    sweeps = 0
+    for sweeps in range(1, max_iter + 1):
+        progress = False
+        for p in rng.permutation(names):
+            n = sizes[p]
+            similarity = np.zeros((n, n))
+            for name, axis in perm_to_axes[p]:
+                w_a = np.moveaxis(params_a[name], axis, 0).reshape(n, -1)
+                w_b = np.moveaxis(permuted_b(name, axis), axis, 0).reshape(n, -1)
+                similarity += w_a @ w_b.T
+            _, cols = linear_sum_assignment(similarity, maximize=True)
+            old = similarity[np.arange(n), perm[p]].sum()
+            new = similarity[np.arange(n), cols].sum()
+            progress = progress or new > old + 1e-12
+            perm[p] = cols
+        if not progress:
+            break
+    return perm, sweeps
+
+
+# ------------------------------------------------------------------------------- helpers --
+class PeakRSS:
+    """Largest resident set size seen by a sampling thread while the block runs (bytes)."""
+
+    def __init__(self, interval=0.002):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def extra(self):
+        return self.peak - self.base
+
+
+def make_guides(case, setting, seed=0):
+    build, input_shape = CASES[case]
+    model = BayesianNetwork(build(seed), input_shape=input_shape)
+    gen = torch.Generator().manual_seed(seed + 1)
+    guide_a = guides.mean_field(model)
+    with torch.no_grad():
+        for p in guide_a.scales.parameters():  # softplus^-1 of scales around 0.01-0.1
+            p.copy_(torch.randn(p.shape, generator=gen) - 3.5)
+    truth = None
+    if setting == "planted":
+        perms = random_perms(model.spec.group_sizes(
+            {k: v.shape for k, v in model.net.state_dict().items()}), gen)
+        guide_b = permute(guide_a, perms)
+        with torch.no_grad():
+            for p in guide_b.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=gen))
+        truth = invert(perms)
+    else:
+        model_b = BayesianNetwork(build(seed + 1000), input_shape=input_shape)
+        guide_b = guides.mean_field(model_b)
+        with torch.no_grad():
+            for p in guide_b.scales.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) - 3.5)
+    return model, guide_a, guide_b, truth
+
+
+def run_case(case, setting):
+    model, guide_a, guide_b, truth = make_guides(case, setting)
+    spec = model.spec
+    guide_bytes = sum(p.numel() * p.element_size()
+                      for g in (guide_a, guide_b) for p in g.parameters())
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        result = match(guide_a, guide_b, spec=spec)
+        ours = time.perf_counter() - t0
+    sizes = {g: len(p) for g, p in result.perms.items()}
+    va, vb = as_gaussian(guide_a), as_gaussian(guide_b)
+    params_a = {k: v.numpy() for k, v in va.loc.items()}
+    params_b = {k: v.numpy() for k, v in vb.loc.items()}
+    del va, vb
+    t0 = time.perf_counter()
+    ref_perms, ref_sweeps = reference_weight_matching(
+        spec.perm_to_axes, spec.axes_to_perm, params_a, params_b, sizes)
+    reference = time.perf_counter() - t0
+    row = {
+        "case": case, "setting": setting,
+        "params_per_guide": sum(p.numel() for p in model.net.parameters()),
+        "ours_seconds": ours, "reference_seconds": reference, "ratio": ours / reference,
+        "ours_sweeps": result.iterations, "reference_sweeps": ref_sweeps,
+        "cost_before": result.cost_before, "cost_after": result.cost_after,
+        "peak_extra_bytes": mem.extra, "guide_bytes": guide_bytes,
+        "memory_ratio": mem.extra / guide_bytes,
+    }
+    if truth is not None:
+        row["ours_recovered"] = all(torch.equal(result.perms[g], p) for g, p in truth.items())
+        row["reference_recovered"] = all(np.array_equal(ref_perms[g], p.numpy())
+                                         for g, p in truth.items())
+    del model, guide_a, guide_b, result, params_a, params_b
+    gc.collect()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--settings", nargs="+", default=["planted", "independent"],
+                        choices=["planted", "independent"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    pyro.clear_param_store()
+    rows = []
+    header = (f"{'case':<12} {'setting':<12} {'params':>10} {'ours s':>8} {'ref s':>8} "
+              f"{'ratio':>6} {'sweeps':>7} {'ref sw':>6} {'mem x':>6} {'recovered':>10}")
+    print(header)
+    print("-" * len(header))
+    for case in args.cases:
+        for setting in args.settings:
+            row = run_case(case, setting)
+            rows.append(row)
+            rec = (f"{row['ours_recovered']!s:>5}/{row['reference_recovered']!s:<5}"
+                   if "ours_recovered" in row else "")
+            print(f"{case:<12} {setting:<12} {row['params_per_guide']:>10} "
+                  f"{row['ours_seconds']:>8.2f} {row['reference_seconds']:>8.2f} "
+                  f"{row['ratio']:>6.2f} {row['ours_sweeps']:>7} {row['reference_sweeps']:>6} "
+                  f"{row['memory_ratio']:>6.2f} {rec:>10}", flush=True)
+    record = {
+        "benchmark": "match (wasserstein, mean-field) vs reference weight matching (means only)",
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "bnn_align": bnn_align.__version__},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
