@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .bayesian import BayesianNetwork
 from .permute import check_perms, identity_perms, permute, permute_tensor, random_perms
-from .posterior import GaussianView, adapter_for, as_gaussian, model_of
+from .posterior import GaussianView, adapter_for, model_of, paired_views
 from .spec import PermutationSpec, _groups_of, axis_index
 
 __all__ = ["match", "Alignment", "METHODS"]
@@ -179,8 +179,6 @@ class _Problem:
         # last layers) never change: they are summed once per group.
         self.static: dict[str, np.ndarray] = {}
         self.cache: dict[tuple, tuple[tuple, np.ndarray, dict]] = {}
-        # (site, part, side, axis) -> the tensor with ``axis`` moved first (see _oriented)
-        self.layouts: dict[tuple, np.ndarray] = {}
         self.solved_at: dict[str, tuple] = {}
         self.distances: dict[str, tuple[tuple, float]] = {}
 
@@ -249,35 +247,16 @@ class _Problem:
         part = t[(slice(None),) * axis + (slice(offset * block, (offset + n) * block),)]
         return np.moveaxis(part, axis, 0).reshape(n, -1)
 
-    def _oriented(self, site: str, part: int, side: int, axis: int
-                  ) -> tuple[np.ndarray, list[int]]:
-        """A pair's tensor (side 0: A, 1: B) and where each of its original axes now sits.
-
-        For tensors of three or more axes the contributions along ``axis`` > 0 need ``axis``
-        first; that contiguous copy is made once and kept, so a contribution costs one gather
-        of B instead of two or three copies. Matrices stay as they are (BLAS takes a transposed
-        view without copying).
-        """
-        t = self.pairs[site][part][side]
-        if axis == 0 or t.ndim <= 2:
-            return t, list(range(t.ndim))
-        key = (site, part, side, axis)
-        if key not in self.layouts:
-            self.layouts[key] = np.ascontiguousarray(np.moveaxis(t, axis, 0))
-        return self.layouts[key], [i + (i < axis) if i != axis else 0 for i in range(t.ndim)]
-
     def _full(self, site: str, axis: int, offset: int, n: int, index: Mapping[int, np.ndarray]
               ) -> np.ndarray:
         """``sum_parts A_(axis) P_other(B)_(axis)^T``, shape ``(n, n)``, float32."""
         block = self.blocks.get(site, {}).get(axis, 1)
         out = None
-        for part in range(len(self.pairs[site])):
-            a, where_a = self._oriented(site, part, 0, axis)
-            b, where_b = self._oriented(site, part, 1, axis)
+        for a, b in self.pairs[site]:
             for ax, idx in index.items():
-                b = np.take(b, idx, axis=where_b[ax])
-            product = (self._rows(a, where_a[axis], offset, n, block)
-                       @ self._rows(b, where_b[axis], offset, n, block).T)
+                b = np.take(b, idx, axis=ax)
+            product = self._rows(a, axis, offset, n, block) @ self._rows(b, axis, offset, n,
+                                                                         block).T
             out = product if out is None else np.add(out, product, out=out)
         return out
 
@@ -297,14 +276,11 @@ class _Problem:
         if len(moved) == 0:
             return matrix
         block = self.blocks.get(site, {}).get(axis, 1)
-        for part in range(len(self.pairs[site])):
-            a, where_a = self._oriented(site, part, 0, axis)
-            b, where_b = self._oriented(site, part, 1, axis)
-            delta = (np.take(b, idx_new[moved], axis=where_b[ax])
-                     - np.take(b, idx_old[moved], axis=where_b[ax]))
-            a_moved = np.take(a, moved, axis=where_a[ax])
-            matrix += (self._rows(a_moved, where_a[axis], offset, n, block)
-                       @ self._rows(delta, where_b[axis], offset, n, block).T)
+        for a, b in self.pairs[site]:
+            delta = np.take(b, idx_new[moved], axis=ax) - np.take(b, idx_old[moved], axis=ax)
+            a_moved = np.take(a, moved, axis=ax)
+            matrix += (self._rows(a_moved, axis, offset, n, block)
+                       @ self._rows(delta, axis, offset, n, block).T)
         return matrix
 
     # -- the rotation of covariance factors -------------------------------------------------------
@@ -328,8 +304,6 @@ class _Problem:
             a, _ = self.pairs[site][index]
             self.pairs[site][index] = (a, self.factors_b[site] @ new)
             self.part_version[site] += 1
-            for axis in range(a.ndim):
-                self.layouts.pop((site, index, 1, axis), None)
         return True
 
     # -- the objective ----------------------------------------------------------------------------
@@ -386,48 +360,6 @@ def _improves(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> b
 
 
 # ------------------------------------------------------------------------------ inputs --
-def _views(guide_a: Any, guide_b: Any) -> tuple[GaussianView, GaussianView]:
-    # read-only views that share memory with the guides where they can
-    va, vb = as_gaussian(guide_a, copy=False), as_gaussian(guide_b, copy=False)
-    # A state dict also holds buffers: compare it on the other side's sites.
-    if isinstance(guide_a, Mapping) and not isinstance(guide_b, Mapping):
-        va = _restrict(va, vb.sites, "guide_a")
-    if isinstance(guide_b, Mapping) and not isinstance(guide_a, Mapping):
-        vb = _restrict(vb, va.sites, "guide_b")
-    for site in va.sites:
-        if site not in vb.loc:
-            raise ValueError(f"site {site!r} of guide_a is missing from guide_b: the posteriors "
-                             f"are over different architectures")
-        if va.loc[site].shape != vb.loc[site].shape:
-            raise ValueError(
-                f"site {site!r} has shape {tuple(va.loc[site].shape)} in guide_a but "
-                f"{tuple(vb.loc[site].shape)} in guide_b: the posteriors are over different "
-                f"architectures")
-    extra = [s for s in vb.sites if s not in va.loc]
-    if extra:
-        raise ValueError(f"site {extra[0]!r} of guide_b is missing from guide_a: the posteriors "
-                         f"are over different architectures")
-    for label, view in (("guide_a", va), ("guide_b", vb)):
-        for part, tensors in (("mean", view.loc), ("scale", view.scale),
-                              ("covariance factor", view.factor or {})):
-            for site, t in tensors.items():
-                # a sum is much cheaper than an elementwise test and is finite when all terms
-                # are (barring overflow, which the exact test below then rules out)
-                if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                    raise ValueError(f"{label} has NaN or infinite values in the {part} of site "
-                                     f"{site!r}")
-    return va, vb
-
-
-def _restrict(view: GaussianView, sites: Sequence[str], label: str) -> GaussianView:
-    missing = [s for s in sites if s not in view.loc]
-    if missing:
-        raise ValueError(f"site {missing[0]!r} is missing from {label}: the posteriors are over "
-                         f"different architectures")
-    return GaussianView(view.kind, {s: view.loc[s] for s in sites},
-                        {s: view.scale[s] for s in sites}, None, view._source)
-
-
 def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None) -> PermutationSpec:
     if spec is not None:
         if not isinstance(spec, PermutationSpec):
@@ -714,7 +646,8 @@ def match(
             raise ValueError(f"{label} must be a positive integer, got {v!r}")
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
-    va, vb = _views(guide_a, guide_b)
+    # read-only views that share memory with the guides where they can
+    va, vb = paired_views(guide_a, guide_b, ("guide_a", "guide_b"), copy=False)
     spec = _resolve_spec(guide_a, guide_b, spec)
     sizes = _spec_sizes(spec, va, guide_a)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)

@@ -537,6 +537,57 @@ def as_gaussian(posterior: Any, *, copy: bool = True) -> GaussianView:
     return adapter_for(posterior).view(posterior, copy=copy)
 
 
+def paired_views(a: Any, b: Any, labels: tuple[str, str] = ("a", "b"), *,
+                 copy: bool = True) -> tuple[GaussianView, GaussianView]:
+    """Views of two posteriors over the same sites, checked to be comparable.
+
+    A state dict also holds buffers, so next to a guide it is read on the guide's sites.
+
+    Raises
+    ------
+    ValueError
+        Naming the first site missing on one side or whose shapes differ ("different
+        architectures"), or the first site with NaN or infinite parameters.
+    """
+    va, vb = as_gaussian(a, copy=copy), as_gaussian(b, copy=copy)
+    if isinstance(a, Mapping) and not isinstance(b, Mapping):
+        va = _restrict(va, vb.sites, labels[0])
+    if isinstance(b, Mapping) and not isinstance(a, Mapping):
+        vb = _restrict(vb, va.sites, labels[1])
+    for site in va.sites:
+        if site not in vb.loc:
+            raise ValueError(f"site {site!r} of {labels[0]} is missing from {labels[1]}: the "
+                             f"posteriors are over different architectures")
+        if va.loc[site].shape != vb.loc[site].shape:
+            raise ValueError(
+                f"site {site!r} has shape {tuple(va.loc[site].shape)} in {labels[0]} but "
+                f"{tuple(vb.loc[site].shape)} in {labels[1]}: the posteriors are over different "
+                f"architectures")
+    extra = [s for s in vb.sites if s not in va.loc]
+    if extra:
+        raise ValueError(f"site {extra[0]!r} of {labels[1]} is missing from {labels[0]}: the "
+                         f"posteriors are over different architectures")
+    for label, view in zip(labels, (va, vb)):
+        for part, tensors in (("mean", view.loc), ("scale", view.scale),
+                              ("covariance factor", view.factor or {})):
+            for site, t in tensors.items():
+                # a sum is much cheaper than an elementwise test and is finite when all terms
+                # are (barring overflow, which the exact test then rules out)
+                if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+                    raise ValueError(f"{label} has NaN or infinite values in the {part} of site "
+                                     f"{site!r}")
+    return va, vb
+
+
+def _restrict(view: GaussianView, sites: list[str], label: str) -> GaussianView:
+    missing = [s for s in sites if s not in view.loc]
+    if missing:
+        raise ValueError(f"site {missing[0]!r} is missing from {label}: the posteriors are over "
+                         f"different architectures")
+    return GaussianView(view.kind, {s: view.loc[s] for s in sites},
+                        {s: view.scale[s] for s in sites}, None, view._source)
+
+
 def from_gaussian(template: Any, view: GaussianView, model: Any = None) -> Any:
     """A new posterior of ``template``'s kind holding the values of ``view``.
 
