@@ -5,7 +5,9 @@ Data flows one way: model -> guide -> spec -> match -> path -> marginal estimate
 
 from . import guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
+from .marginal import Barrier, LossCurve, marginal_loss
 from .matching import Alignment, match
+from .paths import Path, interpolate
 from .permute import permute
 from .posterior import GaussianView, as_gaussian
 from .spec import PermutationSpec
@@ -14,6 +16,7 @@ from .symmetry import spec_from_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alignment", "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian", "GaussianView", "NormalPrior",
-    "PermutationSpec", "as_gaussian", "fit", "guides", "match", "permute", "spec_from_module",
+    "Alignment", "Barrier", "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian",
+    "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "as_gaussian", "fit",
+    "guides", "interpolate", "marginal_loss", "match", "permute", "spec_from_module",
 ]

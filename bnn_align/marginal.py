@@ -1,0 +1,476 @@
+"""Monte-Carlo predictive losses along a path, and the marginalized loss barrier.
+
+:func:`marginal_loss` evaluates, at every ``t`` of a :class:`~bnn_align.paths.Path`, the
+predictive performance of the posterior ``q_t``: weights for all Monte-Carlo samples are drawn at
+once (with common random numbers along the path) and the network is evaluated for all of them in
+one batched call (``torch.func.functional_call`` under ``vmap``, chunked so memory stays
+bounded). Each value carries a Monte-Carlo standard error from a bootstrap over the posterior
+draws; the same resampled draws are used at every ``t``, so the standard error of a barrier
+accounts for the correlation that common random numbers create.
+
+Classification metrics (``Categorical`` likelihood): ``"nll"``, the predictive negative
+log-likelihood of the Bayesian model average ``-mean_i log mean_s p(y_i | x_i, theta_s)``;
+``"gibbs"``, the expected NLL under ``q_t``; ``"accuracy"``, ``"ece"`` (15 equal-width bins) and
+``"brier"`` of the model average. Regression (``Gaussian``): ``"nll"``, ``"gibbs"`` and
+``"rmse"`` of the predictive mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path as FilePath
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from .bayesian import BayesianNetwork, Categorical, Gaussian
+from .paths import Noise, Path, interpolate
+
+__all__ = ["marginal_loss", "LossCurve", "Barrier", "CLASSIFICATION", "REGRESSION"]
+
+CLASSIFICATION = ("nll", "gibbs", "accuracy", "ece", "brier")
+REGRESSION = ("nll", "gibbs", "rmse")
+HIGHER_IS_BETTER = ("accuracy",)
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """A loss barrier: the largest excess of the curve over the straight line between its ends.
+
+    Attributes
+    ----------
+    value : float
+        ``max_t L(t) - ((1 - t) L(0) + t L(1))``; for accuracy the largest drop below the line.
+    se : float
+        Its Monte-Carlo standard error (bootstrap over posterior draws).
+    t : float
+        Where the excess peaks (0.5 for the midpoint barrier).
+    metric : str
+    """
+
+    value: float
+    se: float
+    t: float
+    metric: str
+
+    def __str__(self) -> str:
+        return f"{self.value:.4f} +- {self.se:.4f} (t={self.t:g}, {self.metric})"
+
+
+@dataclass
+class LossCurve:
+    """Predictive metrics of the posteriors along a path, with Monte-Carlo standard errors.
+
+    Attributes
+    ----------
+    ts : ndarray of shape (T,)
+    values : dict of str to ndarray of shape (T,)
+        Metric -> estimate at every ``t`` (all draws).
+    se : dict of str to ndarray of shape (T,)
+        Metric -> bootstrap standard error.
+    replicates : dict of str to ndarray of shape (B, T)
+        Metric -> bootstrap replicates (the same resampled draws at every ``t``).
+    kind : str
+        Path kind (``"wasserstein"``, ``"mixture"`` or ``"posterior"`` for a single one).
+    num_samples, num_points : int
+        Posterior draws per ``t`` and test points.
+    common : bool
+        Whether common random numbers were used along the path.
+    seconds : float
+    """
+
+    ts: np.ndarray
+    values: dict[str, np.ndarray]
+    se: dict[str, np.ndarray]
+    replicates: dict[str, np.ndarray] = field(repr=False)
+    kind: str = "wasserstein"
+    num_samples: int = 0
+    num_points: int = 0
+    common: bool = True
+    seconds: float = 0.0
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.values)
+
+    def _check(self, metric: str) -> None:
+        if metric not in self.values:
+            raise ValueError(f"metric {metric!r} was not computed; available: {self.metrics}")
+        if len(self.ts) < 2 or self.ts[0] != 0.0 or self.ts[-1] != 1.0:
+            raise ValueError("a barrier needs a curve whose ts start at 0 and end at 1")
+
+    def _excess(self, metric: str, curves: np.ndarray) -> np.ndarray:
+        # curves: (..., T) -> excess over the line between the ends (sign: higher is worse)
+        line = (1 - self.ts) * curves[..., :1] + self.ts * curves[..., -1:]
+        sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+        return sign * (curves - line)
+
+    def barrier(self, metric: str = "nll") -> Barrier:
+        """``max_t L(t) - ((1 - t) L(0) + t L(1))`` (for accuracy, the largest drop below the
+        line), with its bootstrap standard error and the ``t`` where it peaks."""
+        self._check(metric)
+        excess = self._excess(metric, self.values[metric])
+        peak = int(np.argmax(excess))
+        replicated = self._excess(metric, self.replicates[metric]).max(axis=1)
+        return Barrier(float(excess[peak]), float(replicated.std(ddof=1)),
+                       float(self.ts[peak]), metric)
+
+    def midpoint_barrier(self, metric: str = "nll") -> Barrier:
+        """The excess at ``t = 0.5`` (which must be one of the ``ts``)."""
+        self._check(metric)
+        where = np.flatnonzero(np.isclose(self.ts, 0.5))
+        if len(where) == 0:
+            raise ValueError("the midpoint barrier needs t = 0.5 among the ts")
+        i = int(where[0])
+        excess = self._excess(metric, self.values[metric])[i]
+        replicated = self._excess(metric, self.replicates[metric])[:, i]
+        return Barrier(float(excess), float(replicated.std(ddof=1)), 0.5, metric)
+
+    def to_dict(self) -> dict:
+        """Plain-Python record: the curves, their standard errors and the barriers."""
+        out = {
+            "kind": self.kind, "ts": self.ts.tolist(), "num_samples": self.num_samples,
+            "num_points": self.num_points, "common_random_numbers": self.common,
+            "seconds": self.seconds,
+            "values": {k: v.tolist() for k, v in self.values.items()},
+            "se": {k: v.tolist() for k, v in self.se.items()},
+        }
+        if len(self.ts) >= 2 and self.ts[0] == 0.0 and self.ts[-1] == 1.0:
+            out["barriers"] = {m: vars(self.barrier(m)) for m in self.metrics}
+        return out
+
+    def to_json(self, path: str | FilePath | None = None) -> str:
+        """The :meth:`to_dict` record as JSON, also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            FilePath(path).write_text(text)
+        return text
+
+    def plot(self, metrics: Sequence[str] | None = None, *, ax: Any = None, label: str = "",
+             color: Any = None) -> Any:
+        """Curves with +-2 standard-error bands and the straight line between the ends.
+
+        Returns the matplotlib figure. Pass ``ax`` (one axis, or one per metric) to draw into
+        existing axes, e.g. to overlay a naive and an aligned path.
+        """
+        import matplotlib.pyplot as plt
+
+        metrics = list(metrics or [m for m in ("nll", "accuracy") if m in self.values]
+                       or self.metrics[:1])
+        if ax is None:
+            fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4),
+                                     squeeze=False)
+            axes = list(axes[0])
+        else:
+            axes = list(np.atleast_1d(ax))
+            fig = axes[0].figure
+        for axis, metric in zip(axes, metrics):
+            v, s = self.values[metric], self.se[metric]
+            line, = axis.plot(self.ts, v, marker="o", ms=3, label=label or self.kind,
+                              color=color)
+            axis.fill_between(self.ts, v - 2 * s, v + 2 * s, alpha=0.25, color=line.get_color())
+            axis.plot([self.ts[0], self.ts[-1]], [v[0], v[-1]], ls="--", lw=1,
+                      color=line.get_color())
+            axis.set_xlabel("t")
+            axis.set_ylabel(metric)
+            axis.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        return fig
+
+
+# ------------------------------------------------------------------------------ evaluation --
+def _as_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = data.tensors
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"data has {len(x)} inputs but {len(y)} targets")
+        if len(x) == 0:
+            raise ValueError("data is empty")
+        return x, y
+    raise TypeError("data must be a pair of tensors (x, y) or a TensorDataset of two tensors")
+
+
+def _ts(ts: int | Sequence[float] | np.ndarray) -> np.ndarray:
+    if isinstance(ts, (int, np.integer)) and not isinstance(ts, bool):
+        if ts < 1:
+            raise ValueError(f"ts must be at least 1 point, got {ts}")
+        return np.linspace(0.0, 1.0, int(ts)) if ts > 1 else np.zeros(1)
+    out = np.asarray(ts, dtype=float).reshape(-1)
+    if len(out) == 0:
+        raise ValueError("ts is empty")
+    bad = out[(out < 0) | (out > 1) | ~np.isfinite(out)]
+    if len(bad):
+        raise ValueError(f"every t must lie in [0, 1], got {bad[0]}")
+    return out
+
+
+class _Evaluator:
+    """The network under ``vmap`` over weight samples, in chunks of samples and data."""
+
+    def __init__(self, model: BayesianNetwork, chunk_size: int, batch_size: int):
+        self.model = model
+        self.chunk_size, self.batch_size = chunk_size, batch_size
+        self.weight_sites = set(model.weight_sites)
+
+    def outputs(self, draws: dict[str, torch.Tensor], x: torch.Tensor,
+                buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Network outputs for every draw and input: ``(S, N, *out)``."""
+        net = self.model.net
+        state = dict(net.named_buffers()) if buffers is None else dict(buffers)
+        weights = {k: v for k, v in draws.items() if k in self.weight_sites}
+
+        def single(w: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+            return functional_call(net, {**state, **w}, (inputs,))
+
+        batched = vmap(single, in_dims=(0, None))
+        num = next(iter(weights.values())).shape[0]
+        rows = []
+        with torch.no_grad():
+            for s in range(0, num, self.chunk_size):
+                chunk = {k: v[s:s + self.chunk_size] for k, v in weights.items()}
+                cols = [batched(chunk, x[b:b + self.batch_size])
+                        for b in range(0, len(x), self.batch_size)]
+                rows.append(torch.cat(cols, dim=1))
+        return torch.cat(rows, dim=0)
+
+
+def _noise_scale(model: BayesianNetwork, draws: dict[str, torch.Tensor]) -> torch.Tensor | float:
+    """Observation noise of a Gaussian likelihood per draw (learned: constrained from the
+    guide's unconstrained space) or its fixed value."""
+    lik = model.likelihood
+    if lik.noise is not None:
+        return lik.noise
+    from pyro.distributions.transforms import biject_to
+
+    return biject_to(lik.noise_prior.support)(draws["obs_noise"])
+
+
+# ------------------------------------------------------------------------------ the metrics --
+def _bootstrap_weights(num_samples: int, num_bootstrap: int, generator: torch.Generator
+                       ) -> torch.Tensor:
+    """Row 0 weighs every draw equally; rows 1..B are multinomial resamples: ``(B + 1, S)``."""
+    counts = torch.zeros(num_bootstrap, num_samples, dtype=torch.float64)
+    if num_bootstrap:
+        index = torch.randint(num_samples, (num_bootstrap, num_samples), generator=generator)
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+    uniform = torch.ones(1, num_samples, dtype=torch.float64)
+    return torch.cat([uniform, counts]) / num_samples
+
+
+def _log_mean(weights: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``log sum_s w[b, s] exp(logp[s, i])``: ``(B + 1, N)``, stable."""
+    peak = logp.max(dim=0).values
+    return torch.log(weights @ torch.exp(logp.double() - peak)) + peak
+
+
+def _classification_metrics(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                            wanted: Sequence[str], point_chunk: int = 2048
+                            ) -> dict[str, torch.Tensor]:
+    logp_all = torch.log_softmax(logits.double(), dim=-1)              # (S, N, C)
+    logp = logp_all.gather(-1, y.view(1, -1, 1).expand(len(logp_all), -1, 1)).squeeze(-1)
+    n = len(y)
+    out: dict[str, torch.Tensor] = {}
+    if "nll" in wanted:
+        out["nll"] = -_log_mean(weights, logp).mean(dim=1)
+    if "gibbs" in wanted:
+        out["gibbs"] = weights @ (-logp.mean(dim=1))
+    if not {"accuracy", "ece", "brier"} & set(wanted):
+        return out
+    rows, bins = len(weights), 15
+    correct_sum = torch.zeros(rows, dtype=torch.float64)
+    brier_sum = torch.zeros(rows, dtype=torch.float64)
+    conf_bins = torch.zeros(rows, bins, dtype=torch.float64)
+    acc_bins = torch.zeros(rows, bins, dtype=torch.float64)
+    probs_all = logp_all.exp()
+    for start in range(0, n, point_chunk):
+        probs = torch.einsum("bs,snc->bnc", weights, probs_all[:, start:start + point_chunk])
+        labels = y[start:start + point_chunk]
+        confidence, predicted = probs.max(dim=-1)
+        correct = (predicted == labels).double()
+        correct_sum += correct.sum(dim=1)
+        onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).double()
+        brier_sum += ((probs - onehot) ** 2).sum(dim=-1).sum(dim=1)
+        index = (confidence * bins).long().clamp_(max=bins - 1)
+        conf_bins.scatter_add_(1, index, confidence)
+        acc_bins.scatter_add_(1, index, correct)
+    if "accuracy" in wanted:
+        out["accuracy"] = correct_sum / n
+    if "ece" in wanted:
+        out["ece"] = (acc_bins - conf_bins).abs().sum(dim=1) / n
+    if "brier" in wanted:
+        out["brier"] = brier_sum / n
+    return out
+
+
+def _regression_metrics(means: torch.Tensor, noise: torch.Tensor | float, y: torch.Tensor,
+                        weights: torch.Tensor, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+    means = means.double()
+    target = y.double().unsqueeze(0)
+    if isinstance(noise, torch.Tensor):
+        noise = noise.double().view(-1, *([1] * (means.dim() - 1)))
+    logp = torch.distributions.Normal(means, noise).log_prob(target)
+    logp = logp.reshape(len(means), len(y), -1).sum(-1)                 # (S, N)
+    out: dict[str, torch.Tensor] = {}
+    if "nll" in wanted:
+        out["nll"] = -_log_mean(weights, logp).mean(dim=1)
+    if "gibbs" in wanted:
+        out["gibbs"] = weights @ (-logp.mean(dim=1))
+    if "rmse" in wanted:
+        predictive = torch.einsum("bs,sn->bn", weights, means.reshape(len(means), -1))
+        err = (predictive - target.reshape(1, -1)) ** 2
+        out["rmse"] = err.mean(dim=1).sqrt()
+    return out
+
+
+# --------------------------------------------------------------------------- the estimator --
+def marginal_loss(
+    model: BayesianNetwork,
+    path_or_posterior: Any,
+    data: Any,
+    *,
+    ts: int | Sequence[float] = 11,
+    num_samples: int = 64,
+    batch_size: int = 1024,
+    chunk_size: int | None = None,
+    metrics: Sequence[str] | None = None,
+    common: bool = True,
+    num_bootstrap: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+) -> LossCurve:
+    """Monte-Carlo predictive losses of the posteriors along a path.
+
+    Parameters
+    ----------
+    model : BayesianNetwork
+        The network and likelihood the posteriors are over.
+    path_or_posterior : Path or posterior
+        A path from :func:`~bnn_align.interpolate`, or a single posterior (evaluated once).
+    data : (x, y) tensors or TensorDataset
+        Evaluation data; ``x`` of shape ``(N, *input_shape)``.
+    ts : int or sequence of float
+        Number of equally spaced points in ``[0, 1]`` (11 by default) or the points themselves.
+    num_samples : int
+        Posterior draws per ``t``.
+    batch_size, chunk_size : int
+        Data points and posterior draws per batched network call (bounds memory; by default
+        all draws go in one call).
+    metrics : sequence of str, optional
+        Subset of ``CLASSIFICATION`` or ``REGRESSION`` (default: all for the likelihood).
+    common : bool
+        Use the same standard-normal draws at every ``t`` (common random numbers).
+    num_bootstrap : int
+        Bootstrap resamples of the draws for the standard errors.
+    seed : int
+        Seed of the draws and the bootstrap.
+    progress : bool
+        Show a tqdm bar over ``ts``.
+
+    Returns
+    -------
+    LossCurve
+    """
+    started = time.perf_counter()
+    if not isinstance(model, BayesianNetwork):
+        raise TypeError(f"model must be a BayesianNetwork, got {type(model).__name__}")
+    for label, v in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(num_bootstrap, int) or num_bootstrap < 2:
+        raise ValueError(f"num_bootstrap must be an integer >= 2, got {num_bootstrap!r}")
+    x, y = _as_data(data)
+    regression = isinstance(model.likelihood, Gaussian)
+    if not regression and not isinstance(model.likelihood, Categorical):
+        raise TypeError(f"marginal_loss supports Categorical and Gaussian likelihoods, got "
+                        f"{type(model.likelihood).__name__}")
+    available = REGRESSION if regression else CLASSIFICATION
+    metrics = tuple(metrics or available)
+    unknown = [m for m in metrics if m not in available]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} for this likelihood; choose from {available}")
+    if isinstance(path_or_posterior, Path):
+        path, kind = path_or_posterior, path_or_posterior.kind
+    else:
+        path, kind = interpolate(path_or_posterior, path_or_posterior), "posterior"
+        if isinstance(ts, int):
+            ts = [0.0]
+    ts = _ts(ts)
+    _check_sites(model, path)
+    # one forward on a single point: clear errors for inputs or labels that do not fit
+    probe = {k: v[:1] for k, v in path.draw(0.0, path.noise(1)).items()}
+    evaluator = _Evaluator(model, chunk_size or num_samples, batch_size)
+    with torch.no_grad():
+        try:
+            out = evaluator.outputs(probe, x[:1], None)[0]
+        except RuntimeError as err:
+            expected = f" (expected {(-1, *model.input_shape)})" if model.input_shape else ""
+            raise ValueError(f"inputs x of shape {tuple(x.shape)} do not fit the network"
+                             f"{expected}: {err}") from err
+    model.likelihood.check_targets(out.expand(len(y), *out.shape[1:]), y)
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = _bootstrap_weights(num_samples, num_bootstrap, generator)
+    shared = path.noise(num_samples, generator) if common else None
+
+    def evaluate(t: float, noise: Noise) -> tuple[torch.Tensor, Any]:
+        if path.kind == "mixture":  # the endpoints' draws, weighted below
+            draws = {s: torch.cat([path.view0_draw(noise)[s], path.view1_draw(noise)[s]])
+                     for s in path.view0.loc}
+        else:
+            draws = path.draw(t, noise)
+        outputs = evaluator.outputs(draws, x, path.buffers_at(t))
+        return outputs, (_noise_scale(model, draws) if regression else None)
+
+    rows: dict[str, list[torch.Tensor]] = {m: [] for m in metrics}
+    cached = None
+    for t in tqdm(ts, desc=f"marginal ({kind})", disable=not progress, leave=False):
+        t = float(t)
+        noise = shared if common else path.noise(num_samples, generator)
+        if path.kind == "mixture":
+            # (1 - t) q0 + t q1 exactly: the predictive is the weighted average of both
+            # endpoints' draws (a stratified estimate), so its NLL is concave in t draw by draw
+            if cached is None or not common:
+                cached = evaluate(t, noise)
+            outputs, noise_scale = cached
+            w = torch.cat([(1 - t) * weights, t * weights], dim=1)
+        else:
+            outputs, noise_scale = evaluate(t, noise)
+            w = weights
+        if regression:
+            values = _regression_metrics(outputs, noise_scale, y, w, metrics)
+        else:
+            values = _classification_metrics(outputs, y, w, metrics)
+        for m in metrics:
+            rows[m].append(values[m])
+    table = {m: torch.stack(v, dim=1).numpy() for m, v in rows.items()}  # (B + 1, T)
+    return LossCurve(
+        ts=ts,
+        values={m: v[0] for m, v in table.items()},
+        se={m: v[1:].std(axis=0, ddof=1) for m, v in table.items()},
+        replicates={m: v[1:] for m, v in table.items()},
+        kind=kind, num_samples=num_samples, num_points=len(x), common=common,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_sites(model: BayesianNetwork, path: Path) -> None:
+    expected = {name: p.shape for name, p in model.net.named_parameters()}
+    for site, shape in expected.items():
+        if site not in path.view0.loc:
+            raise ValueError(f"the posteriors have no site {site!r} of the model: they are over "
+                             f"a different architecture")
+        if path.view0.loc[site].shape != shape:
+            raise ValueError(f"site {site!r} has shape {tuple(path.view0.loc[site].shape)} in "
+                             f"the posteriors but {tuple(shape)} in the model")

@@ -1,0 +1,276 @@
+"""Paths between two posteriors: the Wasserstein geodesic and the mixture.
+
+:func:`interpolate` returns a :class:`Path`; ``path.at(t)`` is a posterior of the endpoints' kind
+(a Pyro guide usable everywhere a guide is), and ``path.sample(ts, n)`` draws weights for many
+``t`` at once.
+
+* ``"wasserstein"``: ``theta_t = (1 - t) theta_0 + t theta_1`` for the coupling that shares the
+  standard-normal noise, ``theta = loc + scale * eps + factor @ z``. Means, diagonal scales and
+  covariance factors move linearly (standard deviations, not variances). For diagonal Gaussians
+  this is exactly the 2-Wasserstein geodesic; with covariance factors it is the displacement
+  interpolation of the coupling :func:`bnn_align.match` optimises, after the Procrustes rotation
+  that best aligns the two factors, and equals the geodesic when that coupling is optimal.
+* ``"mixture"``: ``(1 - t) q_0 + t q_1``, whose loss barrier is never positive (the log of a
+  mixture is concave in the mixing weight): the baseline that weight-space paths are compared
+  with.
+
+Common random numbers: a path draws one set of standard-normal numbers and reuses it at every
+``t``, so differences along the path are not drowned in Monte-Carlo noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from pyro.infer import autoguide
+
+from .bayesian import BayesianNetwork
+from .posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView, adapter_for,
+                        from_gaussian, model_of, paired_views)
+
+__all__ = ["interpolate", "Path", "Noise", "Mixture", "KINDS"]
+
+KINDS = ("wasserstein", "mixture")
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Standard-normal draws shared by every point of a path.
+
+    Attributes
+    ----------
+    eps : Tensor of shape ``(S, D)``
+        Per-weight noise.
+    z : Tensor of shape ``(S, rank)`` or None
+        Noise of the covariance factor.
+    u : Tensor of shape ``(S,)``
+        Uniform draws that pick a mixture component (unused by the Wasserstein path).
+    """
+
+    eps: torch.Tensor
+    z: torch.Tensor | None
+    u: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.eps)
+
+
+class Mixture:
+    """The posterior ``(1 - t) q_0 + t q_1`` of a mixture path (sampling only)."""
+
+    def __init__(self, path: "Path", t: float):
+        self.path, self.t = path, t
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None
+               ) -> dict[str, torch.Tensor]:
+        return self.path.draw(self.t, self.path.noise(num_samples, generator))
+
+    def __repr__(self) -> str:
+        return f"Mixture(t={self.t:g}, q0={type(self.path.q0).__name__}, " \
+               f"q1={type(self.path.q1).__name__})"
+
+
+def _check_t(t: float) -> float:
+    t = float(t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must lie in [0, 1], got {t}")
+    return t
+
+
+def _procrustes(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """Orthogonal ``R`` maximising ``<W_0, W_1 R>`` (``U V^T`` from the SVD of ``W_1^T W_0``)."""
+    u, _, vh = torch.linalg.svd(w1.double().T @ w0.double())
+    return (u @ vh).to(w1.dtype)
+
+
+class Path:
+    """A path ``t -> q_t`` between two posteriors over the same network.
+
+    Build it with :func:`interpolate`. Attributes ``q0``, ``q1`` are the endpoints as given,
+    ``kind`` the path kind, ``view0``/``view1`` their Gaussian views (factors rank-padded and the
+    second one rotated onto the first), ``model`` the BayesianNetwork of the endpoints if known.
+    """
+
+    def __init__(self, q0: Any, q1: Any, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.q0, self.q1, self.kind = q0, q1, kind
+        v0, v1 = paired_views(q0, q1, ("q0", "q1"))
+        self.view0, self.view1 = _align_factors(v0, v1)
+        self.models = (_model(q0), _model(q1))
+
+    # -- the distribution at t -------------------------------------------------------------------
+    @property
+    def model(self) -> BayesianNetwork | None:
+        return self.models[0] or self.models[1]
+
+    def view_at(self, t: float) -> GaussianView:
+        """The Gaussian ``q_t`` of the Wasserstein path (linear in every part)."""
+        t = _check_t(t)
+        if self.kind != "wasserstein":
+            raise ValueError("a mixture is not Gaussian: use path.at(t).sample or path.draw")
+        v0, v1 = self.view0, self.view1
+
+        def lerp(part: str, site: str, x: torch.Tensor) -> torch.Tensor:
+            other = {"loc": v1.loc, "scale": v1.scale, "factor": v1.factor or {}}[part][site]
+            return torch.lerp(x, other, t)
+
+        return GaussianView(self.kind_of_view(), {s: lerp("loc", s, v) for s, v in v0.loc.items()},
+                            {s: lerp("scale", s, v) for s, v in v0.scale.items()},
+                            None if v0.factor is None else
+                            {s: lerp("factor", s, v) for s, v in v0.factor.items()})
+
+    def kind_of_view(self) -> str:
+        kinds = {self.view0.kind, self.view1.kind}
+        if kinds == {POINT}:
+            return POINT
+        if self.view0.factor is None:
+            return DIAGONAL
+        return FULL_RANK if kinds == {FULL_RANK} else LOW_RANK
+
+    def at(self, t: float) -> Any:
+        """The posterior at ``t``: a new guide (or state dict) of the endpoints' kind, or a
+        :class:`Mixture` for the mixture path."""
+        t = _check_t(t)
+        if self.kind == "mixture":
+            return Mixture(self, t)
+        if t == 0.0:
+            return self.q0
+        if t == 1.0:
+            return self.q1
+        view = self.view_at(t)
+        for template in (self.q0, self.q1):
+            try:
+                if self.view0.rank and view.rank != _rank_of(template):
+                    continue
+                return from_gaussian(template, view)
+            except ValueError:
+                continue
+        raise ValueError(
+            f"neither a {type(self.q0).__name__} nor a {type(self.q1).__name__} can hold the "
+            f"{view.kind} posterior between them; use path.view_at(t) or path.sample")
+
+    def buffers_at(self, t: float) -> dict[str, torch.Tensor] | None:
+        """Linearly interpolated buffers (BatchNorm statistics) of the endpoint networks, when
+        they differ (e.g. after permuting one network); None when they are the same."""
+        m0, m1 = self.models
+        if m0 is None or m1 is None or m0 is m1:
+            return None
+        b0, b1 = dict(m0.net.named_buffers()), dict(m1.net.named_buffers())
+        if all(torch.equal(b0[k], b1[k]) for k in b0):
+            return None
+        return {k: torch.lerp(v, b1[k], t) if v.is_floating_point() else v
+                for k, v in b0.items()}
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Noise:
+        """Standard-normal (and uniform) draws for ``num_samples`` weights."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        eps, z = self.view0.standard_normal(num_samples, generator)
+        u = torch.rand(num_samples, generator=generator)
+        return Noise(eps, z, u)
+
+    def view0_draw(self, noise: Noise) -> dict[str, torch.Tensor]:
+        """Weights of ``q_0`` for given noise."""
+        return self.view0.transform((noise.eps, noise.z))
+
+    def view1_draw(self, noise: Noise) -> dict[str, torch.Tensor]:
+        """Weights of ``q_1`` for given noise."""
+        return self.view1.transform((noise.eps, noise.z))
+
+    def draw(self, t: float, noise: Noise) -> dict[str, torch.Tensor]:
+        """Weights of ``q_t`` for given noise: site -> ``(S, *site_shape)``."""
+        t = _check_t(t)
+        if self.kind == "wasserstein":
+            return self.view_at(t).transform((noise.eps, noise.z))
+        first, second = self.view0_draw(noise), self.view1_draw(noise)
+        pick = noise.u < t  # component 1 with probability t
+        return {s: torch.where(pick.view(-1, *([1] * (v.dim() - 1))), second[s], v)
+                for s, v in first.items()}
+
+    def sample(self, ts: Sequence[float] | np.ndarray | torch.Tensor, num_samples: int,
+               generator: torch.Generator | None = None, *, common: bool = True
+               ) -> dict[str, torch.Tensor]:
+        """Weights at several ``t``: site -> tensor ``(len(ts), num_samples, *site_shape)``.
+
+        With ``common=True`` (the default) the same noise is used at every ``t``.
+        """
+        ts = [_check_t(t) for t in np.asarray(ts, dtype=float).reshape(-1)]
+        shared = self.noise(num_samples, generator) if common else None
+        draws = [self.draw(t, shared if common else self.noise(num_samples, generator))
+                 for t in ts]
+        return {s: torch.stack([d[s] for d in draws]) for s in draws[0]}
+
+    def __repr__(self) -> str:
+        return (f"Path(kind={self.kind!r}, q0={type(self.q0).__name__}, "
+                f"q1={type(self.q1).__name__}, sites={len(self.view0.sites)})")
+
+
+def _model(q: Any) -> BayesianNetwork | None:
+    if isinstance(q, autoguide.AutoGuide):
+        m = model_of(q)
+        return m if isinstance(m, BayesianNetwork) else None
+    return None
+
+
+def _rank_of(posterior: Any) -> int:
+    if isinstance(posterior, autoguide.AutoLowRankMultivariateNormal):
+        return posterior.cov_factor.shape[1]
+    if isinstance(posterior, autoguide.AutoMultivariateNormal):
+        return posterior.loc.shape[0]
+    return 0
+
+
+def _align_factors(v0: GaussianView, v1: GaussianView) -> tuple[GaussianView, GaussianView]:
+    """Give both views factors of one rank (zeros where missing) and rotate the second's columns
+    onto the first's (Procrustes), so that linear interpolation pairs matching columns."""
+    if v0.factor is None and v1.factor is None:
+        return v0, v1
+    rank = max(v0.rank, v1.rank)
+
+    def padded(v: GaussianView) -> dict[str, torch.Tensor]:
+        if v.factor is None:
+            return {s: x.new_zeros(*x.shape, rank) for s, x in v.loc.items()}
+        extra = rank - v.rank
+        return {s: torch.cat([f, f.new_zeros(*f.shape[:-1], extra)], -1) if extra else f
+                for s, f in v.factor.items()}
+
+    f0, f1 = padded(v0), padded(v1)
+    if v0.factor is not None and v1.factor is not None:
+        flat0 = torch.cat([f.reshape(-1, rank) for f in f0.values()])
+        flat1 = torch.cat([f.reshape(-1, rank) for f in f1.values()])
+        rotation = _procrustes(flat0, flat1)
+        f1 = {s: f @ rotation for s, f in f1.items()}
+    kind0 = v0.kind if v0.factor is not None else v1.kind
+    kind1 = v1.kind if v1.factor is not None else v0.kind
+    return (GaussianView(kind0, v0.loc, v0.scale, f0, v0._source),
+            GaussianView(kind1, v1.loc, v1.scale, f1, v1._source))
+
+
+def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
+    """The path from posterior ``q0`` to posterior ``q1``.
+
+    Parameters
+    ----------
+    q0, q1 : posterior
+        Guides, state dicts or modules over the same network (e.g. ``guide_a`` and
+        ``match(guide_a, guide_b).aligned``). Not modified.
+    kind : {"wasserstein", "mixture"}
+        See the module docstring.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        For posteriors over different architectures (naming the first differing site), NaN
+        parameters, or an unknown kind.
+    """
+    return Path(q0, q1, kind)
