@@ -276,8 +276,9 @@ def _log_mean(weights: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 def _classification_metrics(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
                             wanted: Sequence[str], point_chunk: int = 2048
                             ) -> dict[str, torch.Tensor]:
-    logp_all = torch.log_softmax(logits.double(), dim=-1)              # (S, N, C)
+    logp_all = torch.log_softmax(logits.float(), dim=-1)               # (S, N, C)
     logp = logp_all.gather(-1, y.view(1, -1, 1).expand(len(logp_all), -1, 1)).squeeze(-1)
+    logp = logp.double()
     n = len(y)
     out: dict[str, torch.Tensor] = {}
     if "nll" in wanted:
@@ -291,9 +292,12 @@ def _classification_metrics(logits: torch.Tensor, y: torch.Tensor, weights: torc
     brier_sum = torch.zeros(rows, dtype=torch.float64)
     conf_bins = torch.zeros(rows, bins, dtype=torch.float64)
     acc_bins = torch.zeros(rows, bins, dtype=torch.float64)
+    # the model average only needs float32 (its rounding is far below the Monte-Carlo error)
     probs_all = logp_all.exp()
+    weights32 = weights.float()
     for start in range(0, n, point_chunk):
-        probs = torch.einsum("bs,snc->bnc", weights, probs_all[:, start:start + point_chunk])
+        probs = torch.einsum("bs,snc->bnc", weights32,
+                             probs_all[:, start:start + point_chunk]).double()
         labels = y[start:start + point_chunk]
         confidence, predicted = probs.max(dim=-1)
         correct = (predicted == labels).double()
