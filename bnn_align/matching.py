@@ -74,6 +74,8 @@ class Alignment:
         The orthogonal ``R`` (``rank x rank``) aligning the covariance factors, if any.
     restart_costs : list of float
         Final objective of every restart.
+    guide_a, guide_b : object
+        The posteriors that were matched (references, not copies; None after :meth:`load`).
     """
 
     perms: dict[str, torch.Tensor]
@@ -88,6 +90,8 @@ class Alignment:
     spec: PermutationSpec
     rotation: torch.Tensor | None = None
     restart_costs: list[float] = field(default_factory=list)
+    guide_a: Any = field(default=None, repr=False, compare=False)
+    guide_b: Any = field(default=None, repr=False, compare=False)
 
     def apply(self, obj: Any) -> Any:
         """Permute any other object over the same spec (state dict, module, guide, ...)."""
@@ -360,34 +364,51 @@ def _improves(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> b
 
 
 # ------------------------------------------------------------------------------ inputs --
-def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None) -> PermutationSpec:
+def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
+                  data: Any) -> PermutationSpec:
     if spec is not None:
         if not isinstance(spec, PermutationSpec):
             raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
         return spec
     for guide in (guide_a, guide_b):
-        model = _bayesian_model(guide)
-        if model is not None:
+        model = _bayesian_model(guide, data)
+        if model is not None and (model.input_shape is not None):
             return model.spec
     raise ValueError(
-        "no spec given and neither posterior is a guide over a BayesianNetwork: pass spec= "
-        "(e.g. bnn_align.spec_from_module(net, example_input)) with your model's site names"
+        "no spec given and neither posterior is a guide over a BayesianNetwork (or a module "
+        "with data= to trace it on): pass spec= (e.g. bnn_align.spec_from_module(net, "
+        "example_input)) with your model's site names"
     )
 
 
-def _bayesian_model(obj: Any) -> BayesianNetwork | None:
+def _bayesian_model(obj: Any, data: Any = None) -> BayesianNetwork | None:
+    """The BayesianNetwork behind a posterior: a guide's model, or a plain module wrapped (to be
+    traced and evaluated; its input shape comes from ``data`` if given)."""
     if isinstance(obj, autoguide.AutoGuide):
         model = model_of(obj)
         return model if isinstance(model, BayesianNetwork) else None
+    if isinstance(obj, torch.nn.Module) and not isinstance(obj, BayesianNetwork):
+        x = _inputs(data)
+        return BayesianNetwork(obj, input_shape=None if x is None else tuple(x.shape[1:]))
     return None
+
+
+def _inputs(data: Any) -> torch.Tensor | None:
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def _spec_sizes(spec: PermutationSpec, va: GaussianView, guide_a: Any) -> dict[str, int]:
     shapes = {s: tuple(t.shape) for s, t in va.loc.items()}
-    model = _bayesian_model(guide_a)
-    if model is not None:  # buffers (BatchNorm statistics) may be named by the spec too
-        shapes.update({k: tuple(v.shape) for k, v in model.net.named_buffers()
-                       if k not in shapes})
+    # buffers (BatchNorm statistics) may be named by the spec too
+    if isinstance(guide_a, autoguide.AutoGuide) and isinstance(model_of(guide_a),
+                                                                 BayesianNetwork):
+        buffers = model_of(guide_a).net.named_buffers()
+    elif isinstance(guide_a, torch.nn.Module):
+        buffers = guide_a.named_buffers()
+    else:
+        buffers = ()
+    shapes.update({k: tuple(v.shape) for k, v in buffers if k not in shapes})
     try:
         return spec.group_sizes(shapes, where="the posteriors")
     except ValueError as err:
@@ -466,14 +487,14 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
 def _activation_perms(guide_a: Any, guide_b: Any, va: GaussianView, vb: GaussianView,
                       spec: PermutationSpec, sizes: Mapping[str, int], data: Any,
                       num_samples: int, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
-    model_a, model_b = _bayesian_model(guide_a), _bayesian_model(guide_b)
+    model_a, model_b = _bayesian_model(guide_a, data), _bayesian_model(guide_b, data)
     model_a = model_a or model_b
     model_b = model_b or model_a
     if model_a is None:
         raise ValueError("method='activation' runs the network, so at least one posterior must "
-                         "be a guide over a BayesianNetwork")
-    x = data[0] if isinstance(data, (tuple, list)) else data
-    if not isinstance(x, torch.Tensor):
+                         "be a guide over a BayesianNetwork or an nn.Module")
+    x = _inputs(data)
+    if x is None:
         raise TypeError("data must be a tensor of inputs or a tuple (x, y) of tensors")
     producers = _producers(model_a, spec, sizes)
     gen = torch.Generator().manual_seed(seed)
@@ -648,7 +669,7 @@ def match(
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
     # read-only views that share memory with the guides where they can
     va, vb = paired_views(guide_a, guide_b, ("guide_a", "guide_b"), copy=False)
-    spec = _resolve_spec(guide_a, guide_b, spec)
+    spec = _resolve_spec(guide_a, guide_b, spec, data)
     sizes = _spec_sizes(spec, va, guide_a)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
     rng = np.random.default_rng(seed)
@@ -694,5 +715,5 @@ def match(
         perms=perms, aligned=aligned, cost_before=cost_before, cost_after=history[-1],
         history=history, iterations=iterations, converged=converged,
         seconds=time.perf_counter() - started, method=method, spec=spec, rotation=rotation,
-        restart_costs=restart_costs,
+        restart_costs=restart_costs, guide_a=guide_a, guide_b=guide_b,
     )

@@ -354,3 +354,20 @@ def test_cached_and_updated_similarities_equal_fresh_ones(kind):
         assert problem.cost() == pytest.approx(fresh.cost(), rel=1e-6)
     if kind == "mean_field":
         assert updates > 0
+
+
+def test_plain_modules_match_by_weights_and_activations():
+    """Deterministic networks: modules are point estimates; with data= the spec is traced
+    from the module, and activation matching runs the module itself."""
+    net = models.mlp(8, [16, 12], 4)
+    model = BayesianNetwork(net, input_shape=(8,))
+    perms = random_perms(group_sizes(model), torch.Generator().manual_seed(2))
+    other = permute(net, perms, model.spec)
+    x = torch.randn(200, 8)
+    for method in ("mean", "activation"):
+        result = match(net, other, method=method, data=x)
+        assert all(torch.equal(result.perms[g], p) for g, p in invert(perms).items()), method
+        assert isinstance(result.aligned, torch.nn.Module)
+        torch.testing.assert_close(result.aligned(x), net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no spec given"):
+        match(net, other)

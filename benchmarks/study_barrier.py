@@ -1,0 +1,291 @@
+"""Reproduction study: marginalized loss barriers before and after alignment.
+
+For every cell of the grid below it trains three independent pairs of Bayesian networks (seeds
+2p and 2p + 1), aligns the second posterior of each pair to the first, and measures the
+marginalized loss barrier (predictive NLL of the model average and accuracy drop, with Monte-Carlo
+standard errors) along the Wasserstein path:
+
+* MLPs with two hidden layers of width 64, 128, 256, 512 and 1024 on MNIST-1D and on digits;
+* a 1-D ResNet-8 on MNIST-1D at width multipliers 1 and 2;
+* mean-field and low-rank (rank 10) guides;
+* naive path (no alignment), ``"mean"`` matching and ``"wasserstein"`` matching, and
+  ``"activation"`` matching for MNIST-1D, MLP width 256, mean-field.
+
+Low-rank MLPs of width 1024 are left out: Pyro's low-rank guide costs 14 s per epoch there on
+2 cores (its log-density runs over a 1.1M x 10 factor several times per step), about 3 hours for
+the 12 guides of that cell.
+
+The study is resumable: trained guides are cached under ``--cache`` and every finished
+(cell, pair, method) row is appended to ``benchmarks/results/study_barrier.csv`` at once; a
+rerun skips what is done. ``--quick`` runs a tiny version for smoke testing. At the end it
+writes ``study_barrier.md`` (the summary table) and ``study_barrier.png``.
+
+Training follows the recipe in the design notes: Normal(0, 1) prior, full ELBO, AutoNormal /
+AutoLowRankMultivariateNormal with init scale 1e-3 and He-initialised means, Adam 1e-2 decayed
+to 1e-3, batch 128, 60 epochs on MNIST-1D and 200 on digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from bnn_align import BayesianNetwork, fit, guides, interpolate, marginal_loss, match, models
+from bnn_align.data import digits, mnist1d
+
+RESULTS = Path(__file__).parent / "results"
+FIELDS = ["dataset", "arch", "width", "guide", "pair", "method", "nll_barrier", "nll_se",
+          "acc_barrier", "acc_se", "nll_t0", "nll_t1", "acc_t0", "acc_t1", "match_seconds",
+          "train_seconds", "eval_seconds"]
+METHODS = ("naive", "mean", "wasserstein")
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    arch: str       # "mlp" or "resnet8"
+    width: int      # hidden width (MLP) or width multiplier (ResNet)
+    guide: str      # "mean-field" or "low-rank"
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}-{self.arch}{self.width}-{self.guide}"
+
+    def methods(self) -> tuple[str, ...]:
+        extra = ("activation",) if (self.dataset, self.arch, self.width, self.guide) == (
+            "mnist1d", "mlp", 256, "mean-field") else ()
+        return METHODS + extra
+
+
+def grid(quick: bool) -> list[Cell]:
+    if quick:
+        return [Cell("digits", "mlp", 16, "mean-field"), Cell("digits", "mlp", 16, "low-rank")]
+    cells = []
+    for dataset in ("mnist1d", "digits"):
+        for guide in ("mean-field", "low-rank"):
+            for width in (64, 128, 256, 512, 1024):
+                if guide == "low-rank" and width == 1024:
+                    continue  # see the module docstring
+                cells.append(Cell(dataset, "mlp", width, guide))
+    for guide in ("mean-field", "low-rank"):
+        for width in (1, 2):
+            cells.append(Cell("mnist1d", "resnet8", width, guide))
+    return cells
+
+
+def load_data(cell: Cell):
+    if cell.dataset == "digits":
+        return digits()
+    return mnist1d(channel_axis=cell.arch == "resnet8")
+
+
+def build_model(cell: Cell, split, seed: int) -> BayesianNetwork:
+    torch.manual_seed(seed)
+    if cell.arch == "mlp":
+        net = models.mlp(split.input_shape[0], [cell.width, cell.width], split.num_classes)
+    else:
+        net = models.resnet(8, width=cell.width, dim=1, in_channels=1,
+                            num_classes=split.num_classes)
+    return BayesianNetwork(net, input_shape=split.input_shape)
+
+
+def make_guide(cell: Cell, model: BayesianNetwork):
+    return guides.mean_field(model) if cell.guide == "mean-field" else guides.low_rank(model, 10)
+
+
+def trained(cell: Cell, split, seed: int, cache: Path, epochs: int):
+    """A trained (model, guide, seconds), from the cache when it is there."""
+    model = build_model(cell, split, seed)
+    guide = make_guide(cell, model)
+    path = cache / f"{cell.key}-seed{seed}-e{epochs}.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        guide.load_state_dict(state["guide"])
+        return model, guide, state["seconds"]
+    started = time.perf_counter()
+    fit(model, guide, split.train, epochs=epochs, seed=seed, progress=False)
+    seconds = time.perf_counter() - started
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"guide": guide.state_dict(), "seconds": seconds}, path)
+    return model, guide, seconds
+
+
+def done_rows(csv_path: Path) -> set[tuple]:
+    if not csv_path.exists():
+        return set()
+    with csv_path.open() as f:
+        return {(r["dataset"], r["arch"], r["width"], r["guide"], r["pair"], r["method"])
+                for r in csv.DictReader(f)}
+
+
+def append_row(csv_path: Path, row: dict) -> None:
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool) -> None:
+    done = done_rows(csv_path)
+    todo = [(c, p) for c in cells for p in range(pairs)
+            if any((c.dataset, c.arch, str(c.width), c.guide, str(p), m) not in done
+                   for m in c.methods())]
+    samples = 8 if quick else 64
+    ts = 5 if quick else 11
+    for cell, pair in tqdm(todo, desc="study"):
+        split = load_data(cell)
+        epochs = 2 if quick else (200 if cell.dataset == "digits" else 60)
+        model, q0, s0 = trained(cell, split, 2 * pair, cache, epochs)
+        _, q1, s1 = trained(cell, split, 2 * pair + 1, cache, epochs)
+        x_act = split.x_train[:1000]
+        for method in cell.methods():
+            if (cell.dataset, cell.arch, str(cell.width), cell.guide, str(pair),
+                    method) in done:
+                continue
+            match_seconds = 0.0
+            other = q1
+            if method != "naive":
+                alignment = match(q0, q1, method=method, seed=pair,
+                                  data=x_act if method == "activation" else None)
+                other, match_seconds = alignment.aligned, alignment.seconds
+            started = time.perf_counter()
+            curve = marginal_loss(model, interpolate(q0, other), split.test, ts=ts,
+                                  num_samples=samples, seed=pair, metrics=["nll", "accuracy"])
+            nll, acc = curve.barrier("nll"), curve.barrier("accuracy")
+            append_row(csv_path, {
+                "dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
+                "guide": cell.guide, "pair": pair, "method": method,
+                "nll_barrier": nll.value, "nll_se": nll.se, "acc_barrier": acc.value,
+                "acc_se": acc.se, "nll_t0": curve.values["nll"][0],
+                "nll_t1": curve.values["nll"][-1], "acc_t0": curve.values["accuracy"][0],
+                "acc_t1": curve.values["accuracy"][-1], "match_seconds": match_seconds,
+                "train_seconds": s0 + s1, "eval_seconds": time.perf_counter() - started,
+            })
+        pyro.clear_param_store()
+
+
+# ------------------------------------------------------------------------------- reporting --
+def load_rows(csv_path: Path) -> list[dict]:
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in FIELDS[6:]:
+            r[k] = float(r[k])
+        r["width"] = int(r["width"])
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread (standard deviation over pairs) of every (cell, method)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["arch"], r["width"], r["guide"], r["method"]),
+                          []).append(r)
+    out = []
+    for (dataset, arch, width, guide, method), rs in sorted(groups.items(), key=_order):
+        nll = np.array([r["nll_barrier"] for r in rs])
+        acc = np.array([r["acc_barrier"] for r in rs])
+        out.append({
+            "dataset": dataset, "arch": arch, "width": width, "guide": guide, "method": method,
+            "pairs": len(rs), "nll_mean": nll.mean(), "nll_spread": nll.std(ddof=1) if len(rs) > 1
+            else 0.0, "nll_mc_se": float(np.mean([r["nll_se"] for r in rs])),
+            "acc_mean": acc.mean(), "acc_spread": acc.std(ddof=1) if len(rs) > 1 else 0.0,
+            "test_acc": float(np.mean([(r["acc_t0"] + r["acc_t1"]) / 2 for r in rs])),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in rs])) / 2,
+        })
+    return out
+
+
+def _order(item):
+    (dataset, arch, width, guide, method), _ = item
+    methods = ["naive", "mean", "wasserstein", "activation"]
+    return (dataset, arch, guide, width, methods.index(method))
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| data | network | guide | test acc | naive | mean | W2 | activation |",
+             "|---|---|---|---|---|---|---|---|"]
+    cells: dict[tuple, dict] = {}
+    for s in summary:
+        cells.setdefault((s["dataset"], s["arch"], s["width"], s["guide"]), {})[s["method"]] = s
+    for (dataset, arch, width, guide), by_method in cells.items():
+        name = f"MLP {width}x2" if arch == "mlp" else f"ResNet-8 x{width}"
+        acc = np.mean([s["test_acc"] for s in by_method.values()])
+
+        def fmt(m):
+            s = by_method.get(m)
+            return "" if s is None else f"{s['nll_mean']:.3f} ± {s['nll_spread']:.3f}"
+
+        lines.append(f"| {dataset} | {name} | {guide} | {acc:.3f} | {fmt('naive')} | "
+                     f"{fmt('mean')} | {fmt('wasserstein')} | {fmt('activation')} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(s["dataset"], s["guide"]) for s in summary if s["arch"] == "mlp"})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4),
+                             squeeze=False)
+    colors = {"naive": "tab:red", "mean": "tab:orange", "wasserstein": "tab:blue",
+              "activation": "tab:green"}
+    for ax, (dataset, guide) in zip(axes[0], panels):
+        for method, color in colors.items():
+            pts = sorted((s["width"], s["nll_mean"], s["nll_spread"]) for s in summary
+                         if (s["dataset"], s["guide"], s["arch"], s["method"]) ==
+                         (dataset, guide, "mlp", method))
+            if not pts:
+                continue
+            w, m, e = map(np.array, zip(*pts))
+            ax.errorbar(w, m, yerr=e, marker="o", ms=3, capsize=2, label=method, color=color)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlabel("hidden width")
+        ax.set_ylabel("NLL barrier (nats)")
+        ax.set_title(f"{dataset}, {guide}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke-test version")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="where trained guides are kept (default: OUT/study_cache)")
+    args = parser.parse_args()
+    stem = "study_barrier_quick" if args.quick else "study_barrier"
+    csv_path = args.out / f"{stem}.csv"
+    cache = args.cache or args.out / "study_cache"
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run(grid(args.quick), args.pairs, csv_path, cache, args.quick)
+    summary = summarise(load_rows(csv_path))
+    table = markdown(summary)
+    (args.out / f"{stem}.md").write_text(
+        "NLL barrier (nats), mean ± spread (standard deviation) over independent pairs\n\n"
+        + table + "\n")
+    plot(summary, args.out / f"{stem}.png")
+    print(table)
+    print(f"\n{time.perf_counter() - started:.0f} s this run; wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    main()
