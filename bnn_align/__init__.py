@@ -3,8 +3,9 @@
 Data flows one way: model -> guide -> spec -> match -> path -> marginal estimates -> report.
 """
 
-from . import guides
+from . import diagnostics, guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
+from .diagnostics import to_inference_data
 from .marginal import Barrier, LossCurve, marginal_loss
 from .matching import Alignment, match
 from .paths import Path, interpolate
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Alignment", "Barrier", "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian",
     "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "as_gaussian", "fit",
-    "guides", "interpolate", "marginal_loss", "match", "permute", "spec_from_module",
+    "diagnostics", "guides", "interpolate", "marginal_loss", "match", "permute",
+    "spec_from_module", "to_inference_data",
 ]

@@ -1,0 +1,333 @@
+"""ArviZ diagnostics of posteriors before and after alignment.
+
+* :func:`to_inference_data` draws from one or more posteriors into an ArviZ ``InferenceData``,
+  one chain per posterior, with dims named after each tensor's axes (``"0.weight_out"``,
+  ``"0.weight_in"``) and unit coordinates, optionally with a ``log_likelihood`` group so that
+  ``az.loo`` and ``az.compare`` work for posteriors.
+* :func:`rhat_report` treats two posteriors as two chains and reports R-hat per site before and
+  after alignment: the permutation-induced multimodality shows as R-hat far above 1, and its
+  removal as R-hat back near 1.
+* :func:`plot_units` draws a forest plot of a few units' weights from both posteriors, before
+  and after alignment.
+
+Only ArviZ functions that both 0.23 (Python 3.11) and 1.x provide are used: ``from_dict``,
+``rhat`` and ``plot_forest`` (``from_dict`` changed its signature in 1.0; both are handled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .bayesian import BayesianNetwork, Categorical
+from .matching import Alignment, match
+from .paths import Mixture, _model
+from .posterior import as_gaussian, paired_views
+
+__all__ = ["to_inference_data", "rhat_report", "RhatReport", "plot_units"]
+
+_AXIS_NAMES = ("out", "in")
+
+
+def _arviz():
+    import warnings
+
+    with warnings.catch_warnings():
+        # ArviZ 0.23 announces its 1.0 refactor on import
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def _from_dict(groups: dict[str, dict], coords: dict, dims: dict) -> Any:
+    az = _arviz()
+    if int(az.__version__.split(".")[0]) >= 1:  # 1.x: one mapping of groups
+        return az.from_dict(groups, coords=coords, dims=dims)
+    return az.from_dict(**groups, coords=coords, dims=dims)
+
+
+def _axis_dims(site: str, shape: Sequence[int]) -> list[str]:
+    names = [_AXIS_NAMES[i] if i < 2 else f"k{i - 2}" for i in range(len(shape))]
+    return [f"{site}_{name}" for name in names]
+
+
+def _draws(posterior: Any, num_samples: int, generator: torch.Generator
+           ) -> dict[str, torch.Tensor]:
+    if isinstance(posterior, Mixture):
+        return posterior.sample(num_samples, generator)
+    return as_gaussian(posterior, copy=False).sample(num_samples, generator)
+
+
+def to_inference_data(
+    posteriors: Any,
+    num_samples: int = 500,
+    sites: Sequence[str] | None = None,
+    seed: int = 0,
+    *,
+    data: Any = None,
+    model: BayesianNetwork | None = None,
+    names: Sequence[str] | None = None,
+) -> Any:
+    """Draws from posteriors as an ArviZ ``InferenceData``, one chain per posterior.
+
+    Parameters
+    ----------
+    posteriors : posterior or sequence of posteriors
+        Guides, state dicts, modules or path points (``path.at(t)``) over the same network.
+    num_samples : int
+        Draws per posterior (per chain).
+    sites : sequence of str, optional
+        Sites to include (all by default).
+    seed : int
+        Seed of the draws.
+    data : (x, y) tensors, optional
+        Adds a ``log_likelihood`` group (variable ``"obs"``, dims ``("point",)``: the log
+        density of every observation under every draw) and an ``observed_data`` group, so
+        ``az.loo`` and ``az.compare`` work.
+    model : BayesianNetwork, optional
+        Needed with ``data`` when the posteriors are not guides over a BayesianNetwork.
+    names : sequence of str, optional
+        Chain coordinates (e.g. ``["guide_a", "guide_b"]``); ``0, 1, ...`` by default.
+
+    Returns
+    -------
+    arviz.InferenceData
+        ``posterior`` holds one variable per site of shape ``(chain, draw, *site_shape)``
+        with dims ``"<site>_out"``, ``"<site>_in"``, ``"<site>_k0"``, ... and integer unit
+        coordinates.
+    """
+    if not isinstance(posteriors, (list, tuple)):
+        posteriors = [posteriors]
+    if not posteriors:
+        raise ValueError("posteriors is empty")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    gaussian = [p for p in posteriors if not isinstance(p, Mixture)]
+    for k, p in enumerate(gaussian[1:], start=1):  # same architecture, finite values
+        paired_views(gaussian[0], p, ("posterior 0", f"posterior {k}"), copy=False)
+    generator = torch.Generator().manual_seed(seed)
+    chains = [_draws(p, num_samples, generator) for p in posteriors]
+    available = list(chains[0])
+    sites = list(sites) if sites is not None else available
+    missing = [s for s in sites if s not in available]
+    if missing:
+        raise ValueError(f"unknown sites {missing}; the posteriors have {available}")
+    posterior_group = {s: np.stack([c[s].numpy() for c in chains]) for s in sites}
+    dims = {s: _axis_dims(s, chains[0][s].shape[1:]) for s in sites}
+    coords: dict[str, Any] = {"chain": list(names) if names is not None else
+                              list(range(len(chains)))}
+    for s in sites:
+        for dim, size in zip(dims[s], chains[0][s].shape[1:]):
+            coords[dim] = np.arange(size)
+    groups: dict[str, dict] = {"posterior": posterior_group}
+    if data is not None:
+        model = model or next((m for m in map(_model, posteriors) if m is not None), None)
+        if model is None:
+            raise ValueError("data= needs the model: pass model= (a BayesianNetwork)")
+        x, y = data
+        groups["log_likelihood"] = {"obs": np.stack([_log_likelihood(model, c, x, y)
+                                                     for c in chains])}
+        groups["observed_data"] = {"obs": y.numpy()}
+        dims["obs"] = ["point"]
+        coords["point"] = np.arange(len(y))
+    if names is not None and len(names) != len(chains):
+        raise ValueError(f"names has {len(names)} entries for {len(chains)} posteriors")
+    return _from_dict(groups, coords, dims)
+
+
+def _log_likelihood(model: BayesianNetwork, draws: dict[str, torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor) -> np.ndarray:
+    """log p(y_i | x_i, theta_s) for every draw and point: ``(S, N)``."""
+    from .marginal import _Evaluator, _noise_scale
+
+    outputs = _Evaluator(model, 64, 1024).outputs(draws, x, None)
+    if isinstance(model.likelihood, Categorical):
+        logp = torch.log_softmax(outputs, -1).gather(
+            -1, y.view(1, -1, 1).expand(len(outputs), -1, 1)).squeeze(-1)
+    else:
+        noise = _noise_scale(model, draws)
+        if isinstance(noise, torch.Tensor):
+            noise = noise.view(-1, *([1] * (outputs.dim() - 1)))
+        logp = torch.distributions.Normal(outputs, noise).log_prob(y.unsqueeze(0))
+        logp = logp.reshape(len(outputs), len(y), -1).sum(-1)
+    return logp.numpy()
+
+
+# --------------------------------------------------------------------------------- R-hat --
+@dataclass
+class RhatReport:
+    """R-hat of every weight, treating two posteriors as two chains.
+
+    Attributes
+    ----------
+    before, after : dict of str to ndarray
+        Site -> R-hat of every weight (site-shaped) between ``guide_a`` and ``guide_b``, and
+        between ``guide_a`` and the aligned ``guide_b``.
+    threshold : float
+        R-hat above which a weight counts as not mixed (1.01 by default).
+    num_samples : int
+        Draws per chain.
+    """
+
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+    threshold: float
+    num_samples: int
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.before)
+
+    @staticmethod
+    def _fraction(values: dict[str, np.ndarray], threshold: float) -> float:
+        flat = np.concatenate([v.reshape(-1) for v in values.values()])
+        return float(np.mean(flat > threshold))
+
+    @property
+    def fraction_before(self) -> float:
+        """Fraction of all weights with R-hat above the threshold before alignment."""
+        return self._fraction(self.before, self.threshold)
+
+    @property
+    def fraction_after(self) -> float:
+        """The same after alignment."""
+        return self._fraction(self.after, self.threshold)
+
+    def rows(self) -> list[dict]:
+        """One record per site: weights, median R-hat and fraction above the threshold."""
+        out = []
+        for s in self.sites:
+            b, a = self.before[s].reshape(-1), self.after[s].reshape(-1)
+            out.append({"site": s, "weights": len(b), "median_before": float(np.median(b)),
+                        "median_after": float(np.median(a)),
+                        "above_before": float(np.mean(b > self.threshold)),
+                        "above_after": float(np.mean(a > self.threshold))})
+        return out
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows()).set_index("site")
+
+    def __str__(self) -> str:
+        head = (f"{'site':<28}{'weights':>9}{'R-hat before':>14}{'after':>9}"
+                f"{'> ' + format(self.threshold, 'g') + ' before':>16}{'after':>9}")
+        lines = [head, "-" * len(head)]
+        for r in self.rows():
+            lines.append(f"{r['site']:<28}{r['weights']:>9}{r['median_before']:>14.3f}"
+                         f"{r['median_after']:>9.3f}{r['above_before']:>16.1%}"
+                         f"{r['above_after']:>9.1%}")
+        lines.append(f"{'all weights':<28}{'':>9}{'':>14}{'':>9}{self.fraction_before:>16.1%}"
+                     f"{self.fraction_after:>9.1%}")
+        return "\n".join(lines)
+
+
+def _alignment(target: Any, method: str, seed: int) -> Alignment:
+    if isinstance(target, Alignment):
+        if target.guide_a is None or target.guide_b is None:
+            raise ValueError("this Alignment does not hold its posteriors (it was loaded from "
+                             "disk): pass (guide_a, guide_b) instead")
+        return target
+    if isinstance(target, (tuple, list)) and len(target) == 2:
+        return match(target[0], target[1], method=method, seed=seed)
+    raise TypeError("expected an Alignment from bnn_align.match or a pair (guide_a, guide_b), "
+                    f"got {type(target).__name__}")
+
+
+def _rhat(idata: Any) -> dict[str, np.ndarray]:
+    az = _arviz()
+    result = az.rhat(idata)
+    return {name: np.asarray(result[name]) for name in result.data_vars}
+
+
+def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] | None = None,
+                seed: int = 0, threshold: float = 1.01, method: str = "wasserstein"
+                ) -> RhatReport:
+    """R-hat per site with the two posteriors as two chains, before and after alignment.
+
+    Parameters
+    ----------
+    alignment : Alignment or (guide_a, guide_b)
+        The result of :func:`bnn_align.match` (which keeps its posteriors), or a pair to match
+        now with ``method``.
+    num_samples : int
+        Draws per posterior (per chain).
+    sites : sequence of str, optional
+        Sites to report (all by default).
+    seed : int
+        Seed of the draws (the same draws of ``guide_a`` are used before and after).
+    threshold : float
+        R-hat above which a weight counts as not mixed.
+
+    Returns
+    -------
+    RhatReport
+    """
+    result = _alignment(alignment, method, seed)
+    a = result.guide_a
+    before = to_inference_data([a, result.guide_b], num_samples, sites, seed)
+    after = to_inference_data([a, result.aligned], num_samples, sites, seed)
+    return RhatReport(_rhat(before), _rhat(after), threshold, num_samples)
+
+
+# ------------------------------------------------------------------------------ forest plot --
+def plot_units(alignment: Any, site: str | None = None, units: Sequence[int] = (0, 1, 2),
+               inputs: Sequence[int] = (0, 1, 2), *, num_samples: int = 500, seed: int = 0,
+               method: str = "wasserstein") -> Any:
+    """Forest plots of a few units' incoming weights, before and after alignment.
+
+    Parameters
+    ----------
+    alignment : Alignment or (guide_a, guide_b)
+    site : str, optional
+        A weight whose first axis holds units (default: the first such site of the spec).
+    units : sequence of int
+        Which units (rows of ``site``) to show.
+    inputs : sequence of int
+        Which incoming weights (entries of the second axis) of each unit to show.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels: ``guide_a`` against ``guide_b`` and against the aligned ``guide_b``. After a
+        successful alignment the intervals of each unit overlap.
+    """
+    import matplotlib.pyplot as plt
+
+    az = _arviz()
+    result = _alignment(alignment, method, seed)
+    if site is None:
+        site = next((s for s, e in result.spec.axes_to_perm.items()
+                     if len(e) >= 2 and e[0] is not None), None)
+        if site is None:
+            raise ValueError("no site with permuted units in the spec; pass site=")
+    shape = as_gaussian(result.guide_a, copy=False).loc.get(site)
+    if shape is None:
+        raise ValueError(f"unknown site {site!r}")
+    shape = tuple(shape.shape)
+    if len(shape) < 2:
+        raise ValueError(f"site {site!r} has shape {shape}; plot_units needs a weight matrix")
+    for label, idx, n in (("units", units, shape[0]), ("inputs", inputs, shape[1])):
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{label} {bad} out of range for site {site!r} of shape {shape}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 + 0.45 * len(units) * len(inputs)),
+                             sharex=True)
+    titles = ("before alignment", "after alignment")
+    labels = [f"unit {u}, in {i}" for u in units for i in inputs]
+    for ax, other, title in zip(axes, (result.guide_b, result.aligned), titles):
+        data = []
+        for posterior in (result.guide_a, other):
+            draws = _draws(posterior, num_samples, torch.Generator().manual_seed(seed))[site]
+            columns = draws[:, list(units)][:, :, list(inputs)].reshape(num_samples, -1)
+            entries = {label: columns[None, :, k].numpy() for k, label in enumerate(labels)}
+            data.append(_from_dict({"posterior": entries}, {}, {}))
+        az.plot_forest(data, model_names=["guide_a", "guide_b"], var_names=labels,
+                       combined=True, ax=ax)
+        ax.set_title(f"{site}: {title}")
+    fig.tight_layout()
+    return fig
