@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ._checks import positive_int
 from .spec import PermutationSpec
 
 __all__ = [
@@ -352,7 +353,8 @@ class _ScaleLatents(Messenger):
             msg["scale"] = msg["scale"] * self.scale
 
 
-def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def as_data_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` tensors from a pair or a TensorDataset, checked to be non-empty and paired."""
     if isinstance(data, torch.utils.data.TensorDataset):
         data = data.tensors
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -412,10 +414,8 @@ def fit(
     ndarray of shape (epochs,)
         Mean negative ELBO per epoch (full-data scale).
     """
-    x, y = _as_tensors(data)
-    for label, v in (("epochs", epochs), ("batch_size", batch_size), ("num_particles", num_particles)):
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    x, y = as_data_pair(data)
+    positive_int(epochs=epochs, batch_size=batch_size, num_particles=num_particles)
     if not (lr > 0 and (lr_end is None or lr_end > 0)):
         raise ValueError(f"lr and lr_end must be positive, got {lr} and {lr_end}")
     if not isinstance(guide, nn.Module):

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._checks import positive_int
 from .bayesian import BayesianNetwork, Categorical
 from .matching import Alignment, match
 from .paths import Mixture, _model
@@ -104,8 +105,7 @@ def to_inference_data(
         posteriors = [posteriors]
     if not posteriors:
         raise ValueError("posteriors is empty")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    positive_int(num_samples=num_samples)
     gaussian = [p for p in posteriors if not isinstance(p, Mixture)]
     for k, p in enumerate(gaussian[1:], start=1):  # same architecture, finite values
         paired_views(gaussian[0], p, ("posterior 0", f"posterior {k}"), copy=False)

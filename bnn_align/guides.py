@@ -12,6 +12,7 @@ import pyro
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 
+from ._checks import positive_int
 from .bayesian import BayesianNetwork
 
 __all__ = ["mean_field", "diagonal", "low_rank", "full_rank", "delta"]
@@ -53,8 +54,7 @@ def diagonal(model: BayesianNetwork, init_scale: float = 1e-3) -> autoguide.Auto
 def low_rank(model: BayesianNetwork, rank: int = 10, init_scale: float = 1e-3
              ) -> autoguide.AutoLowRankMultivariateNormal:
     """``AutoLowRankMultivariateNormal`` of the given rank (covariance ``diag + rank-r``)."""
-    if not (isinstance(rank, int) and rank >= 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    positive_int(rank=rank)
     return _ready(autoguide.AutoLowRankMultivariateNormal(
         model, init_loc_fn=_init_fn(model), init_scale=_check_scale(init_scale), rank=rank))
 

@@ -29,7 +29,8 @@ import torch
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from .bayesian import BayesianNetwork, Categorical, Gaussian
+from ._checks import positive_int
+from .bayesian import BayesianNetwork, Categorical, Gaussian, as_data_pair
 from .paths import Noise, Path, interpolate
 
 __all__ = ["marginal_loss", "LossCurve", "Barrier", "CLASSIFICATION", "REGRESSION"]
@@ -186,20 +187,6 @@ class LossCurve:
 
 
 # ------------------------------------------------------------------------------ evaluation --
-def _as_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, torch.utils.data.TensorDataset):
-        data = data.tensors
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-            isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if len(x) != len(y):
-            raise ValueError(f"data has {len(x)} inputs but {len(y)} targets")
-        if len(x) == 0:
-            raise ValueError("data is empty")
-        return x, y
-    raise TypeError("data must be a pair of tensors (x, y) or a TensorDataset of two tensors")
-
-
 def _ts(ts: int | Sequence[float] | np.ndarray) -> np.ndarray:
     if isinstance(ts, (int, np.integer)) and not isinstance(ts, bool):
         if ts < 1:
@@ -387,14 +374,12 @@ def marginal_loss(
     started = time.perf_counter()
     if not isinstance(model, BayesianNetwork):
         raise TypeError(f"model must be a BayesianNetwork, got {type(model).__name__}")
-    for label, v in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{label} must be a positive integer, got {v!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    positive_int(num_samples=num_samples, batch_size=batch_size)
+    if chunk_size is not None:
+        positive_int(chunk_size=chunk_size)
     if not isinstance(num_bootstrap, int) or num_bootstrap < 2:
         raise ValueError(f"num_bootstrap must be an integer >= 2, got {num_bootstrap!r}")
-    x, y = _as_data(data)
+    x, y = as_data_pair(data)
     regression = isinstance(model.likelihood, Gaussian)
     if not regression and not isinstance(model.likelihood, Categorical):
         raise TypeError(f"marginal_loss supports Categorical and Gaussian likelihoods, got "

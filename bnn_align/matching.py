@@ -33,6 +33,7 @@ from pyro.infer import autoguide
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
+from ._checks import positive_int
 from .bayesian import BayesianNetwork
 from .permute import check_perms, identity_perms, permute, permute_tensor, random_perms
 from .posterior import GaussianView, adapter_for, model_of, paired_views
@@ -661,10 +662,8 @@ def match(
     started = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    for label, v in (("max_iter", max_iter), ("num_restarts", num_restarts),
-                     ("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    positive_int(max_iter=max_iter, num_restarts=num_restarts, num_samples=num_samples,
+                 batch_size=batch_size)
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
     # read-only views that share memory with the guides where they can

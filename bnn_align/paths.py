@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pyro.infer import autoguide
 
+from ._checks import positive_int
 from .bayesian import BayesianNetwork
 from .posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView, adapter_for,
                         from_gaussian, model_of, paired_views)
@@ -169,8 +170,7 @@ class Path:
     # -- sampling ----------------------------------------------------------------------------------
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Noise:
         """Standard-normal (and uniform) draws for ``num_samples`` weights."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        positive_int(num_samples=num_samples)
         eps, z = self.view0.standard_normal(num_samples, generator)
         u = torch.rand(num_samples, generator=generator)
         return Noise(eps, z, u)
