@@ -177,6 +177,11 @@ class _Problem:
                                            for h in _groups_of(e)}))
                     self.uses[g].append((site, axis, offset, others))
                     offset += self.sizes[g]
+        # The objective is linear in each group's permutation unless a tensor carries the group
+        # on two axes (or twice in one concatenation); only then must it be recomputed rather
+        # than updated by the gains of the assignment steps.
+        self.linear = all(len(uses) == len({(site) for site, *_ in uses})
+                          for uses in self.uses.values())
         self.perms = identity_perms(sizes)  # the current permutations
         self.version = {g: 0 for g in sizes}  # bumped whenever a group's permutation changes
         self.part_version = {site: 0 for site in pairs}
@@ -289,11 +294,12 @@ class _Problem:
         return matrix
 
     # -- the rotation of covariance factors -------------------------------------------------------
-    def rotate(self) -> bool:
+    def rotate(self) -> float:
         """Procrustes step: the orthogonal ``R`` maximising ``<W_a, P(W_b) R>``, i.e. ``U V^T``
-        from the SVD of ``P(W_b)^T W_a``. Returns whether ``R`` changed."""
+        from the SVD of ``P(W_b)^T W_a``. Returns the gain in ``sum_t <A_t, P(B_t)>`` (0.0 when
+        ``R`` did not change)."""
         if not self.factor_part:
-            return False
+            return 0.0
         cross = None
         for site, index in self.factor_part.items():
             wa, wb = self.pairs[site][index][0], self.factors_b[site]
@@ -303,13 +309,16 @@ class _Problem:
         u, _, vh = np.linalg.svd(cross)
         new = (u @ vh).astype(next(iter(self.factors_b.values())).dtype)
         if self.rotation is not None and np.allclose(new, self.rotation, atol=1e-6, rtol=0):
-            return False
+            return 0.0
+        # <W_a, P(W_b) R> = trace(R^T cross): the gain of the new rotation over the old one
+        old = self.rotation if self.rotation is not None else np.eye(len(new))
+        gain = float(np.sum((new.astype(np.float64) - old) * cross))
         self.rotation = new
         for site, index in self.factor_part.items():
             a, _ = self.pairs[site][index]
             self.pairs[site][index] = (a, self.factors_b[site] @ new)
             self.part_version[site] += 1
-        return True
+        return max(gain, np.finfo(np.float64).tiny)  # positive: it changed
 
     # -- the objective ----------------------------------------------------------------------------
     def cost(self) -> float:
@@ -351,8 +360,9 @@ def _assign(similarity: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(cols[np.argsort(rows)]).long()
 
 
-def _improves(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> bool:
-    """Whether ``new`` beats ``old`` by more than the rounding of the similarity matrix.
+def _gain(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> float:
+    """How much ``new`` beats ``old`` on ``sum_i S[i, p[i]]``; 0.0 unless by more than the
+    rounding of the similarity matrix.
 
     Without the margin, float rounding of cached similarities could swap two tied
     permutations back and forth forever."""
@@ -361,7 +371,7 @@ def _improves(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> b
     gain = float(similarity[rows, new].sum(dtype=np.float64)
                  - similarity[rows, old].sum(dtype=np.float64))
     scale = float(np.abs(similarity[rows, old]).sum(dtype=np.float64))
-    return gain > 1e-6 * scale
+    return gain if gain > 1e-6 * scale else 0.0
 
 
 # ------------------------------------------------------------------------------ inputs --
@@ -455,32 +465,42 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
                         max_iter: int, rng: np.random.Generator, bar: Any
                         ) -> tuple[dict, list[float], int, bool, torch.Tensor | None]:
     """Sweeps over the groups in random order, each an exact assignment, then a rotation step,
-    until a sweep changes nothing."""
+    until a sweep changes nothing.
+
+    The objective after a sweep is the one before it minus twice the gains of its steps (it is
+    ``||A||^2 + ||B||^2 - 2 sum_t <A_t, P(B_t)>``, linear in each step's permutation), so no
+    sweep has to pass over all the weights; the first and last values are computed directly.
+    """
     problem.set_perms(start)
     problem.rotate()
+    current = problem.cost() + constant
     history: list[float] = []
     converged = False
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        changed = False
+        gain = 0.0
         for g in rng.permutation(list(problem.sizes)):
             g = str(g)
             if not problem.needs_solve(g):
                 continue  # nothing it depends on moved since its last solve
             similarity = problem.similarity(g)
             new = _assign(similarity)
-            if not torch.equal(new, problem.perms[g]) and _improves(similarity, new,
-                                                                     problem.perms[g]):
-                problem.set_perms({g: new})
-                changed = True
-        changed = problem.rotate() or changed
-        history.append(problem.cost() + constant)
+            if not torch.equal(new, problem.perms[g]):
+                step = _gain(similarity, new, problem.perms[g])
+                if step > 0:
+                    problem.set_perms({g: new})
+                    gain += step
+        gain += problem.rotate()
+        changed = gain > 0
+        current = current - 2 * gain if problem.linear else problem.cost() + constant
+        history.append(current)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(cost=f"{history[-1]:.6g}")
+            bar.set_postfix(cost=f"{current:.6g}")
         if not changed:
             converged = True
             break
+    history[-1] = problem.cost() + constant  # exact, and free of accumulated rounding
     return dict(problem.perms), history, iterations, converged, problem.rotation_tensor()
 
 

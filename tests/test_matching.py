@@ -109,7 +109,8 @@ def test_objective_never_increases_and_is_recomputable():
     result = match(a, b, spec=model.spec)
     history = np.array(result.history)
     assert len(history) == result.iterations >= 2
-    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    # steps are exact assignments; the tracked objective is exact up to float32 rounding
+    assert (np.diff(history) <= 1e-6 * history[0]).all()
     assert result.cost_after <= result.cost_before
     assert result.cost_after < 0.99 * result.cost_before  # independent nets: a real gain
     assert result.cost_after == pytest.approx(
@@ -371,3 +372,19 @@ def test_plain_modules_match_by_weights_and_activations():
         torch.testing.assert_close(result.aligned(x), net(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no spec given"):
         match(net, other)
+
+
+@pytest.mark.parametrize("kind", ["mean_field", "low_rank"])
+def test_tracked_history_equals_the_exact_objective_after_every_sweep(kind):
+    """The history is updated from the assignment (and rotation) gains, not recomputed; the
+    same seed stopped after k sweeps must give the k-th value exactly."""
+    model = make("resnet")
+    a = make_guide(kind, model, seed=1, spread=0.3)
+    b = make_guide(kind, make("resnet"), seed=2, spread=0.3)
+    full = match(a, b, spec=model.spec, seed=4)
+    assert full.iterations >= 2
+    for k in range(1, full.iterations):
+        partial = match(a, b, spec=model.spec, seed=4, max_iter=k)
+        assert partial.history == pytest.approx(full.history[:k - 1] + [partial.cost_after],
+                                                rel=1e-6)
+        assert full.history[k - 1] == pytest.approx(partial.cost_after, rel=1e-5)
