@@ -253,7 +253,7 @@ class _Deriver(torch.fx.Interpreter):
             return in_units
         if base in _BINARY or n.target in (operator.add, operator.sub, operator.mul,
                                            operator.truediv, operator.neg):
-            return self.broadcast(units_with_shapes(n, self), out)
+            return self.broadcast(self.operands(n), out)
         if base in _RESHAPE and in_units is not None and first is not None:
             return self.reshape(in_units, tuple(first.shape), tuple(out.shape))
         if base in ("transpose", "swapaxes", "permute", "t") and in_units is not None:
@@ -265,6 +265,12 @@ class _Deriver(torch.fx.Interpreter):
         return self.refuse("this operation is not known to commute with permutations", units)
 
     # -- functional rules ---------------------------------------------------------------------------
+    def operands(self, n: torch.fx.Node) -> list[tuple[_Units, tuple[int, ...]]]:
+        """Units and shapes of the tensor operands of a broadcasting operation."""
+        return [(self.units[a], tuple(a.meta["_bnn_shape"]))
+                for a in _flatten_args((n.args, n.kwargs))
+                if isinstance(a, torch.fx.Node) and self.units.get(a) is not None]
+
     def broadcast(self, operands: list[tuple[_Units, tuple[int, ...]]], out: torch.Tensor) -> _Units:
         ndim = out.dim()
         live: list[_Units] = []
@@ -469,16 +475,6 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
     return None
 
 
-def units_with_shapes(n: torch.fx.Node, d: _Deriver) -> list[tuple[_Units, tuple[int, ...]]]:
-    """Units and shapes of the tensor operands of a broadcasting operation."""
-    out = []
-    for a in _flatten_args((n.args, n.kwargs)):
-        if isinstance(a, torch.fx.Node) and d.units.get(a) is not None:
-            shape = tuple(a.meta["_bnn_shape"])
-            out.append((d.units[a], shape))
-    return out
-
-
 def _reshape_units(in_shape: tuple, out_shape: tuple, axis: int, block: int
                    ) -> tuple[int, int] | None:
     """Where the unit axis goes under a reshape, or None if the reshape scrambles units.
@@ -504,7 +500,6 @@ def _reshape_units(in_shape: tuple, out_shape: tuple, axis: int, block: int
                     return None
                 p_out *= out_shape[j]
                 j += 1
-        # Size-1 output axes that trail the run belong to it as well.
         if not (i0 <= axis < i):
             continue
         ins = list(range(i0, min(i, len(in_shape))))
