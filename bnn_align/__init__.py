@@ -3,6 +3,13 @@
 Data flows one way: model -> guide -> spec -> match -> path -> marginal estimates -> report.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # tqdm.auto warns in notebooks without ipywidgets; its text progress bars still work
+    warnings.simplefilter("ignore")
+    import tqdm.auto  # noqa: F401
+
 from . import diagnostics, guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
 from .diagnostics import to_inference_data
