@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from ._checks import positive_int
 from .bayesian import BayesianNetwork
-from .permute import check_perms, identity_perms, permute, permute_tensor, random_perms
+from .permute import (_is_identity, check_perms, identity_perms, permute, permute_tensor,
+                      random_perms)
 from .posterior import GaussianView, adapter_for, model_of, paired_views
 from .spec import PermutationSpec, _groups_of, axis_index
 
@@ -209,13 +210,15 @@ class _Problem:
         """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved."""
         return self.solved_at.get(g) != self._solve_stamp(g)
 
-    def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray]:
+    def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray | None]:
         """Gather index of every other permuted axis of a tensor under the current perms."""
         blocks = self.blocks.get(site, {})
         out = {}
         for ax, entry in enumerate(self.spec[site]):
             if ax != axis and entry is not None:
-                out[ax] = axis_index(entry, self.perms, blocks.get(ax, 1)).numpy()
+                index = axis_index(entry, self.perms, blocks.get(ax, 1))
+                # None for an identity: no gather (a copy of the whole tensor) is needed
+                out[ax] = None if _is_identity(index) else index.numpy()
         return out
 
     # -- the similarity ---------------------------------------------------------------------------
@@ -257,21 +260,22 @@ class _Problem:
         part = t[(slice(None),) * axis + (slice(offset * block, (offset + n) * block),)]
         return np.moveaxis(part, axis, 0).reshape(n, -1)
 
-    def _full(self, site: str, axis: int, offset: int, n: int, index: Mapping[int, np.ndarray]
-              ) -> np.ndarray:
+    def _full(self, site: str, axis: int, offset: int, n: int,
+              index: Mapping[int, np.ndarray | None]) -> np.ndarray:
         """``sum_parts A_(axis) P_other(B)_(axis)^T``, shape ``(n, n)``, float32."""
         block = self.blocks.get(site, {}).get(axis, 1)
         out = None
         for a, b in self.pairs[site]:
             for ax, idx in index.items():
-                b = np.take(b, idx, axis=ax)
+                if idx is not None:
+                    b = np.take(b, idx, axis=ax)
             product = self._rows(a, axis, offset, n, block) @ self._rows(b, axis, offset, n,
                                                                          block).T
             out = product if out is None else np.add(out, product, out=out)
         return out
 
     def _update(self, site: str, axis: int, offset: int, n: int, matrix: np.ndarray,
-                old: Mapping[int, np.ndarray], new: Mapping[int, np.ndarray]
+                old: Mapping[int, np.ndarray | None], new: Mapping[int, np.ndarray | None]
                 ) -> np.ndarray | None:
         """Correct a cached contribution for moved units of the one other permuted axis:
         ``sum_k A[:, k] (B[:, new_k] - B[:, old_k])^T`` over the moved positions ``k``."""
@@ -279,6 +283,9 @@ class _Problem:
             return None
         ((ax, idx_new),) = new.items()
         idx_old = old[ax]
+        length = self.pairs[site][0][1].shape[ax]
+        idx_new = np.arange(length) if idx_new is None else idx_new
+        idx_old = np.arange(length) if idx_old is None else idx_old
         moved = np.flatnonzero(idx_old != idx_new)
         if len(moved) > self._UPDATE_LIMIT * len(idx_new):
             return None

@@ -86,6 +86,10 @@ def random_perms(sizes: Mapping[str, int], generator: torch.Generator | None = N
     return {g: torch.randperm(n, generator=generator) for g, n in sizes.items()}
 
 
+def _is_identity(index: torch.Tensor) -> bool:
+    return bool(torch.equal(index, torch.arange(len(index))))
+
+
 def permute_tensor(
     tensor: torch.Tensor,
     entries: tuple,
@@ -110,14 +114,14 @@ def permute_tensor(
     Returns
     -------
     Tensor
-        A new tensor (never a view of the input when an axis moves; the input itself when no
-        axis is permuted).
+        A new tensor when an axis moves; the input itself when no axis is permuted (or every
+        permutation is the identity).
     """
     out = tensor
     for axis, entry in enumerate(entries):
         index = axis_index(entry, perms, (blocks or {}).get(axis, 1))
-        if index is None:
-            continue
+        if index is None or _is_identity(index):
+            continue  # checking costs O(units); gathering would copy the whole tensor
         if isinstance(out, np.ndarray):
             out = np.take(out, index.numpy(), axis=axis)
         else:

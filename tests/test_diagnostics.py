@@ -42,7 +42,11 @@ def test_inference_data_has_one_chain_per_posterior_with_named_dims():
     assert len(summary) == 3 and "r_hat" in summary.columns
 
 
-def test_log_likelihood_group_supports_loo():
+def b_guide(model):
+    return make_guide("mean_field", model, spread=0.5, seed=7)
+
+
+def test_log_likelihood_group_supports_loo_and_compare():
     model, a, _ = planted_pair()
     x, y = torch.randn(25, 5), torch.randint(0, 3, (25,))
     idata = to_inference_data(a, num_samples=200, data=(x, y))
@@ -53,6 +57,9 @@ def test_log_likelihood_group_supports_loo():
     np.testing.assert_allclose(ll.values[0, 0], expected.numpy(), rtol=1e-5, atol=1e-5)
     loo = az.loo(idata)
     assert np.isfinite(loo["elpd_loo"])
+    other = to_inference_data(b_guide(model), num_samples=200, data=(x, y))
+    table = az.compare({"a": idata, "other": other})
+    assert set(table.index) == {"a", "other"}
 
 
 def test_rhat_shows_the_multimodality_and_its_removal():
