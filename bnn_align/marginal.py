@@ -398,7 +398,8 @@ def marginal_loss(
     ts = _ts(ts)
     _check_sites(model, path)
     # one forward on a single point: clear errors for inputs or labels that do not fit
-    probe = {k: v[:1] for k, v in path.draw(0.0, path.noise(1)).items()}
+    probe_noise = path.noise(1, torch.Generator().manual_seed(seed))  # leaves global RNG alone
+    probe = path.draw(0.0, probe_noise)
     evaluator = _Evaluator(model, chunk_size or num_samples, batch_size)
     with torch.no_grad():
         try:

@@ -228,3 +228,19 @@ def test_alignment_cuts_the_barrier_on_mnist1d():
     # measured: naive about 0.8 nats, aligned about 0.09
     assert naive.value - after.value > 3 * math.hypot(naive.se, after.se)
     assert after.value < 0.5 * naive.value
+
+
+def test_seeded_and_leaves_the_global_rng_alone():
+    model, x, y = classification_case("mlp")
+    path = interpolate(spread_guide(model, 1), spread_guide(model, 2))
+    torch.manual_seed(11)
+    first = marginal_loss(model, path, (x, y), ts=3, num_samples=8, seed=5)
+    after_first = torch.rand(1)
+    torch.manual_seed(11)
+    second = marginal_loss(model, path, (x, y), ts=3, num_samples=8, seed=5)
+    assert torch.equal(torch.rand(1), after_first)
+    for m in first.metrics:
+        assert np.array_equal(first.values[m], second.values[m])
+        assert np.array_equal(first.se[m], second.se[m])
+    other = marginal_loss(model, path, (x, y), ts=3, num_samples=8, seed=6)
+    assert not np.array_equal(first.values["nll"], other.values["nll"])
