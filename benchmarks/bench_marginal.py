@@ -17,9 +17,6 @@ minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import pyro
 import torch
 from pyro.infer import Predictive
 
-import bnn_align
+from _record import write_record
 from bnn_align import BayesianNetwork, guides, interpolate, marginal_loss, models
 from bnn_align.data import mnist1d
 from bnn_align.marginal import _bootstrap_weights, _classification_metrics, _Evaluator
@@ -119,18 +116,8 @@ def main():
               f"{t_pred:>13.2f} {t_bare:>8.2f} {row['speedup_vs_predictive']:>9.1f} "
               f"{row['ratio_to_bare_forward']:>10.2f} {row['ours_throughput']:>17.3g}",
               flush=True)
-    record = {
-        "benchmark": "marginal_loss vs pyro.infer.Predictive + the same metrics, and the bare "
-                     "batched forward pass (compute floor)",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "pyro": pyro.__version__, "bnn_align": bnn_align.__version__},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {args.out}")
-
+    write_record(args.out, "marginal_loss vs pyro.infer.Predictive + the same metrics, and "
+                 "the bare batched forward pass (compute floor)", rows)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-import bnn_align
+from _record import write_record
 from bnn_align import BayesianNetwork, as_gaussian, guides, match, models, permute
 from bnn_align.permute import invert, random_perms
 
@@ -259,20 +258,11 @@ def main():
                   f"{row['mean_ratio']:>6.2f} {row['ours_sweeps']:>7} "
                   f"{row['reference_sweeps']:>6} {row['memory_ratio']:>6.2f} {rec:>10}",
                   flush=True)
-    record = {
-        "benchmark": "match (wasserstein, mean-field) vs reference weight matching (means only)",
-        "columns": {"ratio": "ours (wasserstein) / reference", "mean_ratio":
-                    "ours (method='mean', same objective as the reference) / reference",
-                    "memory_ratio": "peak extra RSS during match / bytes of both guides"},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "bnn_align": bnn_align.__version__},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {args.out}")
-
+    write_record(
+        args.out, "match (wasserstein, mean-field) vs reference weight matching (means only)",
+        rows, columns={"ratio": "ours (wasserstein) / reference", "mean_ratio":
+                       "ours (method='mean', same objective as the reference) / reference",
+                       "memory_ratio": "peak extra RSS during match / bytes of both guides"})
 
 if __name__ == "__main__":
     main()
