@@ -46,6 +46,9 @@ def b_guide(model):
     return make_guide("mean_field", model, spread=0.5, seed=7)
 
 
+# PSIS flags narrow random posteriors (expected here); arviz 0.23 uses a deprecated pandas call
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto")
+@pytest.mark.filterwarnings("ignore:The inplace keyword")
 def test_log_likelihood_group_supports_loo_and_compare():
     model, a, _ = planted_pair()
     x, y = torch.randn(25, 5), torch.randint(0, 3, (25,))
