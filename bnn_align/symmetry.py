@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.operator_schemas import normalize_function
 
 from .spec import PermutationSpec
 
@@ -86,17 +87,19 @@ _ELEMENTWISE = {
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "elu", "selu", "celu", "leaky_relu",
     "softplus", "softsign", "hardtanh", "hardswish", "hardsigmoid", "mish", "logsigmoid",
     "tanhshrink", "abs", "neg", "exp", "log", "log1p", "sqrt", "rsqrt", "square", "sin", "cos",
-    "erf", "clamp", "clip", "sign", "reciprocal",
+    "erf", "sign", "reciprocal",
     # dropout is elementwise in distribution and the identity at evaluation
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     # softmax over any axis is permutation-equivariant on that axis
     "softmax", "log_softmax",
     # no-ops on values
     "clone", "contiguous", "float", "double", "half", "to", "detach", "type_as",
-    # pooling keeps channels where they are
-    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d",
 }
+# clamp/clip with tensor bounds compare units with the bounds' units, like a binary operation
+_CLAMP = {"clamp", "clip", "clamp_min", "clamp_max"}
+# k-d pooling mixes the last k axes of its input and keeps the others where they are
+_POOL = {f"{kind}_pool{k}d": k for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
+         for k in (1, 2, 3)}
 _BINARY = {"add", "sub", "mul", "div", "true_divide", "maximum", "minimum", "where"}
 _INPLACE_BINARY = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 _RESHAPE = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"}
@@ -107,10 +110,12 @@ _ELEMENTWISE_MODULES = (
     nn.LeakyReLU, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
     nn.LogSigmoid, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
+_POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNEL_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -125,6 +130,16 @@ def _target_name(target: Any) -> str:
 class _Tracer(torch.fx.Tracer):
     # torch.nn's own modules are leaves (their semantics are known or refused by type);
     # containers and user modules are traced through.
+    failed_in: str = ""  # the innermost submodule whose tracing raised, for the error message
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if not self.failed_in:
+                self.failed_in = self.path_of_module(m)
+            raise
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
@@ -251,6 +266,10 @@ class _Deriver(torch.fx.Interpreter):
                     operator.itruediv: "div"}[n.target]
         if base in _ELEMENTWISE and in_units is not None:
             return in_units
+        if base in _CLAMP and in_units is not None:
+            return self.broadcast(self.operands(n), out)
+        if base in _POOL and in_units is not None and first is not None:
+            return self.pool(in_units, first, _POOL[base])
         if base in _BINARY or n.target in (operator.add, operator.sub, operator.mul,
                                            operator.truediv, operator.neg):
             return self.broadcast(self.operands(n), out)
@@ -259,7 +278,7 @@ class _Deriver(torch.fx.Interpreter):
         if base in ("transpose", "swapaxes", "permute", "t") and in_units is not None:
             return self.transpose(base, in_units, first, args[1:], out)
         if base in _REDUCTION and in_units is not None and first is not None:
-            return self.reduce(in_units, first, args, kwargs, out)
+            return self.reduce(base, in_units, first, args, kwargs)
         if base in ("cat", "concat", "concatenate", "stack"):
             return self.concatenate(base, n, args, kwargs, out)
         return self.refuse("this operation is not known to commute with permutations", units)
@@ -327,14 +346,33 @@ class _Deriver(torch.fx.Interpreter):
             order[d0], order[d1] = order[d1], order[d0]
         return _Units(order.index(units.axis), units.segments, units.block)
 
-    def reduce(self, units: _Units, x: torch.Tensor, args: tuple, kwargs: dict,
-               out: torch.Tensor) -> _Units:
+    def pool(self, units: _Units, x: torch.Tensor, k: int) -> _Units:
+        """k-d pooling: fine when the units sit before the ``k`` pooled (last) axes."""
+        if units.axis is not None and units.axis >= x.dim() - k:
+            return self.refuse(f"it pools over the last {k} axes of a {x.dim()}-d input, which "
+                               f"include the units' axis {units.axis}", [units])
+        return units
+
+    def reduce(self, name: str, units: _Units, x: torch.Tensor, args: tuple,
+               kwargs: dict) -> _Units:
         if units.axis is None:
             return units
-        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool)
-                             else False)
-        if dims is None:
+        # read ``dim`` and ``keepdim`` by the operation's own signature (``x.norm(2, 1)`` has
+        # ``p`` first, ``x.std(0, True)`` ``unbiased`` second)
+        types = tuple(torch.Tensor if isinstance(a, torch.Tensor) else type(a) for a in args)
+        try:
+            bound = normalize_function(
+                getattr(torch, name), args, kwargs, arg_types=types,
+                kwarg_types={k: type(v) for k, v in kwargs.items()},
+                normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001 - any failure to read the signature means: refuse
+            bound = None
+        if bound is None:
+            return self.refuse("its arguments could not be matched to a known signature",
+                               [units])
+        dims = bound.kwargs.get("dim")
+        keepdim = bool(bound.kwargs.get("keepdim", False))
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):  # amax: dim=[]
             return _FIXED_UNITS  # a full reduction is invariant to any permutation
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % x.dim() for d in dims]
@@ -393,6 +431,9 @@ class _Deriver(torch.fx.Interpreter):
         prefix = qualname + "."
         if isinstance(m, _ELEMENTWISE_MODULES):
             return units
+        pooled = next((k for cls, k in _POOL_MODULES.items() if isinstance(m, cls)), None)
+        if pooled is not None:
+            return self.pool(units, x, pooled)
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return self.reshape(units, tuple(x.shape), tuple(out.shape))
         if isinstance(m, nn.Linear):
@@ -562,12 +603,18 @@ def spec_from_module(
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a sequence of tensors")
     work = copy.deepcopy(net).eval()
+    tracer = _Tracer()
     try:
-        graph = _Tracer().trace(work)
+        graph = tracer.trace(work)
     except Exception as err:  # torch.fx raises many types (TraceError, TypeError, ...)
+        where = ""
+        if tracer.failed_in:
+            name = tracer.failed_in
+            where = f" (in module {name!r}, {type(work.get_submodule(name)).__name__})"
         raise ValueError(
-            f"spec_from_module could not trace {type(net).__name__} with torch.fx: {err}. "
-            f"Modules with data-dependent control flow need a hand-written PermutationSpec."
+            f"spec_from_module could not trace {type(net).__name__}{where} with torch.fx: "
+            f"{err}. Modules that torch.fx cannot trace (data-dependent control flow, "
+            f"assignment into activations, ...) need a hand-written PermutationSpec."
         ) from err
     gm = torch.fx.GraphModule(work, graph)
     deriver = _Deriver(gm, unknown)

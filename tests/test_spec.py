@@ -15,13 +15,17 @@ def state_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def randomise_buffers(net: nn.Module, seed: int = 0) -> None:
+    """Random BatchNorm statistics and random affine parameters of every normalisation layer
+    (left at 1 and 0, a parameter mapped to the wrong group would go unnoticed)."""
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.randn(m.weight.shape, generator=gen))
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen))
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if p is not None:
+                    p.data.copy_(torch.randn(p.shape, generator=gen))
 
 
 def assert_invariant(net: nn.Module, x: torch.Tensor, spec: PermutationSpec, seed: int = 0,
@@ -394,6 +398,104 @@ def test_fix_keeps_the_safe_groups():
 def test_untraceable_module_gives_a_clear_error():
     with pytest.raises(ValueError, match="could not trace DataDependent"):
         spec_from_module(DataDependent(), torch.randn(2, 4))
+    nested = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), DataDependent()))
+    with pytest.raises(ValueError, match=r"could not trace Sequential \(in module '1.1', "
+                                         r"DataDependent\)"):
+        spec_from_module(nested, torch.randn(2, 4))
+
+
+class PoolOverUnits(nn.Module):
+    """Pooling whose window runs over the units (a Linear layer's features): not safe."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.a, self.pool, self.b = nn.Linear(4, 8), pool, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(self.pool(self.a(x)))
+
+
+class TensorClamp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(torch.clamp(self.a(x), max=self.b(x)).clamp_min(-0.2))
+
+
+class PositionalReductions(nn.Module):
+    """``norm(2, 1)`` has ``p`` first; ``std(0, True)`` has ``unbiased`` second: neither is a
+    ``dim`` / ``keepdim`` pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 5, 3)
+        self.a, self.fc = nn.Linear(7, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = self.a(self.conv(x).norm(2, 1))   # (N, 7): the channels are reduced away
+        return self.fc(h - h.std(0, True))    # std over the batch, kept: units on axis 1
+
+
+class NormsAndDropout(nn.Module):
+    """InstanceNorm (affine), LayerNorm over the positions and over (C, L), dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.inorm = nn.InstanceNorm1d(6, affine=True)
+        self.ln_positions = nn.LayerNorm(9)
+        self.ln_all = nn.LayerNorm([6, 9])
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.ln_all(self.ln_positions(self.inorm(self.c1(x))))
+        h = nn.functional.dropout(self.drop(torch.relu(h)), 0.1, training=self.training)
+        return self.fc(h.mean(-1))
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, 0] += 1.0  # writes into one unit through an index
+        return self.b(h)
+
+
+@pytest.mark.parametrize("pool, shape", [
+    (nn.MaxPool1d(3, 1, 1), (5, 4)), (nn.AvgPool1d(3, 1, 1), (5, 4)),
+    (nn.MaxPool1d(3, 1, 1), (5, 2, 4)), (nn.AdaptiveAvgPool1d(8), (5, 4)),
+])
+def test_pooling_over_the_units_is_refused(pool, shape):
+    with pytest.raises(ValueError, match="pools over the last 1 axes"):
+        spec_from_module(PoolOverUnits(pool), torch.randn(*shape))
+    # pooling over positions (units on the channel axis) stays permutable
+    net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(3, 1, 10)
+    assert_invariant(net, x, spec_from_module(net, x))
+
+
+@pytest.mark.parametrize("cls, shape", [(TensorClamp, (5, 4)), (PositionalReductions, (4, 2, 9)),
+                                        (NormsAndDropout, (3, 2, 9))])
+def test_operations_with_extra_operands_or_arguments_are_invariant(cls, shape):
+    net = cls()
+    randomise_buffers(net)
+    x = torch.randn(*shape)
+    spec = spec_from_module(net, x)
+    for seed in range(3):
+        assert_invariant(net, x, spec, seed=seed)
+    if cls is TensorClamp:  # the bound's units are compared elementwise with the input's
+        assert spec["a.weight"][0] == spec["b.weight"][0]
+
+
+def test_writes_through_an_index_are_refused():
+    with pytest.raises(ValueError, match="could not trace InPlace .*item assignment"):
+        spec_from_module(InPlace(), torch.randn(2, 4))
 
 
 def test_bad_arguments():
