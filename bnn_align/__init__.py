@@ -14,7 +14,7 @@ from . import diagnostics, guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
 from .diagnostics import to_inference_data
 from .marginal import Barrier, LossCurve, marginal_loss
-from .matching import Alignment, match
+from .matching import Alignment, alignment_cost, match
 from .paths import Path, interpolate
 from .permute import permute
 from .posterior import GaussianView, as_gaussian
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Alignment", "Barrier", "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian",
-    "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "as_gaussian", "fit",
-    "diagnostics", "guides", "interpolate", "marginal_loss", "match", "permute",
-    "spec_from_module", "to_inference_data",
+    "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "alignment_cost",
+    "as_gaussian", "fit", "diagnostics", "guides", "interpolate", "marginal_loss", "match",
+    "permute", "spec_from_module", "to_inference_data",
 ]

@@ -11,7 +11,11 @@ column spaces agree after rotation. ``R`` is orthogonal (factor columns are only
 rotation). Because permutations preserve norms, minimising the cost means maximising
 ``sum_t <A_t, P(B_t)>`` over tensors ``t``: a sum of bilinear assignment problems, solved by
 coordinate descent over the permutation groups (each step an exact linear assignment, which can
-only lower the cost) alternated with an orthogonal Procrustes step for ``R``.
+only lower the cost) alternated with an orthogonal Procrustes step for ``R``. Where a tensor
+carries one group on two axes (a layer from a residual stream back into it) the cost is
+quadratic in that group, and a step is taken only if it lowers the exact cost. The descent on
+the full objective starts from the result of the descent on the means alone when that is
+better: on coupled residual networks it otherwise stopped in poor local optima.
 
 Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
 axis it permutes, and each contribution depends only on the permutations of that tensor's other
@@ -40,7 +44,7 @@ from .permute import (_is_identity, check_perms, identity_perms, permute, permut
 from .posterior import GaussianView, adapter_for, model_of, paired_views
 from .spec import PermutationSpec, _groups_of, axis_index
 
-__all__ = ["match", "Alignment", "METHODS"]
+__all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
 METHODS = ("wasserstein", "mean", "activation")
 
@@ -337,8 +341,9 @@ class _Problem:
             if hit is None or hit[0] != stamp:
                 value = 0.0
                 for a, b in pairs:
-                    diff = a - self.permuted(site, b)
-                    value += float(np.square(diff, out=diff).sum(dtype=np.float64))
+                    diff = np.atleast_1d(a - self.permuted(site, b))  # 0-d sites too
+                    with np.errstate(over="ignore"):  # match() reports an infinite cost
+                        value += float(np.square(diff, out=diff).sum(dtype=np.float64))
                 hit = (stamp, value)
                 self.distances[site] = hit
             total += hit[1]
@@ -351,6 +356,22 @@ class _Problem:
 
     def rotation_tensor(self) -> torch.Tensor | None:
         return None if self.rotation is None else torch.from_numpy(self.rotation)
+
+
+def _exact_step(problem: _Problem, g: str, new: torch.Tensor) -> float:
+    """Take the step to ``new`` only if it lowers the exact cost; returns its gain (in the
+    similarity's units, half the drop in cost) or 0.0 after undoing it.
+
+    When a tensor carries ``g`` on two axes (``h + Linear(h)`` on one residual stream), the
+    cost is quadratic in ``g``'s permutation and the assignment, which maximises its
+    linearisation at the current point, can overshoot."""
+    before, old = problem.cost(), problem.perms[g]
+    problem.set_perms({g: new})
+    drop = before - problem.cost()
+    if drop > 1e-7 * abs(before):
+        return drop / 2
+    problem.set_perms({g: old})
+    return 0.0
 
 
 def _assign(similarity: np.ndarray) -> torch.Tensor:
@@ -388,10 +409,20 @@ def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
         if not isinstance(spec, PermutationSpec):
             raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
         return spec
-    for guide in (guide_a, guide_b):
+    specs = []
+    for label, guide in (("guide_a", guide_a), ("guide_b", guide_b)):
         model = _bayesian_model(guide, data)
-        if model is not None and (model.input_shape is not None):
-            return model.spec
+        if model is not None and model.input_shape is not None:
+            specs.append((label, model.spec))
+    if len(specs) == 2 and specs[0][1] != specs[1][1]:
+        # same names and shapes, different wiring (e.g. a residual connection on one side):
+        # no permutation makes the two comparable
+        raise ValueError(
+            "guide_a and guide_b are over different architectures: their networks have the "
+            "same parameters but different permutation symmetries (e.g. a residual connection "
+            "on one side only); pass spec= if you know which one applies")
+    if specs:
+        return specs[0][1]
     raise ValueError(
         "no spec given and neither posterior is a guide over a BayesianNetwork (or a module "
         "with data= to trace it on): pass spec= (e.g. bnn_align.spec_from_module(net, "
@@ -492,11 +523,15 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
                 continue  # nothing it depends on moved since its last solve
             similarity = problem.similarity(g)
             new = _assign(similarity)
-            if not torch.equal(new, problem.perms[g]):
+            if torch.equal(new, problem.perms[g]):
+                continue
+            if problem.linear:
                 step = _gain(similarity, new, problem.perms[g])
                 if step > 0:
                     problem.set_perms({g: new})
                     gain += step
+            else:
+                gain += _exact_step(problem, g, new)
         gain += problem.rotate()
         changed = gain > 0
         current = current - 2 * gain if problem.linear else problem.cost() + constant
@@ -623,6 +658,91 @@ class _CorrelationStats:
         return cov / (torch.outer(va.sqrt(), vb.sqrt()) + 1e-12)
 
 
+# ----------------------------------------------------------------- starts and the cost --
+def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
+             ) -> tuple[GaussianView, GaussianView, PermutationSpec, dict[str, int]]:
+    """Checked read-only views (sharing memory with the posteriors), the spec, group sizes."""
+    va, vb = paired_views(guide_a, guide_b, ("guide_a", "guide_b"), copy=False)
+    spec = _resolve_spec(guide_a, guide_b, spec, data)
+    return va, vb, spec, _spec_sizes(spec, va, guide_a)
+
+
+_WARM_START_SWEEPS = 100
+
+
+def _cost_at(problem: _Problem, perms: Mapping[str, torch.Tensor], constant: float) -> float:
+    """The objective at ``perms`` (with the best rotation of the factors for them)."""
+    problem.set_perms(perms)
+    problem.rotate()
+    return problem.cost() + constant
+
+
+def _means_only(problem: _Problem) -> bool:
+    return all(len(parts) == 1 for parts in problem.pairs.values())
+
+
+def _warm_start(problem: _Problem, constant: float, start: Mapping[str, torch.Tensor],
+                means: _Problem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Refine ``start`` on the means alone, and keep it if that lowers the full objective.
+
+    The standard deviations and covariance factors add many terms to the similarities that
+    carry little information about which units correspond (independently trained posteriors
+    have similar spreads everywhere), and a shared rotation of the factors fitted at a wrong
+    permutation couples all groups; from the identity, coordinate descent on the full
+    objective can then stop in a poor local optimum on coupled (residual) networks. Weight
+    matching on the means finds the basin; the full objective then refines within it. The
+    better of the two starts is kept, so the result is never worse than starting at ``start``.
+    It runs to convergence whatever ``max_iter`` is, so stopping the descent that follows
+    after ``k`` sweeps gives its ``k``-th value.
+    """
+    perms = _coordinate_descent(means, start, 0.0, _WARM_START_SWEEPS, rng, None)[0]
+    at_start = _cost_at(problem, start, constant)
+    # evaluated last, so the descent that follows finds its terms cached
+    if _cost_at(problem, perms, constant) < at_start:
+        return perms
+    return dict(start)
+
+
+def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None = None, *,
+                   spec: PermutationSpec | None = None, method: str = "wasserstein",
+                   data: Any = None) -> float:
+    """The objective :func:`match` minimises, at given permutations of ``guide_b``.
+
+    Parameters
+    ----------
+    guide_a, guide_b : posterior
+        As in :func:`match`.
+    perms : mapping of str to permutation, optional
+        Group -> permutation (default: the identity), e.g. ``alignment.perms`` of any method.
+    spec : PermutationSpec, optional
+        As in :func:`match`.
+    method : {"wasserstein", "mean"}
+        ``"wasserstein"``: the coupled squared distance (W2^2 for diagonal Gaussians), with
+        the covariance factors rotated optimally for ``perms``; ``"mean"``:
+        ``||mu_a - P mu_b||^2``.
+    data : optional
+        Inputs to trace plain modules on, as in :func:`match`.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    Compare what two methods achieve on the same objective:
+
+    >>> w2 = match(q0, q1)                                        # doctest: +SKIP
+    >>> alignment_cost(q0, q1, match(q0, q1, method="mean").perms) >= w2.cost_after  # doctest: +SKIP
+    True
+    """
+    if method not in ("wasserstein", "mean"):
+        raise ValueError(f"method must be 'wasserstein' or 'mean', got {method!r}")
+    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data)
+    perms = check_perms(perms, sizes) if perms is not None else identity_perms(sizes)
+    problem, constant = _problem(va, vb, method, spec, sizes)
+    return _cost_at(problem, perms, constant)
+
+
 # ------------------------------------------------------------------------------- match --
 def match(
     guide_a: Any,
@@ -652,7 +772,10 @@ def match(
     method : {"wasserstein", "mean", "activation"}
         ``"wasserstein"`` minimises the coupled squared distance of the module docstring (W2^2
         for diagonal Gaussians) over permutations and, with covariance factors on both sides,
-        a rotation of the factors. ``"mean"`` is Git Re-Basin weight matching on the means.
+        a rotation of the factors. Each start is first refined on the means alone and the
+        result kept if it lowers the full objective (see ``_warm_start``), so the W2 result is
+        never worse on its own objective than mean matching from the same start.
+        ``"mean"`` is Git Re-Basin weight matching on the means.
         ``"activation"`` matches units by the Pearson correlation of their posterior-expected
         activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
         assignment per group; residual streams share one permutation, and their correlation
@@ -660,7 +783,8 @@ def match(
     data : Tensor or (x, y), optional
         Inputs for ``"activation"`` (required there, unused otherwise).
     max_iter : int
-        Maximum number of sweeps over the groups.
+        Maximum number of sweeps over the groups (of the descent on the method's objective;
+        the warm start on the means runs to convergence).
     seed : int
         Seed of the group order, random restarts and activation sampling.
     init : mapping of str to permutation, optional
@@ -680,9 +804,10 @@ def match(
     Raises
     ------
     ValueError
-        Different architectures (naming the first site that differs), NaN or infinite
-        parameters (naming the site), a spec that does not fit, an unknown method,
-        ``"activation"`` without data.
+        Different architectures (naming the first site that differs, or, for networks with
+        the same parameters, different permutation symmetries), NaN or infinite parameters
+        (naming the site) or parameters whose squared distance overflows, a spec that does not
+        fit, an unknown method, ``"activation"`` without data.
     TypeError
         Unsupported posterior kinds.
     """
@@ -693,10 +818,7 @@ def match(
                  batch_size=batch_size)
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
-    # read-only views that share memory with the guides where they can
-    va, vb = paired_views(guide_a, guide_b, ("guide_a", "guide_b"), copy=False)
-    spec = _resolve_spec(guide_a, guide_b, spec, data)
-    sizes = _spec_sizes(spec, va, guide_a)
+    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
     rng = np.random.default_rng(seed)
 
@@ -717,15 +839,18 @@ def match(
     for restart in range(num_restarts):
         problem, constant = _problem(va, vb, objective, spec, sizes)
         if cost_before is None:  # at the identity, with the best rotation of the factors
-            problem.rotate()
-            cost_before = problem.cost() + constant
+            cost_before = _cost_at(problem, identity_perms(sizes), constant)
+            if not math.isfinite(cost_before):
+                raise ValueError("the squared distance between guide_a and guide_b overflows: "
+                                 "their parameters are too large to compare")
         init_perms = start if restart == 0 else random_perms(sizes, gen)
         if max_iter == 0:
-            problem.set_perms(init_perms)
-            problem.rotate()
-            result = (dict(problem.perms), [problem.cost() + constant], 0, True,
-                      problem.rotation_tensor())
+            cost = _cost_at(problem, init_perms, constant)
+            result = (dict(problem.perms), [cost], 0, True, problem.rotation_tensor())
         else:
+            if objective == "wasserstein" and not _means_only(problem):
+                init_perms = _warm_start(problem, constant, init_perms,
+                                         _problem(va, vb, "mean", spec, sizes)[0], rng)
             result = _coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
         restart_costs.append(result[1][-1])
         if best is None or result[1][-1] < best[1][-1]:

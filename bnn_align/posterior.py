@@ -333,7 +333,7 @@ class _PackedAdapter(_GuideAdapter):
 
     def split(self, guide, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         # (D, *extra) -> {site: (*site_shape, *extra)}, as views of ``flat``
-        return {name: flat[sl].reshape(*shape, *flat.shape[1:])
+        return {name: flat[sl].reshape(tuple(shape) + tuple(flat.shape[1:]))  # 0-d sites too
                 for name, (sl, shape) in self.layout(guide).items()}
 
     def join(self, guide, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
