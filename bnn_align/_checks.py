@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
@@ -11,5 +12,5 @@ def positive_int(**values: Any) -> None:
     Example: ``positive_int(num_samples=num_samples, batch_size=batch_size)``.
     """
     for label, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")

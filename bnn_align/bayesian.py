@@ -283,6 +283,17 @@ class BayesianNetwork(nn.Module):
             self._spec = spec_from_module(self.net, self.example_input())
         return self._spec
 
+    def with_net(self, net: nn.Module) -> "BayesianNetwork":
+        """The same model (prior, likelihood, input shape, spec) around another network of the
+        same architecture, e.g. one with permuted or interpolated BatchNorm statistics. ``net``
+        is used as given, not copied; ``self`` is not modified."""
+        new = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, dict):  # parameters, buffers, modules and hooks: own dicts
+                setattr(new, key, copy.copy(value))
+        new._modules["net"] = net.eval().requires_grad_(False)
+        return new
+
     def sample_weights(self) -> dict[str, torch.Tensor]:
         """Sample every parameter from its prior (inside a Pyro model: one site each)."""
         weights = {}

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any, Sequence
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ._checks import positive_int
 from .bayesian import BayesianNetwork, Categorical, Gaussian, as_data_pair
-from .paths import Noise, Path, interpolate
+from .paths import Mixture, Noise, Path, interpolate
+from .posterior import POINT
 
 __all__ = ["marginal_loss", "LossCurve", "Barrier", "CLASSIFICATION", "REGRESSION"]
 
@@ -188,7 +191,9 @@ class LossCurve:
 
 # ------------------------------------------------------------------------------ evaluation --
 def _ts(ts: int | Sequence[float] | np.ndarray) -> np.ndarray:
-    if isinstance(ts, (int, np.integer)) and not isinstance(ts, bool):
+    if isinstance(ts, bool) or (isinstance(ts, np.ndarray) and ts.dtype == bool):
+        raise TypeError("ts must be a number of points or a sequence of t in [0, 1], not a bool")
+    if isinstance(ts, numbers.Integral):
         if ts < 1:
             raise ValueError(f"ts must be at least 1 point, got {ts}")
         return np.linspace(0.0, 1.0, int(ts)) if ts > 1 else np.zeros(1)
@@ -202,24 +207,38 @@ def _ts(ts: int | Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 class _Evaluator:
-    """The network under ``vmap`` over weight samples, in chunks of samples and data."""
+    """The network under ``vmap`` over weight samples, in chunks of samples and data.
+
+    Networks that ``vmap`` cannot run (recurrent layers, data-dependent control flow,
+    ``.item()``) are evaluated one draw at a time instead (``vectorized=False``).
+    """
 
     def __init__(self, model: BayesianNetwork, chunk_size: int, batch_size: int):
         self.model = model
         self.chunk_size, self.batch_size = chunk_size, batch_size
         self.weight_sites = set(model.weight_sites)
+        self.vectorized = True
 
     def outputs(self, draws: dict[str, torch.Tensor], x: torch.Tensor,
                 buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """Network outputs for every draw and input: ``(S, N, *out)``."""
         net = self.model.net
-        state = dict(net.named_buffers()) if buffers is None else dict(buffers)
+        state = dict(net.named_buffers())
+        state.update({k: v for k, v in (buffers or {}).items() if k in state})
+        # buffers that are sites of state-dict posteriors: deterministic, the same in every draw
+        state.update({k: v[0] for k, v in draws.items() if k in state})
         weights = {k: v for k, v in draws.items() if k in self.weight_sites}
 
         def single(w: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
             return functional_call(net, {**state, **w}, (inputs,))
 
-        batched = vmap(single, in_dims=(0, None))
+        if self.vectorized:
+            batched = vmap(single, in_dims=(0, None))
+        else:
+            def batched(w, inputs):
+                count = next(iter(w.values())).shape[0]
+                return torch.stack([single({k: v[i] for k, v in w.items()}, inputs)
+                                    for i in range(count)])
         num = next(iter(weights.values())).shape[0]
         rows = []
         with torch.no_grad():
@@ -229,6 +248,37 @@ class _Evaluator:
                         for b in range(0, len(x), self.batch_size)]
                 rows.append(torch.cat(cols, dim=1))
         return torch.cat(rows, dim=0)
+
+    def probe(self, draws: dict[str, torch.Tensor], x: torch.Tensor,
+              buffers: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, int]:
+        """Outputs for one draw and point, and the bytes of activations one (draw, point)
+        pair produces (summed over the layers' outputs), for choosing chunk sizes."""
+        sizes: list[int] = []
+
+        def count(_module, _inputs, output):
+            if isinstance(output, torch.Tensor):
+                sizes.append(output.numel() * output.element_size())
+
+        hooks = [m.register_forward_hook(count) for m in self.model.net.modules()]
+        try:
+            try:
+                out = self.outputs(draws, x, buffers)
+            except RuntimeError as err:
+                # if the plain call fails too, the inputs are at fault: its error propagates
+                self.vectorized = False
+                sizes.clear()
+                out = self.outputs(draws, x, buffers)
+                warnings.warn(f"torch.func.vmap cannot run this network ({str(err)[:160]}); "
+                              f"evaluating one posterior draw at a time", RuntimeWarning,
+                              stacklevel=3)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, sum(sizes)
+
+
+# about this much memory for the activations of one batched call when chunk_size is None
+_MEMORY_BUDGET = 2 * 2 ** 30
 
 
 def _noise_scale(model: BayesianNetwork, draws: dict[str, torch.Tensor]) -> torch.Tensor | float:
@@ -255,9 +305,19 @@ def _bootstrap_weights(num_samples: int, num_bootstrap: int, generator: torch.Ge
 
 
 def _log_mean(weights: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``log sum_s w[b, s] exp(logp[s, i])``: ``(B + 1, N)``, stable."""
+    """``log sum_s w[b, s] exp(logp[s, i])``: ``(B + 1, N)``, stable.
+
+    One matrix product relative to each point's best draw; where a resample leaves out every
+    draw within ~700 nats of it the sum underflows, and those entries are redone in log space.
+    """
+    logp = logp.double()
     peak = logp.max(dim=0).values
-    return torch.log(weights @ torch.exp(logp.double() - peak)) + peak
+    total = weights @ torch.exp(logp - peak)
+    out = torch.log(total) + peak
+    rows, points = torch.nonzero(total == 0, as_tuple=True)
+    if len(rows):
+        out[rows, points] = torch.logsumexp(torch.log(weights[rows]) + logp[:, points].T, dim=1)
+    return out
 
 
 def _classification_metrics(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
@@ -354,9 +414,10 @@ def marginal_loss(
     num_samples : int
         Posterior draws per ``t``.
     batch_size, chunk_size : int
-        Data points and posterior draws per batched network call (bounds memory; by default
-        all draws go in one call).
-    metrics : sequence of str, optional
+        Data points and posterior draws per batched network call (they bound memory). By
+        default ``chunk_size`` is the largest number of draws whose activations, measured on
+        one point, fit in about 2 GiB (all draws for small networks).
+    metrics : str or sequence of str, optional
         Subset of ``CLASSIFICATION`` or ``REGRESSION`` (default: all for the likelihood).
     common : bool
         Use the same standard-normal draws at every ``t`` (common random numbers).
@@ -370,44 +431,66 @@ def marginal_loss(
     Returns
     -------
     LossCurve
+
+    Raises
+    ------
+    ValueError
+        Inputs whose shape does not fit the network, labels out of range or of the wrong
+        shape, ``t`` outside ``[0, 1]``, non-positive counts, unknown or empty metrics,
+        posteriors over a different architecture than ``model``.
+    TypeError
+        A model that is not a BayesianNetwork, data that is not an ``(x, y)`` pair, inputs of
+        another dtype than the weights, an unsupported likelihood.
+
+    Notes
+    -----
+    The network runs under ``torch.func.vmap`` over the draws; a network ``vmap`` cannot run
+    (recurrent layers, data-dependent control flow) is evaluated one draw at a time, with a
+    ``RuntimeWarning``. With ``num_samples=1`` the standard errors are NaN (a warning says so)
+    unless the posteriors are point estimates.
     """
     started = time.perf_counter()
     if not isinstance(model, BayesianNetwork):
         raise TypeError(f"model must be a BayesianNetwork, got {type(model).__name__}")
     positive_int(num_samples=num_samples, batch_size=batch_size)
+    num_samples, batch_size = int(num_samples), int(batch_size)
     if chunk_size is not None:
         positive_int(chunk_size=chunk_size)
-    if not isinstance(num_bootstrap, int) or num_bootstrap < 2:
+    if isinstance(num_bootstrap, bool) or not isinstance(num_bootstrap, numbers.Integral) \
+            or num_bootstrap < 2:
         raise ValueError(f"num_bootstrap must be an integer >= 2, got {num_bootstrap!r}")
     x, y = as_data_pair(data)
     regression = isinstance(model.likelihood, Gaussian)
     if not regression and not isinstance(model.likelihood, Categorical):
         raise TypeError(f"marginal_loss supports Categorical and Gaussian likelihoods, got "
                         f"{type(model.likelihood).__name__}")
-    available = REGRESSION if regression else CLASSIFICATION
-    metrics = tuple(metrics or available)
-    unknown = [m for m in metrics if m not in available]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown} for this likelihood; choose from {available}")
+    metrics = _metrics(metrics, REGRESSION if regression else CLASSIFICATION)
+    _check_inputs(model, x)
+    if isinstance(path_or_posterior, Mixture):  # one point of a mixture path
+        path_or_posterior, ts = path_or_posterior.path, [path_or_posterior.t]
     if isinstance(path_or_posterior, Path):
         path, kind = path_or_posterior, path_or_posterior.kind
     else:
         path, kind = interpolate(path_or_posterior, path_or_posterior), "posterior"
-        if isinstance(ts, int):
+        if isinstance(ts, numbers.Integral) and not isinstance(ts, bool):
             ts = [0.0]
     ts = _ts(ts)
     _check_sites(model, path)
-    # one forward on a single point: clear errors for inputs or labels that do not fit
+    # one forward on a single point: clear errors for inputs or labels that do not fit, whether
+    # vmap can run the network, and how large its activations are
     probe_noise = path.noise(1, torch.Generator().manual_seed(seed))  # leaves global RNG alone
-    probe = path.draw(0.0, probe_noise)
     evaluator = _Evaluator(model, chunk_size or num_samples, batch_size)
     with torch.no_grad():
         try:
-            out = evaluator.outputs(probe, x[:1], None)[0]
+            out, pair_bytes = evaluator.probe(path.draw(0.0, probe_noise), x[:1],
+                                              path.buffers_at(0.0))
         except RuntimeError as err:
-            expected = f" (expected {(-1, *model.input_shape)})" if model.input_shape else ""
-            raise ValueError(f"inputs x of shape {tuple(x.shape)} do not fit the network"
-                             f"{expected}: {err}") from err
+            raise ValueError(f"inputs x of shape {tuple(x.shape)} do not fit the network: "
+                             f"{err}") from err
+    out = out[0]
+    if chunk_size is None:  # bound the memory of one batched call
+        per_draw = max(pair_bytes, 1) * min(batch_size, len(x))
+        evaluator.chunk_size = int(min(num_samples, max(1, _MEMORY_BUDGET // per_draw)))
     model.likelihood.check_targets(out.expand(len(y), *out.shape[1:]), y)
 
     generator = torch.Generator().manual_seed(seed)
@@ -415,13 +498,17 @@ def marginal_loss(
     shared = path.noise(num_samples, generator) if common else None
 
     def evaluate(t: float, noise: Noise) -> tuple[torch.Tensor, Any]:
-        if path.kind == "mixture":  # the endpoints' draws, weighted below
-            draws = {s: torch.cat([path.view0_draw(noise)[s], path.view1_draw(noise)[s]])
-                     for s in path.view0.loc}
+        if path.kind == "mixture":  # each endpoint's draws with its own buffers, weighted below
+            ends = [(path.view0_draw(noise), path.buffers_at(0.0)),
+                    (path.view1_draw(noise), path.buffers_at(1.0))]
         else:
-            draws = path.draw(t, noise)
-        outputs = evaluator.outputs(draws, x, path.buffers_at(t))
-        return outputs, (_noise_scale(model, draws) if regression else None)
+            ends = [(path.draw(t, noise), path.buffers_at(t))]
+        outputs = torch.cat([evaluator.outputs(d, x, b) for d, b in ends])
+        if not regression:
+            return outputs, None
+        scales = [_noise_scale(model, d) for d, _ in ends]
+        return outputs, (torch.cat(scales) if isinstance(scales[0], torch.Tensor)
+                         else scales[0])
 
     rows: dict[str, list[torch.Tensor]] = {m: [] for m in metrics}
     cached = None
@@ -445,14 +532,44 @@ def marginal_loss(
         for m in metrics:
             rows[m].append(values[m])
     table = {m: torch.stack(v, dim=1).numpy() for m, v in rows.items()}  # (B + 1, T)
+    se = {m: v[1:].std(axis=0, ddof=1) for m, v in table.items()}
+    if num_samples == 1 and path.kind_of_view() != POINT:
+        warnings.warn("num_samples=1 cannot estimate a Monte-Carlo error: the standard errors "
+                      "are NaN", RuntimeWarning, stacklevel=2)
+        se = {m: np.full_like(v, np.nan) for m, v in se.items()}
     return LossCurve(
         ts=ts,
         values={m: v[0] for m, v in table.items()},
-        se={m: v[1:].std(axis=0, ddof=1) for m, v in table.items()},
+        se=se,
         replicates={m: v[1:] for m, v in table.items()},
         kind=kind, num_samples=num_samples, num_points=len(x), common=common,
         seconds=time.perf_counter() - started,
     )
+
+
+def _metrics(metrics: str | Sequence[str] | None, available: tuple[str, ...]
+             ) -> tuple[str, ...]:
+    if metrics is None:
+        return available
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    if not metrics:
+        raise ValueError(f"metrics is empty; choose from {available} (or None for all)")
+    unknown = [m for m in metrics if m not in available]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} for this likelihood; choose from {available}")
+    return metrics
+
+
+def _check_inputs(model: BayesianNetwork, x: torch.Tensor) -> None:
+    """Inputs must be floating point like the weights and, when the model knows its input
+    shape, of shape ``(N, *input_shape)``."""
+    dtype = next(model.net.parameters()).dtype
+    if x.dtype != dtype:
+        raise TypeError(f"inputs x have dtype {x.dtype} but the network's weights are {dtype}: "
+                        f"convert them with x.to({dtype})")
+    if model.input_shape is not None and tuple(x.shape[1:]) != tuple(model.input_shape):
+        raise ValueError(f"inputs x of shape {tuple(x.shape)} do not fit the network: expected "
+                         f"{('N', *model.input_shape)}")
 
 
 def _check_sites(model: BayesianNetwork, path: Path) -> None:
@@ -464,3 +581,8 @@ def _check_sites(model: BayesianNetwork, path: Path) -> None:
         if path.view0.loc[site].shape != shape:
             raise ValueError(f"site {site!r} has shape {tuple(path.view0.loc[site].shape)} in "
                              f"the posteriors but {tuple(shape)} in the model")
+    missing = [s for s in model.likelihood.sites if s not in path.view0.loc]
+    if missing:
+        raise ValueError(f"the posteriors have no site {missing[0]!r}, which the model's "
+                         f"{type(model.likelihood).__name__} likelihood needs (a learned "
+                         f"observation noise): use guides over the BayesianNetwork")

@@ -20,6 +20,7 @@ Common random numbers: a path draws one set of standard-normal numbers and reuse
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -103,6 +104,9 @@ class Path:
         v0, v1 = paired_views(q0, q1, ("q0", "q1"))
         self.view0, self.view1 = _align_factors(v0, v1)
         self.models = (_model(q0), _model(q1))
+        # buffers (BatchNorm statistics) that travel with each endpoint outside its sample
+        # sites: a guide's model's, a module's or a state dict's own (snapshots)
+        self._buffers = (_buffers_of(q0, self.view0), _buffers_of(q1, self.view1))
 
     # -- the distribution at t -------------------------------------------------------------------
     @property
@@ -144,11 +148,14 @@ class Path:
         if t == 1.0:
             return self.q1
         view = self.view_at(t)
+        model = self._model_at(t)
         for template in (self.q0, self.q1):
             try:
                 if self.view0.rank and view.rank != _rank_of(template):
                     continue
-                return from_gaussian(template, view)
+                if isinstance(template, autoguide.AutoGuide):
+                    return from_gaussian(template, view, model)
+                return _with_buffers(from_gaussian(template, view), self.buffers_at(t))
             except ValueError:
                 continue
         raise ValueError(
@@ -156,16 +163,31 @@ class Path:
             f"{view.kind} posterior between them; use path.view_at(t) or path.sample")
 
     def buffers_at(self, t: float) -> dict[str, torch.Tensor] | None:
-        """Linearly interpolated buffers (BatchNorm statistics) of the endpoint networks, when
-        they differ (e.g. after permuting one network); None when they are the same."""
-        m0, m1 = self.models
-        if m0 is None or m1 is None or m0 is m1:
-            return None
-        b0, b1 = dict(m0.net.named_buffers()), dict(m1.net.named_buffers())
-        if all(torch.equal(b0[k], b1[k]) for k in b0):
-            return None
-        return {k: torch.lerp(v, b1[k], t) if v.is_floating_point() else v
-                for k, v in b0.items()}
+        """The endpoints' buffers (BatchNorm statistics) at ``t``: floating-point buffers move
+        linearly, like the means; None when neither endpoint carries buffers of its own.
+
+        A guide's buffers are those of its model's network (a permuted guide has a permuted
+        copy); a module's or state dict's are its own. Buffers of state dicts and modules that
+        are compared with each other are also sample sites of the views, and move there."""
+        t = _check_t(t)
+        b0, b1 = self._buffers
+        if b0 is None or b1 is None:
+            return b0 if b1 is None else b1
+        return {k: torch.lerp(v, b1[k], t) if v.is_floating_point() and k in b1
+                else (v if t < 1.0 else b1.get(k, v)) for k, v in b0.items()}
+
+    def _model_at(self, t: float) -> BayesianNetwork | None:
+        """The model for a guide at ``t``: the endpoints' own when their buffers agree, else a
+        copy of it holding the interpolated buffers."""
+        model = self.model
+        b0, b1 = self._buffers
+        if model is None or b0 is None or b1 is None or _same(b0, b1):
+            return None  # the guide keeps its template's model
+        net = copy.deepcopy(model.net)
+        with torch.no_grad():
+            for name, value in self.buffers_at(t).items():
+                net.get_buffer(name).copy_(value)
+        return model.with_net(net)
 
     # -- sampling ----------------------------------------------------------------------------------
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Noise:
@@ -201,6 +223,8 @@ class Path:
         With ``common=True`` (the default) the same noise is used at every ``t``.
         """
         ts = [_check_t(t) for t in np.asarray(ts, dtype=float).reshape(-1)]
+        if not ts:
+            raise ValueError("ts is empty: give at least one t in [0, 1]")
         shared = self.noise(num_samples, generator) if common else None
         draws = [self.draw(t, shared if common else self.noise(num_samples, generator))
                  for t in ts]
@@ -216,6 +240,38 @@ def _model(q: Any) -> BayesianNetwork | None:
         m = model_of(q)
         return m if isinstance(m, BayesianNetwork) else None
     return None
+
+
+def _buffers_of(q: Any, view: GaussianView) -> dict[str, torch.Tensor] | None:
+    """Copies of the buffers a posterior carries besides its view's sites, or None."""
+    if isinstance(q, autoguide.AutoGuide):
+        model = _model(q)
+        buffers = dict(model.net.named_buffers()) if model is not None else {}
+    elif isinstance(q, torch.nn.Module):
+        buffers = dict(q.named_buffers())
+    elif isinstance(q, Mapping):
+        buffers = {k: v for k, v in q.items() if isinstance(v, torch.Tensor)}
+    else:
+        buffers = {}
+    buffers = {k: v.detach().clone() for k, v in buffers.items() if k not in view.loc}
+    return buffers or None
+
+
+def _same(b0: Mapping[str, torch.Tensor], b1: Mapping[str, torch.Tensor]) -> bool:
+    return b0.keys() == b1.keys() and all(torch.equal(v, b1[k]) for k, v in b0.items())
+
+
+def _with_buffers(obj: Any, buffers: Mapping[str, torch.Tensor] | None) -> Any:
+    """A state dict or module (our own new one) with its buffers set to ``buffers``."""
+    if not buffers:
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        with torch.no_grad():
+            for name, value in buffers.items():
+                obj.get_buffer(name).copy_(value)
+        return obj
+    obj.update({k: v.clone() for k, v in buffers.items() if k in obj})
+    return obj
 
 
 def _rank_of(posterior: Any) -> int:

@@ -181,11 +181,7 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
     """
     spec = spec_for(obj, spec)
     if isinstance(obj, BayesianNetwork):
-        net = permute(obj.net, perms, spec)
-        new = copy.copy(obj)
-        new._modules = dict(obj._modules)
-        new._modules["net"] = net
-        return new
+        return obj.with_net(permute(obj.net, perms, spec))
     if isinstance(obj, autoguide.AutoGuide):
         return _permute_guide(obj, perms, spec)
     if isinstance(obj, nn.Module):

@@ -123,7 +123,9 @@ def test_common_random_numbers_shrink_the_barrier_standard_error():
     common = marginal_loss(model, path, (x, y), ts=5, num_samples=32, seed=1)
     independent = marginal_loss(model, path, (x, y), ts=5, num_samples=32, seed=1,
                                 common=False)
-    assert common.barrier("nll").se < 0.5 * independent.barrier("nll").se
+    # the midpoint: the barrier's maximum can sit at an end, where its error is exactly 0
+    shared, own = common.midpoint_barrier("nll"), independent.midpoint_barrier("nll")
+    assert 0 < shared.se < 0.5 * own.se
 
 
 def test_linear_gaussian_regression_matches_the_closed_form():
@@ -244,3 +246,129 @@ def test_seeded_and_leaves_the_global_rng_alone():
         assert np.array_equal(first.se[m], second.se[m])
     other = marginal_loss(model, path, (x, y), ts=3, num_samples=8, seed=6)
     assert not np.array_equal(first.values["nll"], other.values["nll"])
+
+
+def test_batchnorm_statistics_travel_with_each_posterior():
+    """A permuted BatchNorm network computes the same function only with its own permuted
+    running statistics: every kind of endpoint must bring them along."""
+    from bnn_align import permute
+    from bnn_align.permute import random_perms
+
+    from conftest import group_sizes
+
+    model, x, y = classification_case("resnet_bn")
+    with torch.no_grad():
+        exact = nn.functional.cross_entropy(model.net(x), y).item()
+    q = make_guide("delta", model)
+    perms = random_perms(group_sizes(model), torch.Generator().manual_seed(0))
+    qp = permute(q, perms)
+    net_p, sd_p = permute(model.net, perms, model.spec), permute(model.net.state_dict(), perms,
+                                                                 model.spec)
+    for posterior in (qp, net_p, sd_p):
+        nll = marginal_loss(model, posterior, (x, y), num_samples=1).values["nll"]
+        assert nll[0] == pytest.approx(exact, rel=1e-5), type(posterior).__name__
+    for q0, q1 in ((q, qp), (model.net, net_p), (model.net.state_dict(), sd_p)):
+        for kind in ("wasserstein", "mixture"):
+            curve = marginal_loss(model, interpolate(q0, q1, kind), (x, y), ts=3,
+                                  num_samples=1)
+            assert curve.values["nll"][[0, -1]] == pytest.approx([exact, exact], rel=1e-5)
+    # the guide at t = 0.5 carries a model with the interpolated statistics
+    path = interpolate(q, qp)
+    middle = marginal_loss(model, path, (x, y), ts=[0.5], num_samples=1).values["nll"]
+    alone = marginal_loss(model, path.at(0.5), (x, y), num_samples=1).values["nll"]
+    assert alone == pytest.approx(middle, rel=1e-6)
+    assert middle[0] != pytest.approx(exact, rel=1e-3)  # the midpoint is a different network
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(2, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def test_networks_vmap_cannot_run_are_evaluated_draw_by_draw():
+    model = BayesianNetwork(_Recurrent(), input_shape=(4, 2))
+    guide = make_guide("mean_field", model, spread=0.1)
+    x, y = torch.randn(10, 4, 2), torch.randint(0, 3, (10,))
+    with pytest.warns(RuntimeWarning, match="vmap cannot run this network"):
+        curve = marginal_loss(model, guide, (x, y), num_samples=3, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    torch.randint(3, (200, 3), generator=gen)  # the bootstrap indices come first
+    path = interpolate(guide, guide)
+    draws = path.draw(0.0, path.noise(3, gen))
+    probs = torch.stack([torch.softmax(model.evaluate({k: v[s] for k, v in draws.items()}, x),
+                                       -1) for s in range(3)]).double().mean(0)
+    expected = -torch.log(probs[torch.arange(10), y]).mean().item()
+    assert curve.values["nll"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_draws_are_chunked_to_bound_memory(monkeypatch):
+    import bnn_align.marginal as marginal
+
+    model, x, y = classification_case("cnn1d")
+    path = interpolate(spread_guide(model, 1), spread_guide(model, 2))
+    whole = marginal_loss(model, path, (x, y), ts=3, num_samples=8, seed=1)
+    calls = []
+    original = marginal._Evaluator.outputs
+
+    def spy(self, draws, inputs, buffers):
+        calls.append(self.chunk_size)
+        return original(self, draws, inputs, buffers)
+
+    monkeypatch.setattr(marginal._Evaluator, "outputs", spy)
+    monkeypatch.setattr(marginal, "_MEMORY_BUDGET", 1)  # one draw per call
+    chunked = marginal_loss(model, path, (x, y), ts=3, num_samples=8, seed=1)
+    assert calls[-1] == 1
+    for m in whole.metrics:
+        np.testing.assert_allclose(chunked.values[m], whole.values[m], rtol=1e-6, atol=1e-9)
+
+
+def test_log_mean_survives_resamples_without_the_dominant_draw():
+    from bnn_align.marginal import _log_mean
+
+    logp = torch.tensor([[0.0], [-900.0], [-905.0]], dtype=torch.float64)  # (S, N)
+    weights = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.0, 0.5, 0.5]], dtype=torch.float64)
+    out = _log_mean(weights, logp)
+    assert torch.isfinite(out).all()
+    expected = math.log(0.5 * math.exp(-900.0 + 900) + 0.5 * math.exp(-905.0 + 900)) - 900
+    assert out[1, 0].item() == pytest.approx(expected, rel=1e-12)
+    assert out[0, 0].item() == pytest.approx(math.log(1 / 3), rel=1e-9)
+
+
+def test_more_bad_input_and_lenient_input():
+    from bnn_align.paths import Mixture
+
+    model, x, y = classification_case("mlp")
+    path = interpolate(spread_guide(model, 1), spread_guide(model, 2))
+    with pytest.raises(TypeError, match="dtype torch.float64"):
+        marginal_loss(model, path, (x.double(), y))
+    with pytest.raises(ValueError, match=r"shape \(40, 1, 6\) do not fit the network: "
+                                         r"expected \('N', 6\)"):
+        marginal_loss(model, path, (x.unsqueeze(1), y))
+    with pytest.raises(ValueError, match="metrics is empty"):
+        marginal_loss(model, path, (x, y), metrics=[])
+    with pytest.raises(TypeError, match="not a bool"):
+        marginal_loss(model, path, (x, y), ts=True)
+    with pytest.raises(ValueError, match="ts is empty"):
+        path.sample([], 2)
+    one = marginal_loss(model, path, (x, y), ts=3, num_samples=np.int64(4), metrics="nll")
+    assert one.metrics == ["nll"] and one.num_samples == 4
+    with pytest.warns(RuntimeWarning, match="num_samples=1"):
+        single = marginal_loss(model, path, (x, y), ts=3, num_samples=1, metrics="nll")
+    assert np.isnan(single.se["nll"]).all()
+    mixture = interpolate(spread_guide(model, 1), spread_guide(model, 2), "mixture")
+    point = mixture.at(0.25)
+    assert isinstance(point, Mixture)
+    on_path = marginal_loss(model, mixture, (x, y), ts=[0.25], num_samples=8, seed=3)
+    alone = marginal_loss(model, point, (x, y), num_samples=8, seed=3)
+    np.testing.assert_array_equal(alone.values["nll"], on_path.values["nll"])
+    # a learned observation noise needs posteriors that hold it
+    reg = BayesianNetwork(models.mlp(3, [4], 1), likelihood=Gaussian("learned"),
+                          input_shape=(3,))
+    sd = reg.net.state_dict()
+    with pytest.raises(ValueError, match="no site 'obs_noise'"):
+        marginal_loss(reg, sd, (torch.randn(5, 3), torch.randn(5, 1)))
