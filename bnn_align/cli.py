@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit(f"bnn-align demo: --{label} must be at least 1")
         if args.points < 2:
             raise SystemExit("bnn-align demo: --points must be at least 2")
+        if args.epochs is not None and args.epochs < 1:
+            raise SystemExit("bnn-align demo: --epochs must be at least 1")
+        if args.out.exists() and not args.out.is_dir():
+            raise SystemExit(f"bnn-align demo: --out {args.out} exists and is not a folder")
         demo(dataset=args.dataset, width=args.width, depth=args.depth, epochs=args.epochs,
              guide=args.guide, rank=args.rank, samples=args.samples, points=args.points,
              seed=args.seed, out=args.out, quiet=args.quiet)

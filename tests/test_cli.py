@@ -45,6 +45,12 @@ def test_low_rank_demo_runs_quietly(tmp_path, capsys):
 def test_bad_arguments_and_module_entry_point(tmp_path):
     with pytest.raises(SystemExit, match="--width must be at least 1"):
         main(["demo", "--width", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--epochs must be at least 1"):
+        main(["demo", "--epochs", "0", "--out", str(tmp_path)])
+    taken = tmp_path / "file"
+    taken.write_text("")
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        main(["demo", "--out", str(taken)])
     with pytest.raises(SystemExit):
         main(["demo", "--dataset", "cifar"])
     result = subprocess.run([sys.executable, "-m", "bnn_align", "demo", "--help"],
