@@ -100,7 +100,11 @@ class Alignment:
     guide_b: Any = field(default=None, repr=False, compare=False)
 
     def apply(self, obj: Any) -> Any:
-        """Permute any other object over the same spec (state dict, module, guide, ...)."""
+        """Permute any other object over the same spec (state dict, module, guide, ...).
+
+        Only the permutations are applied: ``alignment.apply(guide_b)`` has the distribution
+        of ``aligned``, but a low-rank factor keeps its columns (``aligned``'s are also
+        rotated by ``rotation``, which does not change the distribution)."""
         return permute(obj, self.perms, self.spec)
 
     def save(self, path: str | Path) -> None:
@@ -116,7 +120,7 @@ class Alignment:
     @classmethod
     def load(cls, path: str | Path, aligned: Any = None) -> "Alignment":
         """Load a saved alignment; ``aligned`` is None unless given (use :meth:`apply`)."""
-        state = torch.load(Path(path), weights_only=False)
+        state = torch.load(Path(path), weights_only=True)  # plain data: no code is run
         if not isinstance(state, dict) or state.get("format") != "bnn_align.Alignment/1":
             raise ValueError(f"{path} does not hold a saved bnn_align Alignment")
         return cls(

@@ -53,7 +53,11 @@ def check_perms(perms: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str,
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu()
         else:
-            t = torch.as_tensor(np.asarray(value))
+            array = np.asarray(value)
+            if array.dtype.kind not in "biuf":  # strings, objects, ...
+                raise TypeError(f"permutation of group {group!r} must hold integers, got "
+                                f"{array.dtype} values")
+            t = torch.as_tensor(array)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"permutation of group {group!r} must hold integers, got {t.dtype}")
         t = t.long()

@@ -311,3 +311,12 @@ def test_svi_on_mnist1d_beats_chance_clearly():
     # chance is 0.10 accuracy and log(10) = 2.30 nats; this budget gives about 0.55 and 1.15
     assert accuracy > 0.45
     assert nll < 0.75 * math.log(10)
+
+
+def test_fit_shows_a_progress_bar_that_can_be_silenced(small_mlp_model, capfd):
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    fit(small_mlp_model, guides.mean_field(small_mlp_model), (x, y), epochs=2, progress=True)
+    shown = capfd.readouterr().err
+    assert "epoch" in shown.lower() or "it/s" in shown or "2/2" in shown
+    fit(small_mlp_model, guides.mean_field(small_mlp_model), (x, y), epochs=2, progress=False)
+    assert capfd.readouterr().err == ""

@@ -29,16 +29,39 @@ def assert_same_state(a: dict, b: dict) -> None:
 ARCHITECTURES = {
     "mlp": (lambda: models.mlp(5, [7, 6], 3), (5,)),
     "cnn1d": (lambda: models.cnn1d(1, 12, 3, channels=(4, 3), hidden=(5,)), (1, 12)),
+    "cnn2d": (lambda: models.cnn2d(2, 6, 3, channels=(3, 4), hidden=(5,)), (2, 6, 6)),
     "resnet8_1d": (lambda: models.resnet(8, width=1, dim=1, in_channels=1, num_classes=3,
                                          base_channels=4), (1, 10)),
+    "resnet8_2d": (lambda: models.resnet(8, width=1, num_classes=3, base_channels=3),
+                   (3, 6, 6)),
+    "resnet8_1d_batchnorm": (lambda: models.resnet(8, width=1, dim=1, in_channels=1,
+                                                   num_classes=3, base_channels=4,
+                                                   norm="batch"), (1, 10)),
 }
+SMALL = ("mlp", "cnn1d", "cnn2d")  # full-rank guides only where D x D stays small
+
+
+def randomised(net: nn.Module) -> nn.Module:
+    """Random normalisation parameters and BatchNorm statistics, so a wrongly moved one shows."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                for p in (m.weight, m.bias):
+                    p.copy_(torch.randn(p.shape, generator=gen))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return net
 
 
 @pytest.mark.parametrize("arch, kind", [(a, k) for a in ARCHITECTURES for k in GUIDE_KINDS
-                                         if not (k == "full_rank" and a == "resnet8_1d")])
+                                         if k != "full_rank" or a in SMALL])
 def test_guide_samples_compute_the_same_function(arch, kind):
+    from bnn_align.posterior import model_of
+
     build, input_shape = ARCHITECTURES[arch]
-    model = BayesianNetwork(build(), input_shape=input_shape)
+    model = BayesianNetwork(randomised(build()), input_shape=input_shape)
     guide = make_guide(kind, model)
     spec = model.spec
     perms = random_perms(group_sizes(model), torch.Generator().manual_seed(1))
@@ -61,10 +84,11 @@ def test_guide_samples_compute_the_same_function(arch, kind):
         assert d == len(index)
     else:
         theta_moved = moved_view.transform(permuted_noise(view, perms, spec, noise))
+    moved_model = model_of(moved)  # BatchNorm: a copy holding the permuted statistics
     for s in range(4):
         out = model.evaluate({k: v[s] for k, v in theta.items()}, x)
-        out_moved = model.evaluate({k: v[s] for k, v in theta_moved.items()}, x)
-        assert (out - out_moved).abs().max().item() < 1e-5
+        out_moved = moved_model.evaluate({k: v[s] for k, v in theta_moved.items()}, x)
+        assert (out - out_moved).abs().max().item() < 1e-5 * max(1.0, out.abs().max().item())
     # something actually moved
     assert any(not torch.equal(view.loc[k], moved_view.loc[k]) for k in view.loc)
 
@@ -240,3 +264,27 @@ def test_unsupported_objects():
         guide()
     with pytest.raises(TypeError, match="unsupported guide AutoLaplaceApproximation"):
         permute(guide, random_perms(group_sizes(model)))
+
+
+@pytest.mark.parametrize("kind", GUIDE_KINDS)
+def test_guides_with_a_scalar_site_are_read_and_permuted(kind):
+    """A learned observation noise is a 0-d site packed among the weights."""
+    from bnn_align import Gaussian
+
+    model = BayesianNetwork(models.mlp(3, [6], 1), likelihood=Gaussian("learned"),
+                            input_shape=(3,))
+    guide = make_guide(kind, model)
+    view = as_gaussian(guide)
+    assert view.loc["obs_noise"].shape == ()
+    before = snapshot(guide)
+    perms = random_perms(group_sizes(model), torch.Generator().manual_seed(3))
+    back = permute(permute(guide, perms), invert(perms))
+    torch.testing.assert_close(as_gaussian(back).loc["obs_noise"], view.loc["obs_noise"])
+    if kind != "full_rank":
+        assert_same_state(snapshot(back), before)
+    assert_same_state(snapshot(guide), before)
+
+
+def test_permutations_of_strings_are_rejected_by_group():
+    with pytest.raises(TypeError, match="group 'P' must hold integers"):
+        check_perms({"P": ["a", "b"]}, {"P": 2})
