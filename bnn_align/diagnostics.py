@@ -44,9 +44,13 @@ def _arviz():
     return arviz
 
 
+def _arviz_major() -> int:
+    return int(_arviz().__version__.split(".")[0])
+
+
 def _from_dict(groups: dict[str, dict], coords: dict, dims: dict) -> Any:
     az = _arviz()
-    if int(az.__version__.split(".")[0]) >= 1:  # 1.x: one mapping of groups
+    if _arviz_major() >= 1:  # 1.x: one mapping of groups
         return az.from_dict(groups, coords=coords, dims=dims)
     return az.from_dict(**groups, coords=coords, dims=dims)
 
@@ -293,8 +297,10 @@ def plot_units(alignment: Any, site: str | None = None, units: Sequence[int] = (
     Returns
     -------
     matplotlib.figure.Figure
-        Two panels: ``guide_a`` against ``guide_b`` and against the aligned ``guide_b``. After a
-        successful alignment the intervals of each unit overlap.
+        Two panels: ``guide_a`` against ``guide_b`` and against the aligned ``guide_b``. Where
+        the alignment found the unit's counterpart, its intervals overlap after alignment.
+        With ArviZ 1.x, whose forest plots each own a chart, a list of two figures (before,
+        after).
     """
     import matplotlib.pyplot as plt
 
@@ -315,19 +321,39 @@ def plot_units(alignment: Any, site: str | None = None, units: Sequence[int] = (
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise ValueError(f"{label} {bad} out of range for site {site!r} of shape {shape}")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 + 0.45 * len(units) * len(inputs)),
-                             sharex=True)
     titles = ("before alignment", "after alignment")
     labels = [f"unit {u}, in {i}" for u in units for i in inputs]
-    for ax, other, title in zip(axes, (result.guide_b, result.aligned), titles):
+    panels = []
+    for other in (result.guide_b, result.aligned):
         data = []
         for posterior in (result.guide_a, other):
             draws = _draws(posterior, num_samples, torch.Generator().manual_seed(seed))[site]
             columns = draws[:, list(units)][:, :, list(inputs)].reshape(num_samples, -1)
             entries = {label: columns[None, :, k].numpy() for k, label in enumerate(labels)}
             data.append(_from_dict({"posterior": entries}, {}, {}))
+        panels.append(data)
+    if _arviz_major() >= 1:
+        return _forest_arviz1(az, panels, labels, site, titles)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 + 0.45 * len(units) * len(inputs)),
+                             sharex=True)
+    for ax, data, title in zip(axes, panels, titles):
         az.plot_forest(data, model_names=["guide_a", "guide_b"], var_names=labels,
                        combined=True, ax=ax)
         ax.set_title(f"{site}: {title}")
     fig.tight_layout()
     return fig
+
+
+def _forest_arviz1(az: Any, panels: list, labels: list[str], site: str,
+                   titles: Sequence[str]) -> list:
+    """ArviZ 1.x (Python >= 3.12): arviz-plots draws every forest plot in a chart of its own
+    and takes the models as a mapping, so the two panels come back as two figures.
+    Not exercised by the test suite, which runs on ArviZ 0.23 (Python 3.11)."""
+    figures = []
+    for data, title in zip(panels, titles):
+        collection = az.plot_forest({"guide_a": data[0], "guide_b": data[1]},
+                                    var_names=labels, combined=True, backend="matplotlib")
+        figure = collection.viz["chart"].item()
+        figure.suptitle(f"{site}: {title}")
+        figures.append(figure)
+    return figures

@@ -105,3 +105,48 @@ def test_bad_input():
     loaded.guide_a = None
     with pytest.raises(ValueError, match="loaded from disk"):
         rhat_report(loaded)
+
+
+def test_plot_units_uses_the_arviz_1_forest_plot_interface(monkeypatch):
+    """ArviZ 1.x (Python >= 3.12) cannot be installed here: a stand-in records that the 1.x
+    call takes the models as a mapping, without matplotlib axes, and returns its charts."""
+    import matplotlib.pyplot as plt
+
+    import bnn_align.diagnostics as diagnostics
+
+    calls = []
+
+    class Chart:
+        def __init__(self):
+            self.figure = plt.figure()
+
+        def item(self):
+            return self.figure
+
+    class Collection:
+        def __init__(self):
+            self.viz = {"chart": Chart()}
+
+    class ArviZ1:
+        __version__ = "1.0.0"
+
+        @staticmethod
+        def from_dict(groups, coords=None, dims=None):
+            return groups
+
+        @staticmethod
+        def plot_forest(dt, **kwargs):
+            calls.append((dt, kwargs))
+            return Collection()
+
+    monkeypatch.setattr(diagnostics, "_arviz", lambda: ArviZ1)
+    model = BayesianNetwork(models.mlp(4, [5], 2), input_shape=(4,))
+    a = make_guide("mean_field", model, seed=1)
+    b = make_guide("mean_field", model, seed=2)
+    figures = plot_units((a, b), units=(0,), inputs=(1,), num_samples=20)
+    assert len(figures) == 2 and len(calls) == 2
+    models_, kwargs = calls[0]
+    assert list(models_) == ["guide_a", "guide_b"] and "ax" not in kwargs
+    assert kwargs["var_names"] == ["unit 0, in 1"]
+    assert figures[1]._suptitle.get_text().endswith("after alignment")
+    plt.close("all")
