@@ -18,7 +18,7 @@ NAMES = sorted(make_notebooks.NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes_with_a_small_budget(name, monkeypatch):
+def test_notebook_executes_with_a_small_budget(name):
     nb = nbformat.read(TUTORIALS / name, as_version=4)
     make_notebooks.execute(nb, "small", timeout=600)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])

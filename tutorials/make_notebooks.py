@@ -38,7 +38,7 @@ QUICKSTART = [
 Two Bayesian neural networks trained from different random initialisations usually end up in
 *different copies* of the same basin: their hidden units solve the same problem in a different
 order. Interpolating between the two posteriors then crosses a region of high loss. Once the
-second posterior is permuted to match the first, the barrier nearly disappears.
+second posterior is permuted to match the first, most of that barrier disappears.
 
 This notebook does the whole loop on MNIST-1D (generated offline): train two mean-field BNNs,
 align them with `bnn_align.match`, and compare the *marginalized* loss barrier, the predictive
@@ -114,11 +114,13 @@ plt.show()'''),
     md("""
 Along the naive path the model average's loss climbs far above the straight line between the
 endpoints (and the accuracy collapses towards chance in the middle); along the aligned path it
-stays close to the line. The two posteriors were in the same basin all along, up to a
-permutation of their hidden units.
+stays much closer to the line. Most of the barrier was only a relabelling of hidden units. Not
+all of it: on MNIST-1D a barrier of about a tenth of a nat remains after alignment, several
+standard errors above zero (the reproduction study in `benchmarks/study_barrier.py` finds the
+same over many pairs and widths, while on scikit-learn's digits it falls to about 0.01).
 
-`curve.to_json()` gives the numbers for the record; `bnn-align demo` runs this whole notebook
-from the command line.
+`curve.to_json()` gives the numbers for the record; `bnn-align demo` runs the same loop from the
+command line (with width 512 by default).
 """),
 ]
 
@@ -163,8 +165,9 @@ mapping from the flat latent vector to sites follows Pyro's own execution order.
 ## Matching with and without the factor
 
 The `"wasserstein"` objective includes the factor term `||W_a - P W_b R||^2`; `"mean"` matches the
-means only. Both objectives can be evaluated for any permutation, so we compare the alignments
-they find on the full objective.
+means only. `ba.alignment_cost` evaluates either objective at any permutations, so we can compare
+the alignments the two methods find on the full objective. (`match` starts the W2 descent from
+the mean-matching solution when that is better, so on its own objective it never does worse.)
 """),
     code('''
 full = ba.match(guide_a, guide_b)
@@ -174,7 +177,10 @@ print("rotation R is orthogonal:",
 agree = sum((full.perms[g] == means_only.perms[g]).float().mean().item()
             for g in full.perms) / len(full.perms)
 print(f"units placed the same way by both methods: {agree:.1%}")
-print("full objective after W2 matching:", round(full.cost_after, 3))'''),
+print("full objective at the identity:       ", round(full.cost_before, 3))
+print("full objective after mean matching:   ",
+      round(ba.alignment_cost(guide_a, guide_b, means_only.perms), 3))
+print("full objective after W2 matching:     ", round(full.cost_after, 3))'''),
     md("""
 The objective `match` minimises is the expected squared distance under a coupling of the two
 Gaussians that shares their noise. For diagonal Gaussians it equals the squared 2-Wasserstein
@@ -218,7 +224,9 @@ DIAGNOSTICS = [
 
 If two posteriors describe the same basin up to a permutation, treating their draws as two
 MCMC chains should show it: before alignment the chains disagree (R-hat far above 1, the
-signature of a multimodal posterior), after alignment they mix (R-hat near 1).
+signature of a multimodal posterior), and alignment should remove the part of the disagreement
+that is only a relabelling of units. How much is left tells whether the two posteriors are the
+same mode or two nearby ones.
 `bnn_align.to_inference_data` turns posteriors into an ArviZ `InferenceData` with one chain per
 posterior, and `bnn_align.diagnostics` builds the R-hat report and forest plots on top.
 """),
@@ -274,13 +282,30 @@ which alignment removes, and the genuine difference between the two solutions, w
 zero: see the test suite.)
 
 ## A look at individual units
+
+A forest plot shows a few units' incoming weights from both posteriors. We pick the three
+first-layer units whose incoming weights the alignment brought closest to guide_a's (the ones
+where relabelling matters most), and two of their inputs.
 """),
     code('''
 import matplotlib.pyplot as plt
 
-fig = diagnostics.plot_units(alignment, site="0.weight", units=(0, 1, 2), inputs=(0, 1),
+mean_a = ba.as_gaussian(guide_a).loc["0.weight"]
+before = (mean_a - ba.as_gaussian(guide_b).loc["0.weight"]).norm(dim=1)
+after = (mean_a - ba.as_gaussian(alignment.aligned).loc["0.weight"]).norm(dim=1)
+units = tuple((before - after).topk(3).indices.tolist())
+for u in units:
+    print(f"unit {u}: distance to guide_a's incoming weights {before[u]:.2f} before, "
+          f"{after[u]:.2f} after alignment")
+fig = diagnostics.plot_units(alignment, site="0.weight", units=units, inputs=(0, 1),
                              num_samples=DRAWS)
 plt.show()'''),
+    md("""
+Before alignment, position `i` of guide_b holds a different unit than position `i` of guide_a,
+and its intervals sit elsewhere; after alignment guide_b's counterpart has moved into place and
+the intervals lie much closer. They still do not coincide: the two posteriors are narrow and
+their aligned means differ, which is what the R-hat report above measured.
+"""),
     md("""
 ## Model comparison along the path
 
@@ -321,7 +346,7 @@ plain `nn.Module`s and state dicts wherever it accepts guides. This notebook tra
 with SGD and reproduces the Git Re-Basin observations: weight matching (`method="mean"`) and
 activation matching (`method="activation"`, units paired by the correlation of their
 activations) both find permutations that remove most of the loss barrier, and the barrier left
-after alignment shrinks as the networks get wider.
+after alignment is smallest for wider networks.
 """),
     code(BUDGET + '''
 import torch
@@ -365,10 +390,18 @@ activations = ba.match(net_a, net_b, method="activation", data=x_train)
 agree = sum((weights.perms[g] == activations.perms[g]).float().mean().item()
             for g in weights.perms) / len(weights.perms)
 print(f"units paired the same way by both methods: {agree:.1%}")
+print("weight-matching objective: identity", round(weights.cost_before, 1),
+      " weight matching", round(weights.cost_after, 1), " activation matching",
+      round(ba.alignment_cost(net_a, net_b, activations.perms, method="mean", data=x_train), 1))
 with torch.no_grad():
     same = torch.allclose(weights.aligned(split.x_test), net_b(split.x_test), atol=1e-5)
 print("the aligned network computes the same function:", same)'''),
     md("""
+The two methods pair only a minority of the units the same way, and activation matching's
+permutations are far from optimal for the weight-matching objective; yet, as the barriers below
+show, both lead into a low-loss region. Units of a trained layer are far from unique: several
+pairings are nearly as good for the function, and only the weight objective tells them apart.
+
 ## Loss barriers
 
 `marginal_loss` works for point estimates too (every "sample" is the same network), so the
@@ -418,9 +451,10 @@ plt.legend()
 plt.grid(alpha=0.3)
 plt.show()'''),
     md("""
-After weight matching the barrier is a small fraction of the naive one at every width. It falls
-as the networks get wider and then levels off at a few hundredths of a nat; the naive barrier
-shrinks with width too, but stays an order of magnitude larger. Ainsworth et al. (2023) report
+After weight matching the barrier is a small fraction of the naive one at every width. It is
+highest for the narrowest networks and levels off at a few hundredths of a nat from width 128
+on; the naive barrier stays an order of magnitude larger at every width (with two pairs per
+width, its ups and downs are within the spread between pairs). Ainsworth et al. (2023) report
 the barrier after matching falling towards zero with width for MLPs on MNIST; on MNIST-1D with
 these budgets it does not reach zero. The reproduction study repeats the comparison for
 Bayesian posteriors over more pairs.
@@ -444,11 +478,20 @@ def build(name: str) -> nbformat.NotebookNode:
 
 
 def execute(nb: nbformat.NotebookNode, budget: str, timeout: int = 1800) -> None:
+    """Run ``nb`` in place in a fresh kernel that sees ``BNN_ALIGN_TUTORIAL_BUDGET=budget``
+    (this process's environment is restored afterwards)."""
     from nbclient import NotebookClient
 
-    os.environ["BNN_ALIGN_TUTORIAL_BUDGET"] = budget
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(HERE)}}).execute()
+    previous = os.environ.get("BNN_ALIGN_TUTORIAL_BUDGET")
+    os.environ["BNN_ALIGN_TUTORIAL_BUDGET"] = budget  # the kernel inherits it
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(HERE)}}).execute()
+    finally:
+        if previous is None:
+            del os.environ["BNN_ALIGN_TUTORIAL_BUDGET"]
+        else:
+            os.environ["BNN_ALIGN_TUTORIAL_BUDGET"] = previous
 
 
 def main() -> None:
