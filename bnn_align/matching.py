@@ -193,13 +193,18 @@ class _Problem:
                           for uses in self.uses.values())
         self.perms = identity_perms(sizes)  # the current permutations
         self.version = {g: 0 for g in sizes}  # bumped whenever a group's permutation changes
-        self.part_version = {site: 0 for site in pairs}
+        self.part_version = {site: 0 for site in pairs}  # bumped when a factor is rotated
+        # Only the first ``active`` parts of every site enter the objective: 1 for the means
+        # alone (the warm start), all of them for the full objective. Everything below is
+        # cached per part, so the full objective reuses what the means-only descent computed.
+        self.num_parts = max((len(parts) for parts in pairs.values()), default=1)
+        self.active = self.num_parts
         # Contributions that depend on no other group (biases, norm parameters, the first and
-        # last layers) never change: they are summed once per group.
-        self.static: dict[str, np.ndarray] = {}
+        # last layers) never change: they are summed once per group and part.
+        self.static: dict[tuple[str, int], np.ndarray] = {}
         self.cache: dict[tuple, tuple[tuple, np.ndarray, dict]] = {}
         self.solved_at: dict[str, tuple] = {}
-        self.distances: dict[str, tuple[tuple, float]] = {}
+        self.distances: dict[tuple[str, int], tuple[tuple, float]] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def set_perms(self, perms: Mapping[str, torch.Tensor]) -> None:
@@ -208,11 +213,21 @@ class _Problem:
                 self.perms[g] = p
                 self.version[g] += 1
 
-    def _stamp(self, site: str, groups: tuple[str, ...]) -> tuple:
-        return tuple(self.version[h] for h in groups), self.part_version[site]
+    def _parts(self, site: str) -> range:
+        return range(min(self.active, len(self.pairs[site])))
+
+    def _is_factor(self, site: str, part: int) -> bool:
+        return self.factor_part.get(site) == part
+
+    def _stamp(self, site: str, groups: tuple[str, ...], part: int) -> tuple:
+        """What a part's contribution depends on: the other groups' permutations, and the
+        rotation for a covariance factor."""
+        rotated = self.part_version[site] if self._is_factor(site, part) else 0
+        return tuple(self.version[h] for h in groups), rotated
 
     def _solve_stamp(self, g: str) -> tuple:
-        return tuple(self._stamp(site, others) for site, _, _, others in self.uses[g])
+        return tuple(self._stamp(site, others, part) for site, _, _, others in self.uses[g]
+                     for part in self._parts(site))
 
     def needs_solve(self, g: str) -> bool:
         """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved."""
@@ -236,29 +251,34 @@ class _Problem:
         float32, like the weights: its rounding is far below the differences assignments make.
         """
         n = self.sizes[g]
-        if g not in self.static:
-            static = np.zeros((n, n), dtype=np.float32)
-            for site, axis, offset, others in self.uses[g]:
-                if not others and site not in self.factor_part:
-                    static += self._full(site, axis, offset, n, {})
-            self.static[g] = static
-        total = self.static[g].copy()
+        total = np.zeros((n, n), dtype=np.float32)
+        for part in range(self.active):
+            if (g, part) not in self.static:
+                static = np.zeros((n, n), dtype=np.float32)
+                for site, axis, offset, others in self.uses[g]:
+                    if (not others and not self._is_factor(site, part)
+                            and part < len(self.pairs[site])):
+                        static += self._full(site, part, axis, offset, n, {})
+                self.static[g, part] = static
+            total += self.static[g, part]
         for site, axis, offset, others in self.uses[g]:
-            if not others and site not in self.factor_part:
-                continue
-            key = (g, site, axis, offset)
-            stamp = self._stamp(site, others)
-            hit = self.cache.get(key)
-            if hit is None or hit[0] != stamp:
-                index = self._other_index(site, axis)
-                matrix = None
-                if hit is not None and hit[0][1] == stamp[1]:
-                    matrix = self._update(site, axis, offset, n, hit[1], hit[2], index)
-                if matrix is None:
-                    matrix = self._full(site, axis, offset, n, index)
-                hit = (stamp, matrix, index)
-                self.cache[key] = hit
-            total += hit[1]
+            for part in self._parts(site):
+                if not others and not self._is_factor(site, part):
+                    continue  # in the static sum
+                key = (g, site, axis, offset, part)
+                stamp = self._stamp(site, others, part)
+                hit = self.cache.get(key)
+                if hit is None or hit[0] != stamp:
+                    index = self._other_index(site, axis)
+                    matrix = None
+                    if hit is not None and hit[0][1] == stamp[1]:
+                        matrix = self._update(site, part, axis, offset, n, hit[1], hit[2],
+                                              index)
+                    if matrix is None:
+                        matrix = self._full(site, part, axis, offset, n, index)
+                    hit = (stamp, matrix, index)
+                    self.cache[key] = hit
+                total += hit[1]
         self.solved_at[g] = self._solve_stamp(g)
         return total
 
@@ -268,23 +288,19 @@ class _Problem:
         part = t[(slice(None),) * axis + (slice(offset * block, (offset + n) * block),)]
         return np.moveaxis(part, axis, 0).reshape(n, -1)
 
-    def _full(self, site: str, axis: int, offset: int, n: int,
+    def _full(self, site: str, part: int, axis: int, offset: int, n: int,
               index: Mapping[int, np.ndarray | None]) -> np.ndarray:
-        """``sum_parts A_(axis) P_other(B)_(axis)^T``, shape ``(n, n)``, float32."""
+        """``A_(axis) P_other(B)_(axis)^T`` of one part, shape ``(n, n)``, float32."""
         block = self.blocks.get(site, {}).get(axis, 1)
-        out = None
-        for a, b in self.pairs[site]:
-            for ax, idx in index.items():
-                if idx is not None:
-                    b = np.take(b, idx, axis=ax)
-            product = self._rows(a, axis, offset, n, block) @ self._rows(b, axis, offset, n,
-                                                                         block).T
-            out = product if out is None else np.add(out, product, out=out)
-        return out
+        a, b = self.pairs[site][part]
+        for ax, idx in index.items():
+            if idx is not None:
+                b = np.take(b, idx, axis=ax)
+        return self._rows(a, axis, offset, n, block) @ self._rows(b, axis, offset, n, block).T
 
-    def _update(self, site: str, axis: int, offset: int, n: int, matrix: np.ndarray,
-                old: Mapping[int, np.ndarray | None], new: Mapping[int, np.ndarray | None]
-                ) -> np.ndarray | None:
+    def _update(self, site: str, part: int, axis: int, offset: int, n: int,
+                matrix: np.ndarray, old: Mapping[int, np.ndarray | None],
+                new: Mapping[int, np.ndarray | None]) -> np.ndarray | None:
         """Correct a cached contribution for moved units of the one other permuted axis:
         ``sum_k A[:, k] (B[:, new_k] - B[:, old_k])^T`` over the moved positions ``k``."""
         if len(new) != 1:
@@ -301,11 +317,11 @@ class _Problem:
         if len(moved) == 0:
             return matrix
         block = self.blocks.get(site, {}).get(axis, 1)
-        for a, b in self.pairs[site]:
-            delta = np.take(b, idx_new[moved], axis=ax) - np.take(b, idx_old[moved], axis=ax)
-            a_moved = np.take(a, moved, axis=ax)
-            matrix += (self._rows(a_moved, axis, offset, n, block)
-                       @ self._rows(delta, axis, offset, n, block).T)
+        a, b = self.pairs[site][part]
+        delta = np.take(b, idx_new[moved], axis=ax) - np.take(b, idx_old[moved], axis=ax)
+        a_moved = np.take(a, moved, axis=ax)
+        matrix += (self._rows(a_moved, axis, offset, n, block)
+                   @ self._rows(delta, axis, offset, n, block).T)
         return matrix
 
     # -- the rotation of covariance factors -------------------------------------------------------
@@ -313,7 +329,7 @@ class _Problem:
         """Procrustes step: the orthogonal ``R`` maximising ``<W_a, P(W_b) R>``, i.e. ``U V^T``
         from the SVD of ``P(W_b)^T W_a``. Returns the gain in ``sum_t <A_t, P(B_t)>`` (0.0 when
         ``R`` did not change)."""
-        if not self.factor_part:
+        if not self.factor_part or min(self.factor_part.values()) >= self.active:
             return 0.0
         cross = None
         for site, index in self.factor_part.items():
@@ -340,17 +356,16 @@ class _Problem:
         """``sum_t ||A_t - P(B_t)||^2``, each tensor's term recomputed only when it moved."""
         total = 0.0
         for site, pairs in self.pairs.items():
-            stamp = self._stamp(site, self.site_groups[site])
-            hit = self.distances.get(site)
-            if hit is None or hit[0] != stamp:
-                value = 0.0
-                for a, b in pairs:
+            for part in self._parts(site):
+                stamp = self._stamp(site, self.site_groups[site], part)
+                hit = self.distances.get((site, part))
+                if hit is None or hit[0] != stamp:
+                    a, b = pairs[part]
                     diff = np.atleast_1d(a - self.permuted(site, b))  # 0-d sites too
                     with np.errstate(over="ignore"):  # match() reports an infinite cost
-                        value += float(np.square(diff, out=diff).sum(dtype=np.float64))
-                hit = (stamp, value)
-                self.distances[site] = hit
-            total += hit[1]
+                        hit = (stamp, float(np.square(diff, out=diff).sum(dtype=np.float64)))
+                    self.distances[site, part] = hit
+                total += hit[1]
         return total
 
     def permuted(self, site: str, b: np.ndarray) -> np.ndarray:
@@ -681,12 +696,8 @@ def _cost_at(problem: _Problem, perms: Mapping[str, torch.Tensor], constant: flo
     return problem.cost() + constant
 
 
-def _means_only(problem: _Problem) -> bool:
-    return all(len(parts) == 1 for parts in problem.pairs.values())
-
-
 def _warm_start(problem: _Problem, constant: float, start: Mapping[str, torch.Tensor],
-                means: _Problem, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+                rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Refine ``start`` on the means alone, and keep it if that lowers the full objective.
 
     The standard deviations and covariance factors add many terms to the similarities that
@@ -697,10 +708,17 @@ def _warm_start(problem: _Problem, constant: float, start: Mapping[str, torch.Te
     matching on the means finds the basin; the full objective then refines within it. The
     better of the two starts is kept, so the result is never worse than starting at ``start``.
     It runs to convergence whatever ``max_iter`` is, so stopping the descent that follows
-    after ``k`` sweeps gives its ``k``-th value.
+    after ``k`` sweeps gives its ``k``-th value. The means-only descent runs on ``problem``
+    itself (its other parts switched off), so the full descent reuses its cached terms.
     """
-    perms = _coordinate_descent(means, start, 0.0, _WARM_START_SWEEPS, rng, None)[0]
+    if problem.num_parts == 1:
+        return dict(start)  # the objective is the means'
     at_start = _cost_at(problem, start, constant)
+    problem.active = 1
+    try:
+        perms = _coordinate_descent(problem, start, 0.0, _WARM_START_SWEEPS, rng, None)[0]
+    finally:
+        problem.active = problem.num_parts
     # evaluated last, so the descent that follows finds its terms cached
     if _cost_at(problem, perms, constant) < at_start:
         return perms
@@ -852,9 +870,8 @@ def match(
             cost = _cost_at(problem, init_perms, constant)
             result = (dict(problem.perms), [cost], 0, True, problem.rotation_tensor())
         else:
-            if objective == "wasserstein" and not _means_only(problem):
-                init_perms = _warm_start(problem, constant, init_perms,
-                                         _problem(va, vb, "mean", spec, sizes)[0], rng)
+            if objective == "wasserstein":
+                init_perms = _warm_start(problem, constant, init_perms, rng)
             result = _coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
         restart_costs.append(result[1][-1])
         if best is None or result[1][-1] < best[1][-1]:
