@@ -80,6 +80,7 @@ def bare_forward(model, path, test, samples, ts):
 
 
 def timed(fn, *args, repeats=2):
+    """Best of ``repeats`` runs after a warm-up (the same for every contender)."""
     fn(*args)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -103,7 +104,7 @@ def main():
         model, path, test, samples, ts = make_path(case)
         work = samples * len(test[0]) * len(ts)
         t_ours = timed(ours, model, path, test, samples, ts)
-        t_pred = timed(predictive_baseline, model, path, test, samples, ts, repeats=1)
+        t_pred = timed(predictive_baseline, model, path, test, samples, ts)
         t_bare = timed(bare_forward, model, path, test, samples, ts)
         row = {"case": case, "num_samples": samples, "num_points": len(test[0]),
                "num_ts": len(ts), "ours_seconds": t_ours, "predictive_seconds": t_pred,
