@@ -810,7 +810,9 @@ def match(
     seed : int
         Seed of the group order, random restarts and activation sampling.
     init : mapping of str to permutation, optional
-        Starting permutations (default: the identity) for the first restart.
+        Starting permutations (default: the identity) for the first restart. For
+        ``"wasserstein"`` every start is first refined on the means, and the refined
+        permutations replace it when they lower the full objective.
     num_restarts : int
         Restarts of coordinate descent; restarts after the first start from random
         permutations. The lowest final objective wins.
