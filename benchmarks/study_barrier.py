@@ -17,8 +17,11 @@ the 12 guides of that cell.
 
 The study is resumable: trained guides are cached under ``--cache`` and every finished
 (cell, pair, method) row is appended to ``benchmarks/results/study_barrier.csv`` at once; a
-rerun skips what is done. ``--quick`` runs a tiny version for smoke testing. At the end it
-writes ``study_barrier.md`` (the summary table) and ``study_barrier.png``.
+rerun skips what is done. ``--quick`` runs a tiny version for smoke testing; ``--only`` splits the
+grid between processes (one thread each: two multi-threaded BLAS processes on 2 cores slow each
+other down many times over). At the end it
+writes ``study_barrier.md`` (the summary tables), ``study_barrier.png`` (NLL barriers) and
+``study_barrier_accuracy.png`` (accuracy barriers).
 
 Training follows the recipe in the design notes: Normal(0, 1) prior, full ELBO, AutoNormal /
 AutoLowRankMultivariateNormal with init scale 1e-3 and He-initialised means, Adam 1e-2 decayed
@@ -38,13 +41,14 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from bnn_align import BayesianNetwork, fit, guides, interpolate, marginal_loss, match, models
+from bnn_align import (BayesianNetwork, alignment_cost, fit, guides, interpolate, marginal_loss,
+                       match, models)
 from bnn_align.data import digits, mnist1d
 
 RESULTS = Path(__file__).parent / "results"
 FIELDS = ["dataset", "arch", "width", "guide", "pair", "method", "nll_barrier", "nll_se",
-          "acc_barrier", "acc_se", "nll_t0", "nll_t1", "acc_t0", "acc_t1", "match_seconds",
-          "train_seconds", "eval_seconds"]
+          "acc_barrier", "acc_se", "nll_t0", "nll_t1", "acc_t0", "acc_t1", "w2_cost",
+          "mean_cost", "match_seconds", "train_seconds", "eval_seconds"]
 METHODS = ("naive", "mean", "wasserstein")
 
 
@@ -153,11 +157,12 @@ def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool)
                     method) in done:
                 continue
             match_seconds = 0.0
-            other = q1
+            other, perms = q1, None
             if method != "naive":
                 alignment = match(q0, q1, method=method, seed=pair,
                                   data=x_act if method == "activation" else None)
-                other, match_seconds = alignment.aligned, alignment.seconds
+                other, perms = alignment.aligned, alignment.perms
+                match_seconds = alignment.seconds
             started = time.perf_counter()
             curve = marginal_loss(model, interpolate(q0, other), split.test, ts=ts,
                                   num_samples=samples, seed=pair, metrics=["nll", "accuracy"])
@@ -168,7 +173,12 @@ def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool)
                 "nll_barrier": nll.value, "nll_se": nll.se, "acc_barrier": acc.value,
                 "acc_se": acc.se, "nll_t0": curve.values["nll"][0],
                 "nll_t1": curve.values["nll"][-1], "acc_t0": curve.values["accuracy"][0],
-                "acc_t1": curve.values["accuracy"][-1], "match_seconds": match_seconds,
+                "acc_t1": curve.values["accuracy"][-1],
+                # every method's permutations on both objectives: tells a poor optimum of the
+                # W2 objective from an objective that prefers a worse alignment
+                "w2_cost": alignment_cost(q0, q1, perms),
+                "mean_cost": alignment_cost(q0, q1, perms, method="mean"),
+                "match_seconds": match_seconds,
                 "train_seconds": s0 + s1, "eval_seconds": time.perf_counter() - started,
             })
         pyro.clear_param_store()
@@ -193,73 +203,141 @@ def summarise(rows: list[dict]) -> list[dict]:
                           []).append(r)
     out = []
     for (dataset, arch, width, guide, method), rs in sorted(groups.items(), key=_order):
-        nll = np.array([r["nll_barrier"] for r in rs])
-        acc = np.array([r["acc_barrier"] for r in rs])
-        out.append({
-            "dataset": dataset, "arch": arch, "width": width, "guide": guide, "method": method,
-            "pairs": len(rs), "nll_mean": nll.mean(), "nll_spread": nll.std(ddof=1) if len(rs) > 1
-            else 0.0, "nll_mc_se": float(np.mean([r["nll_se"] for r in rs])),
-            "acc_mean": acc.mean(), "acc_spread": acc.std(ddof=1) if len(rs) > 1 else 0.0,
-            "test_acc": float(np.mean([(r["acc_t0"] + r["acc_t1"]) / 2 for r in rs])),
-            "train_seconds": float(np.mean([r["train_seconds"] for r in rs])) / 2,
-        })
+        entry = {"dataset": dataset, "arch": arch, "width": width, "guide": guide,
+                 "method": method, "pairs": len(rs),
+                 "test_acc": float(np.mean([(r["acc_t0"] + r["acc_t1"]) / 2 for r in rs])),
+                 "train_seconds": float(np.mean([r["train_seconds"] for r in rs])) / 2}
+        for key in ("nll", "acc"):
+            values = np.array([r[f"{key}_barrier"] for r in rs])
+            entry[f"{key}_mean"] = float(values.mean())
+            entry[f"{key}_spread"] = float(values.std(ddof=1)) if len(rs) > 1 else 0.0
+            entry[f"{key}_mc_se"] = float(np.mean([r[f"{key}_se"] for r in rs]))
+        for key in ("w2_cost", "mean_cost"):
+            entry[key] = float(np.mean([r[key] for r in rs]))
+        out.append(entry)
     return out
 
 
 def _order(item):
     (dataset, arch, width, guide, method), _ = item
-    methods = ["naive", "mean", "wasserstein", "activation"]
-    return (dataset, arch, guide, width, methods.index(method))
+    return (dataset, arch, guide, width, METHODS_ALL.index(method))
 
 
-def markdown(summary: list[dict]) -> str:
-    lines = ["| data | network | guide | test acc | naive | mean | W2 | activation |",
-             "|---|---|---|---|---|---|---|---|"]
+METHODS_ALL = ["naive", "mean", "wasserstein", "activation"]
+LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation"}
+
+
+def _by_cell(summary: list[dict]) -> dict[tuple, dict]:
     cells: dict[tuple, dict] = {}
     for s in summary:
         cells.setdefault((s["dataset"], s["arch"], s["width"], s["guide"]), {})[s["method"]] = s
+    return cells
+
+
+def _network(arch: str, width: int) -> str:
+    return f"MLP {width}x2" if arch == "mlp" else f"ResNet-8 x{width}"
+
+
+def markdown(summary: list[dict]) -> str:
+    """Three tables: NLL barriers, accuracy drops, and the matching objectives."""
+    cells = _by_cell(summary)
+    methods = " | ".join(LABELS[m] for m in METHODS_ALL)
+    lines = ["NLL barrier (nats): mean ± spread (standard deviation) over independent pairs; "
+             "MC s.e.: the typical Monte-Carlo standard error of one aligned (W2) barrier.", "",
+             f"| data | network | guide | test acc | {methods} | MC s.e. |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (dataset, arch, width, guide), by_method in cells.items():
-        name = f"MLP {width}x2" if arch == "mlp" else f"ResNet-8 x{width}"
         acc = np.mean([s["test_acc"] for s in by_method.values()])
-
-        def fmt(m):
-            s = by_method.get(m)
-            return "" if s is None else f"{s['nll_mean']:.3f} ± {s['nll_spread']:.3f}"
-
-        lines.append(f"| {dataset} | {name} | {guide} | {acc:.3f} | {fmt('naive')} | "
-                     f"{fmt('mean')} | {fmt('wasserstein')} | {fmt('activation')} |")
+        se = by_method.get("wasserstein", {}).get("nll_mc_se", float("nan"))
+        lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | {acc:.3f} | "
+                     + _row(by_method, "nll", 3) + f" | {se:.3f} |")
+    lines += ["", "Accuracy barrier (largest drop below the line between the endpoints): mean ± "
+              "spread over pairs.", "",
+              f"| data | network | guide | {methods} |", "|---|---|---|---|---|---|---|"]
+    for (dataset, arch, width, guide), by_method in cells.items():
+        lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
+                     + _row(by_method, "acc", 3) + " |")
+    lines += ["", "Matching objectives at each method's permutations (mean over pairs): the "
+              "W2 objective (coupled squared distance) and the squared distance of the means.",
+              "", "| data | network | guide | W2 obj.: mean | W2 obj.: W2 | "
+              "mean obj.: mean | mean obj.: W2 |", "|---|---|---|---|---|---|---|"]
+    for (dataset, arch, width, guide), by_method in cells.items():
+        if "mean" not in by_method or "wasserstein" not in by_method:
+            continue
+        m, w = by_method["mean"], by_method["wasserstein"]
+        lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | {m['w2_cost']:.1f} | "
+                     f"{w['w2_cost']:.1f} | {m['mean_cost']:.1f} | {w['mean_cost']:.1f} |")
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def _row(by_method: dict, key: str, digits: int) -> str:
+    cells = []
+    for m in METHODS_ALL:
+        s = by_method.get(m)
+        cells.append("" if s is None else
+                     f"{s[key + '_mean']:.{digits}f} ± {s[key + '_spread']:.{digits}f}")
+    return " | ".join(cells)
+
+
+COLORS = {"naive": "tab:red", "mean": "tab:orange", "wasserstein": "tab:blue",
+          "activation": "tab:green"}
+
+
+def plot(summary: list[dict], path: Path, key: str = "nll") -> None:
+    """Barriers against width: MLPs per (dataset, guide), ResNets per guide (2 x 3 panels).
+
+    Error bars are the spread over pairs; the log axis is floored at 1e-3 (barriers are >= 0).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(s["dataset"], s["guide"]) for s in summary if s["arch"] == "mlp"})
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4),
-                             squeeze=False)
-    colors = {"naive": "tab:red", "mean": "tab:orange", "wasserstein": "tab:blue",
-              "activation": "tab:green"}
-    for ax, (dataset, guide) in zip(axes[0], panels):
-        for method, color in colors.items():
-            pts = sorted((s["width"], s["nll_mean"], s["nll_spread"]) for s in summary
-                         if (s["dataset"], s["guide"], s["arch"], s["method"]) ==
-                         (dataset, guide, "mlp", method))
-            if not pts:
-                continue
-            w, m, e = map(np.array, zip(*pts))
-            ax.errorbar(w, m, yerr=e, marker="o", ms=3, capsize=2, label=method, color=color)
+    floor = 1e-3
+    ylabel = "NLL barrier (nats)" if key == "nll" else "accuracy barrier"
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.6))
+    panels = [("mnist1d", "mlp", "mean-field"), ("mnist1d", "mlp", "low-rank"),
+              ("mnist1d", "resnet8", None), ("digits", "mlp", "mean-field"),
+              ("digits", "mlp", "low-rank"), None]
+    for ax, panel in zip(axes.flat, panels):
+        if panel is None:
+            ax.axis("off")
+            continue
+        dataset, arch, guide = panel
+        for method, color in COLORS.items():
+            for g, style in (("mean-field", "-"), ("low-rank", "--")):
+                if guide is not None and g != guide:
+                    continue
+                pts = sorted((s["width"], s[f"{key}_mean"], s[f"{key}_spread"]) for s in summary
+                             if (s["dataset"], s["arch"], s["guide"], s["method"]) ==
+                             (dataset, arch, g, method))
+                if not pts:
+                    continue
+                w, m, e = map(np.array, zip(*pts))
+                lower = np.minimum(e, np.maximum(m, floor) - floor)  # keep bars on the axis
+                ax.errorbar(w, np.maximum(m, floor), yerr=(lower, e), marker="o", ms=4,
+                            capsize=2, color=color, linestyle=style,
+                            label=f"{LABELS[method]} ({g})")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog", linthresh=0.01)
-        ax.set_xlabel("hidden width")
-        ax.set_ylabel("NLL barrier (nats)")
-        ax.set_title(f"{dataset}, {guide}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        if arch == "resnet8":
+            ax.set_xlim(0.8, 2.5)
+            ax.set_xticks([1, 2], ["x1", "x2"])
+        ax.set_yscale("log")
+        ax.set_ylim(floor, 5)
+        ax.set_xlabel("width multiplier" if arch == "resnet8" else "hidden width (2 layers)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{dataset}, {'ResNet-8 (1-D)' if arch == 'resnet8' else 'MLP'}"
+                     + (f", {guide}" if guide else ", both guides"), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles = [plt.Line2D([], [], color=c, marker="o", label=LABELS[m])
+               for m, c in COLORS.items()]
+    handles += [plt.Line2D([], [], color="gray", linestyle=style, label=g)
+                for g, style in (("mean-field", "-"), ("low-rank", "--"))]
+    axes[1][2].legend(handles=handles, loc="center", title="matching; guide")
+    fig.suptitle(f"{ylabel} after alignment; error bars: spread over 3 pairs of seeds",
+                 fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -267,6 +345,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny smoke-test version")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--only", nargs="+", default=None, metavar="KEY",
+                        help="run only cells whose key (e.g. mnist1d-mlp256-mean-field) "
+                             "contains one of these strings; lets several processes share the "
+                             "grid (each with OMP_NUM_THREADS=1 on its own core)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=None,
                         help="where trained guides are kept (default: OUT/study_cache)")
@@ -276,13 +358,14 @@ def main():
     cache = args.cache or args.out / "study_cache"
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run(grid(args.quick), args.pairs, csv_path, cache, args.quick)
+    cells = [c for c in grid(args.quick)
+             if args.only is None or any(k in c.key for k in args.only)]
+    run(cells, args.pairs, csv_path, cache, args.quick)
     summary = summarise(load_rows(csv_path))
     table = markdown(summary)
-    (args.out / f"{stem}.md").write_text(
-        "NLL barrier (nats), mean ± spread (standard deviation) over independent pairs\n\n"
-        + table + "\n")
-    plot(summary, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    plot(summary, args.out / f"{stem}.png", "nll")
+    plot(summary, args.out / f"{stem}_accuracy.png", "acc")
     print(table)
     print(f"\n{time.perf_counter() - started:.0f} s this run; wrote {csv_path}")
 

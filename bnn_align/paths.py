@@ -183,11 +183,7 @@ class Path:
         b0, b1 = self._buffers
         if model is None or b0 is None or b1 is None or _same(b0, b1):
             return None  # the guide keeps its template's model
-        net = copy.deepcopy(model.net)
-        with torch.no_grad():
-            for name, value in self.buffers_at(t).items():
-                net.get_buffer(name).copy_(value)
-        return model.with_net(net)
+        return model.with_net(_with_buffers(copy.deepcopy(model.net), self.buffers_at(t)))
 
     # -- sampling ----------------------------------------------------------------------------------
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Noise:
@@ -262,7 +258,7 @@ def _same(b0: Mapping[str, torch.Tensor], b1: Mapping[str, torch.Tensor]) -> boo
 
 
 def _with_buffers(obj: Any, buffers: Mapping[str, torch.Tensor] | None) -> Any:
-    """A state dict or module (our own new one) with its buffers set to ``buffers``."""
+    """A state dict or module (a new one of ours, updated in place) holding ``buffers``."""
     if not buffers:
         return obj
     if isinstance(obj, torch.nn.Module):
