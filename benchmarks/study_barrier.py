@@ -147,15 +147,18 @@ def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool)
     samples = 8 if quick else 64
     ts = 5 if quick else 11
     for cell, pair in tqdm(todo, desc="study"):
+        done = done_rows(csv_path)  # another process may have finished rows meanwhile
+        methods = [m for m in cell.methods()
+                   if (cell.dataset, cell.arch, str(cell.width), cell.guide, str(pair), m)
+                   not in done]
+        if not methods:
+            continue
         split = load_data(cell)
         epochs = 2 if quick else (200 if cell.dataset == "digits" else 60)
         model, q0, s0 = trained(cell, split, 2 * pair, cache, epochs)
         _, q1, s1 = trained(cell, split, 2 * pair + 1, cache, epochs)
         x_act = split.x_train[:1000]
-        for method in cell.methods():
-            if (cell.dataset, cell.arch, str(cell.width), cell.guide, str(pair),
-                    method) in done:
-                continue
+        for method in methods:
             match_seconds = 0.0
             other, perms = q1, None
             if method != "naive":
