@@ -9,7 +9,7 @@ For a path of mean-field posteriors on MNIST-1D it times, in the same process,
   returned logits,
 * the compute floor: only the batched forward pass of the network with the same weights.
 
-Throughput is posterior samples x test points per second over the whole path. Results go to
+Throughput is posterior samples x test points x path points per second. Results go to
 ``benchmarks/results/marginal.json``. Run ``python benchmarks/bench_marginal.py`` (about two
 minutes on 2 cores).
 """
@@ -97,7 +97,7 @@ def main():
     args = parser.parse_args()
     rows = []
     header = (f"{'case':<12} {'S x N x T':>14} {'ours s':>8} {'Predictive s':>13} "
-              f"{'bare s':>8} {'speed-up':>9} {'ours/bare':>10} {'samples*points/s':>17}")
+              f"{'bare s':>8} {'speed-up':>9} {'ours/bare':>10} {'S*N*T per s':>17}")
     print(header)
     print("-" * len(header))
     for case in args.cases:
