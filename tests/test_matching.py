@@ -491,3 +491,30 @@ def test_tracked_history_equals_the_exact_objective_after_every_sweep(kind):
         assert partial.history == pytest.approx(full.history[:k - 1] + [partial.cost_after],
                                                 rel=1e-6)
         assert full.history[k - 1] == pytest.approx(partial.cost_after, rel=1e-5)
+
+
+@pytest.mark.parametrize("signal", [0.0, 0.3, 3.0])
+def test_assignment_steps_are_exact_with_and_without_the_row_maxima_shortcut(signal):
+    """The shortcut (rows' argmaxes that form a permutation) must give the optimal value;
+    without a strong diagonal it must not fire and the solver decides."""
+    from scipy.optimize import linear_sum_assignment
+
+    from bnn_align.matching import _assign, _row_maxima_permutation
+
+    rng = np.random.default_rng(7)
+    fired = 0
+    for trial in range(20):
+        n = int(rng.integers(2, 40))
+        planted = rng.permutation(n)
+        s = rng.standard_normal((n, n)).astype(np.float32)
+        s[np.arange(n), planted] += signal * n  # a clear optimum when signal is large
+        p = _assign(s).numpy()
+        assert sorted(p) == list(range(n))
+        rows, cols = linear_sum_assignment(s.astype(np.float64), maximize=True)
+        optimum = s.astype(np.float64)[rows, cols].sum()
+        assert s.astype(np.float64)[np.arange(n), p].sum() == pytest.approx(optimum, rel=1e-6)
+        fired += _row_maxima_permutation(s) is not None
+    if signal == 3.0:
+        assert fired == 20
+    if signal == 0.0:
+        assert fired < 20
