@@ -17,7 +17,8 @@ per step), about 3 hours for the 12 guides of the two cells.
 
 The study is resumable: trained guides are cached under ``--cache`` and every finished
 (cell, pair, method) row is appended to ``benchmarks/results/study_barrier.csv`` at once; a
-rerun skips what is done. ``--quick`` runs a tiny version for smoke testing; ``--only`` splits the
+rerun skips what is done. Progress bars show items, training epochs and path points (``--quiet``
+turns them off). ``--quick`` runs a tiny version for smoke testing; ``--only`` splits the
 grid between processes (one thread each: two multi-threaded BLAS processes on 2 cores slow each
 other down many times over). At the end it
 writes ``study_barrier.md`` (the summary tables), ``study_barrier.png`` (NLL barriers) and
@@ -103,7 +104,7 @@ def make_guide(cell: Cell, model: BayesianNetwork):
     return guides.mean_field(model) if cell.guide == "mean-field" else guides.low_rank(model, 10)
 
 
-def trained(cell: Cell, split, seed: int, cache: Path, epochs: int):
+def trained(cell: Cell, split, seed: int, cache: Path, epochs: int, progress: bool = True):
     """A trained (model, guide, seconds), from the cache when it is there."""
     model = build_model(cell, split, seed)
     guide = make_guide(cell, model)
@@ -113,7 +114,7 @@ def trained(cell: Cell, split, seed: int, cache: Path, epochs: int):
         guide.load_state_dict(state["guide"])
         return model, guide, state["seconds"]
     started = time.perf_counter()
-    fit(model, guide, split.train, epochs=epochs, seed=seed, progress=False)
+    fit(model, guide, split.train, epochs=epochs, seed=seed, progress=progress)
     seconds = time.perf_counter() - started
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({"guide": guide.state_dict(), "seconds": seconds}, path)
@@ -137,14 +138,17 @@ def append_row(csv_path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool) -> None:
+def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool,
+        progress: bool = True) -> None:
+    """Train, align and evaluate every missing (cell, pair, method) row; ``progress`` shows bars
+    for the items and, nested, for training epochs and path points."""
     done = done_rows(csv_path)
     todo = [(c, p) for c in cells for p in range(pairs)
             if any((c.dataset, c.arch, str(c.width), c.guide, str(p), m) not in done
                    for m in c.methods())]
     samples = 8 if quick else 64
     ts = 5 if quick else 11
-    for cell, pair in tqdm(todo, desc="study"):
+    for cell, pair in tqdm(todo, desc="study", disable=not progress):
         done = done_rows(csv_path)  # another process may have finished rows meanwhile
         methods = [m for m in cell.methods()
                    if (cell.dataset, cell.arch, str(cell.width), cell.guide, str(pair), m)
@@ -153,8 +157,8 @@ def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool)
             continue
         split = load_data(cell)
         epochs = 2 if quick else (200 if cell.dataset == "digits" else 60)
-        model, q0, s0 = trained(cell, split, 2 * pair, cache, epochs)
-        _, q1, s1 = trained(cell, split, 2 * pair + 1, cache, epochs)
+        model, q0, s0 = trained(cell, split, 2 * pair, cache, epochs, progress)
+        _, q1, s1 = trained(cell, split, 2 * pair + 1, cache, epochs, progress)
         x_act = split.x_train[:1000]
         for method in methods:
             match_seconds = 0.0
@@ -166,7 +170,8 @@ def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool)
                 match_seconds = alignment.seconds
             started = time.perf_counter()
             curve = marginal_loss(model, interpolate(q0, other), split.test, ts=ts,
-                                  num_samples=samples, seed=pair, metrics=["nll", "accuracy"])
+                                  num_samples=samples, seed=pair, metrics=["nll", "accuracy"],
+                                  progress=progress)
             nll, acc = curve.barrier("nll"), curve.barrier("accuracy")
             append_row(csv_path, {
                 "dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
@@ -351,6 +356,7 @@ def main():
                              "contains one of these strings; lets several processes share the "
                              "grid (each with OMP_NUM_THREADS=1 on its own core)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--cache", type=Path, default=None,
                         help="where trained guides are kept (default: OUT/study_cache)")
     args = parser.parse_args()
@@ -361,7 +367,7 @@ def main():
     started = time.perf_counter()
     cells = [c for c in grid(args.quick)
              if args.only is None or any(k in c.key for k in args.only)]
-    run(cells, args.pairs, csv_path, cache, args.quick)
+    run(cells, args.pairs, csv_path, cache, args.quick, progress=not args.quiet)
     summary = summarise(load_rows(csv_path))
     table = markdown(summary)
     (args.out / f"{stem}.md").write_text(table + "\n")
