@@ -401,8 +401,7 @@ def _assign(similarity: np.ndarray) -> torch.Tensor:
     shortest-augmenting-path solver is 2-3x faster on the nearly constant similarities that
     positive standard deviations produce (measured on the 2048-wide benchmark MLP).
     """
-    s = np.asarray(similarity)  # the activation correlations arrive as a tensor
-    s = s - s.mean(0, keepdims=True)
+    s = similarity - similarity.mean(0, keepdims=True)
     s -= s.mean(1, keepdims=True)
     best = _row_maxima_permutation(s)
     if best is not None:
@@ -415,8 +414,8 @@ def _row_maxima_permutation(similarity: np.ndarray) -> np.ndarray | None:
     """The rows' argmaxes if they form a permutation, else None.
 
     No assignment can beat the sum of the row maxima, so when every row's best column is a
-    different one the assignment problem is solved without the solver. That happens in every
-    step of aligning near-copies (checkpoints of one run, a planted permutation) and costs one
+    different one the assignment problem is solved without the solver. That happens in most
+    steps of aligning near-copies (checkpoints of one run, a planted permutation) and costs one
     pass over the matrix otherwise.
     """
     best = similarity.argmax(1)
@@ -607,7 +606,7 @@ def _activation_perms(guide_a: Any, guide_b: Any, va: GaussianView, vb: Gaussian
             stats[g].update(acts_a[g], acts_b[g])
     perms = identity_perms(sizes)
     for g, s in stats.items():
-        perms[g] = _assign(s.correlation())
+        perms[g] = _assign(s.correlation().numpy())
     return perms
 
 
