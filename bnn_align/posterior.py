@@ -194,12 +194,14 @@ def clone_guide(guide: autoguide.AutoGuide, model: Any = None,
     """A copy of an autoguide, with some parameters replaced by new values.
 
     Parameters named in ``replace`` (old parameter -> new unconstrained value) are not copied at
-    all, and the prototype trace (read-only after set-up, and as large as the network) is
-    shared, so a clone costs one copy of the parameters it does not replace. ``model`` replaces
+    all, and what is read-only after set-up is shared: the prototype trace and the
+    initialisation function, each as large as the network (``init_to_value`` holds a value per
+    site). So a clone costs one copy of the parameters it does not replace. ``model`` replaces
     the model the guide is built over. ``copy.deepcopy`` alone would go through
     ``AutoGuide.__getstate__``, which detaches the original from its model; that is undone.
     """
-    memo: dict[int, Any] = {id(guide.prototype_trace): guide.prototype_trace}
+    shared = (guide.prototype_trace, getattr(guide, "init_loc_fn", None))
+    memo: dict[int, Any] = {id(obj): obj for obj in shared if obj is not None}
     for old, value in (replace or {}).items():
         value = value.detach().to(old.dtype)
         if value.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():

@@ -288,3 +288,17 @@ def test_guides_with_a_scalar_site_are_read_and_permuted(kind):
 def test_permutations_of_strings_are_rejected_by_group():
     with pytest.raises(TypeError, match="group 'P' must hold integers"):
         check_perms({"P": ["a", "b"]}, {"P": 2})
+
+
+@pytest.mark.parametrize("kind", GUIDE_KINDS)
+def test_permuted_guide_copies_only_the_moved_parameters(kind, small_mlp_model):
+    # What is read-only after set-up (the prototype trace and the initial values, each as large
+    # as the network) is shared with the original, so a permuted guide costs one copy of its
+    # parameters; the moved parameters themselves never share memory with the original.
+    guide = make_guide(kind, small_mlp_model)
+    moved = permute(guide, random_perms(group_sizes(small_mlp_model)))
+    assert moved.prototype_trace is guide.prototype_trace
+    if hasattr(guide, "init_loc_fn"):  # AutoNormal, AutoDelta (the others keep it in the model)
+        assert moved.init_loc_fn is guide.init_loc_fn
+    old = {p.untyped_storage().data_ptr() for p in guide.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in old for p in moved.parameters())
