@@ -157,14 +157,20 @@ def make_guides(case, setting, seed=0):
     return model, guide_a, guide_b, truth
 
 
-def timed(fn, repeats):
-    """(result, fastest wall-clock time) over ``repeats`` runs."""
-    best, result = float("inf"), None
+def timed_rounds(fns, repeats):
+    """Results and fastest wall-clock times of several functions, run in interleaved rounds.
+
+    Interleaving spreads slow phases of the virtual machine over all contenders instead of
+    charging them to whichever happened to run then; the ratios of small cases varied by 20-70 %
+    between runs when each function's repeats ran back to back."""
+    best = [float("inf")] * len(fns)
+    results = [None] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return result, best
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            results[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return results, best
 
 
 def run_case(case, setting):
@@ -172,18 +178,18 @@ def run_case(case, setting):
     spec = model.spec
     guide_bytes = sum(p.numel() * p.element_size()
                       for g in (guide_a, guide_b) for p in g.parameters())
-    # small cases are timed as the best of three (the first run pays one-off set-up costs)
-    repeats = 3 if guide_bytes < 200e6 else 1
-    result, ours = timed(lambda: match(guide_a, guide_b, spec=spec), repeats)
-    mean_result, ours_mean = timed(lambda: match(guide_a, guide_b, spec=spec, method="mean"),
-                                   repeats)
-    sizes = {g: len(p) for g, p in result.perms.items()}
     va, vb = as_gaussian(guide_a), as_gaussian(guide_b)
     params_a = {k: v.numpy() for k, v in va.loc.items()}
     params_b = {k: v.numpy() for k, v in vb.loc.items()}
     del va, vb
-    (ref_perms, ref_sweeps), reference = timed(lambda: reference_weight_matching(
-        spec.perm_to_axes, spec.axes_to_perm, params_a, params_b, sizes), repeats)
+    sizes = spec.group_sizes({k: tuple(v.shape) for k, v in params_a.items()})
+    # small cases are timed as the best of seven rounds (the first pays one-off set-up costs)
+    repeats = 7 if guide_bytes < 200e6 else 1
+    (result, mean_result, (ref_perms, ref_sweeps)), (ours, ours_mean, reference) = timed_rounds(
+        [lambda: match(guide_a, guide_b, spec=spec),
+         lambda: match(guide_a, guide_b, spec=spec, method="mean"),
+         lambda: reference_weight_matching(spec.perm_to_axes, spec.axes_to_perm, params_a,
+                                           params_b, sizes)], repeats)
     row = {
         "case": case, "setting": setting,
         "params_per_guide": sum(p.numel() for p in model.net.parameters()),
