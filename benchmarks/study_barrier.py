@@ -11,9 +11,9 @@ standard errors) along the Wasserstein path:
 * naive path (no alignment), ``"mean"`` matching and ``"wasserstein"`` matching, and
   ``"activation"`` matching for MNIST-1D, MLP width 256, mean-field.
 
-Low-rank MLPs of width 1024 are the most expensive cells by far: Pyro's low-rank guide costs
-about 14 s per epoch there on 2 cores (its log-density runs over a 1.1M x 10 factor several times
-per step), about 3 hours for the 12 guides of the two cells.
+Low-rank MLPs of width 1024 are the most expensive cells by far: Pyro's low-rank guide's
+log-density runs over a 1.1M x 10 factor several times per step, so one guide took 27 minutes
+(MNIST-1D) and 34 minutes (digits) single-threaded, 6.1 of the study's 9.4 training core-hours.
 
 The study is resumable: trained guides are cached under ``--cache`` and every finished
 (cell, pair, method) row is appended to ``benchmarks/results/study_barrier.csv`` at once; a
