@@ -245,10 +245,12 @@ class _Problem:
         return out
 
     # -- the similarity ---------------------------------------------------------------------------
-    def similarity(self, g: str) -> np.ndarray:
+    def similarity(self, g: str, settled: set[str] | None = None) -> np.ndarray:
         """``S[i, j]``: the gain of putting unit ``j`` of b at unit ``i``, shape ``(n, n)``.
 
         float32, like the weights: its rounding is far below the differences assignments make.
+        With ``settled``, only the contributions whose other groups are all in it (and those
+        that depend on no other group): the partial similarity of the greedy start.
         """
         n = self.sizes[g]
         total = np.zeros((n, n), dtype=np.float32)
@@ -262,6 +264,8 @@ class _Problem:
                 self.static[g, part] = static
             total += self.static[g, part]
         for site, axis, offset, others in self.uses[g]:
+            if settled is not None and not settled.issuperset(others):
+                continue
             for part in self._parts(site):
                 if not others and not self._is_factor(site, part):
                     continue  # in the static sum
@@ -279,8 +283,15 @@ class _Problem:
                     hit = (stamp, matrix, index)
                     self.cache[key] = hit
                 total += hit[1]
-        self.solved_at[g] = self._solve_stamp(g)
+        if settled is None:  # a partial similarity does not make a solve of g up to date
+            self.solved_at[g] = self._solve_stamp(g)
         return total
+
+    def information(self, g: str, settled: set[str]) -> int:
+        """How many weights of the (active) tensors acting on ``g`` the partial similarity over
+        ``settled`` contains."""
+        return sum(self.pairs[site][part][0].size for site, _, _, others in self.uses[g]
+                   if settled.issuperset(others) for part in self._parts(site))
 
     @staticmethod
     def _rows(t: np.ndarray, axis: int, offset: int, n: int, block: int) -> np.ndarray:
@@ -714,32 +725,64 @@ def _cost_at(problem: _Problem, perms: Mapping[str, torch.Tensor], constant: flo
 
 
 def _warm_start(problem: _Problem, constant: float, start: Mapping[str, torch.Tensor],
-                rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Refine ``start`` on the means alone, and keep it if that lowers the full objective.
+                rng: np.random.Generator, greedy: bool = False) -> dict[str, torch.Tensor]:
+    """Where the descent on the method's objective starts: ``start`` refined on the means.
 
-    The standard deviations and covariance factors add many terms to the similarities that
-    carry little information about which units correspond (independently trained posteriors
-    have similar spreads everywhere), and a shared rotation of the factors fitted at a wrong
-    permutation couples all groups; from the identity, coordinate descent on the full
-    objective can then stop in a poor local optimum on coupled (residual) networks. Weight
-    matching on the means finds the basin; the full objective then refines within it. The
-    better of the two starts is kept, so the result is never worse than starting at ``start``.
-    It runs to convergence whatever ``max_iter`` is, so stopping the descent that follows
-    after ``k`` sweeps gives its ``k``-th value. The means-only descent runs on ``problem``
-    itself (its other parts switched off), so the full descent reuses its cached terms.
+    With ``greedy``, the means are first matched by :func:`_greedy_start` (used for the default
+    start: it settles near-copies in one pass of products where a descent from the identity
+    needs two or three). Then, for an objective with more than the means, coordinate descent on
+    the means alone refines that point: the standard deviations and covariance factors add many
+    terms to the similarities that carry little information about which units correspond
+    (independently trained posteriors have similar spreads everywhere), and a shared rotation
+    of the factors fitted at a wrong permutation couples all groups; from the identity,
+    coordinate descent on the full objective can then stop in a poor local optimum on coupled
+    (residual) networks. Weight matching on the means finds the basin; the full objective then
+    refines within it. The result is kept only if it lowers the objective below ``start``'s, so
+    the descent that follows never ends worse than a descent from ``start``'s point would begin.
+    The means-only descent runs to convergence whatever ``max_iter`` is, on ``problem`` itself
+    (its other parts switched off), so the full descent reuses its cached terms.
     """
-    if problem.num_parts == 1:
-        return dict(start)  # the objective is the means'
+    if problem.num_parts == 1 and not greedy:
+        return dict(start)  # the objective is the means': its own descent starts at start
     at_start = _cost_at(problem, start, constant)
     problem.active = 1
     try:
-        perms = _coordinate_descent(problem, start, 0.0, _WARM_START_SWEEPS, rng, None)[0]
+        perms = dict(start)
+        if greedy:  # on the means, the greedy point replaces start only if it is no worse
+            means_at_start = _cost_at(problem, start, 0.0)
+            candidate = _greedy_start(problem)
+            if _cost_at(problem, candidate, 0.0) <= means_at_start:
+                perms = candidate
+        if problem.num_parts > 1:
+            perms = _coordinate_descent(problem, perms, 0.0, _WARM_START_SWEEPS, rng, None)[0]
     finally:
         problem.active = problem.num_parts
     # evaluated last, so the descent that follows finds its terms cached
     if _cost_at(problem, perms, constant) < at_start:
         return perms
     return dict(start)
+
+
+def _greedy_start(problem: _Problem) -> dict[str, torch.Tensor]:
+    """Solve every group once, each from what its settled neighbours determine.
+
+    A forward pass of weight matching, for any spec: the next group is the one whose similarity
+    is most determined by the groups solved so far (tensors whose other axes are all settled,
+    and those with no other permuted axis, such as the first layer), and it is solved from those
+    contributions alone. Coordinate descent from the identity solves groups against neighbours
+    that have not moved yet and must redo those products once they have; from here, on a
+    near-copy, the first sweep already finds nothing to change. The objective is not evaluated:
+    the caller compares what the descent from here reaches with its start.
+    """
+    settled: set[str] = set()
+    while len(settled) < len(problem.sizes):
+        g = max((h for h in problem.sizes if h not in settled),
+                key=lambda h: problem.information(h, settled))
+        similarity = problem.similarity(g, settled)
+        if similarity.any():  # no information yet: keep the current permutation
+            problem.set_perms({g: _assign(similarity)})
+        settled.add(g)
+    return dict(problem.perms)
 
 
 def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None = None, *,
@@ -814,7 +857,9 @@ def match(
         a rotation of the factors. Each start is first refined on the means alone and the
         result kept if it lowers the full objective (see ``_warm_start``), so the W2 result is
         never worse on its own objective than mean matching from the same start.
-        ``"mean"`` is Git Re-Basin weight matching on the means.
+        ``"mean"`` is Git Re-Basin weight matching on the means. Both start, by default, from
+        a greedy forward pass (each group solved once from its already-solved neighbours, see
+        ``_greedy_start``) when that is no worse on the means than the identity.
         ``"activation"`` matches units by the Pearson correlation of their posterior-expected
         activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
         assignment per group; residual streams share one permutation, and their correlation
@@ -827,7 +872,8 @@ def match(
     seed : int
         Seed of the group order, random restarts and activation sampling.
     init : mapping of str to permutation, optional
-        Starting permutations (default: the identity) for the first restart. For
+        Starting permutations for the first restart (default: the greedy start above, or the
+        identity where that is better). A given ``init`` is used as it is. For
         ``"wasserstein"`` every start is first refined on the means, and the refined
         permutations replace it when they lower the full objective.
     num_restarts : int
@@ -889,8 +935,8 @@ def match(
             cost = _cost_at(problem, init_perms, constant)
             result = (dict(problem.perms), [cost], 0, True, problem.rotation_tensor())
         else:
-            if objective == "wasserstein":
-                init_perms = _warm_start(problem, constant, init_perms, rng)
+            init_perms = _warm_start(problem, constant, init_perms, rng,
+                                     greedy=restart == 0 and init is None)
             result = _coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
         restart_costs.append(result[1][-1])
         if best is None or result[1][-1] < best[1][-1]:
