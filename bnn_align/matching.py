@@ -15,7 +15,9 @@ only lower the cost) alternated with an orthogonal Procrustes step for ``R``. Wh
 carries one group on two axes (a layer from a residual stream back into it) the cost is
 quadratic in that group, and a step is taken only if it lowers the exact cost. The descent on
 the full objective starts from the result of the descent on the means alone when that is
-better: on coupled residual networks it otherwise stopped in poor local optima.
+better: on coupled residual networks it otherwise stopped in poor local optima. By default the
+descent on the means starts from a greedy forward pass, each group solved once from the
+neighbours already solved, which settles near-copies without a second pass of products.
 
 Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
 axis it permutes, and each contribution depends only on the permutations of that tensor's other
