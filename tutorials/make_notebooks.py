@@ -115,7 +115,7 @@ plt.show()'''),
 Along the naive path the model average's loss climbs far above the straight line between the
 endpoints (and the accuracy collapses towards chance in the middle); along the aligned path it
 stays much closer to the line. Most of the barrier was only a relabelling of hidden units. Not
-all of it: on MNIST-1D a barrier of about a tenth of a nat remains after alignment, several
+all of it: on MNIST-1D more than a tenth of a nat remains after alignment, many
 standard errors above zero (the reproduction study in `benchmarks/study_barrier.py` finds the
 same over many pairs and widths, while on scikit-learn's digits it falls to about 0.01).
 
@@ -211,7 +211,7 @@ plt.show()'''),
 Both alignments remove most of the barrier. W2 matching starts from the mean-matching
 permutations and then moves a minority of the units (the share printed above) to fit the
 standard deviations and the covariance factor, which carries correlations between layers that
-the means alone do not see; that lowers the full objective by about one percent, and the
+the means alone do not see; that lowers the full objective by less than one percent, and the
 barriers the two leave are within a standard error or so of each other. One pair of networks
 cannot settle which objective is better; the reproduction study in
 `benchmarks/study_barrier.py` compares mean and W2 matching for mean-field and low-rank guides
