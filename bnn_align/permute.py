@@ -121,16 +121,35 @@ def permute_tensor(
         A new tensor when an axis moves; the input itself when no axis is permuted (or every
         permutation is the identity).
     """
-    out = tensor
+    gather_in_numpy = _numpy_gatherable(tensor)
+    out = tensor.detach().numpy() if gather_in_numpy else tensor
+    moved = False
     for axis, entry in enumerate(entries):
         index = axis_index(entry, perms, (blocks or {}).get(axis, 1))
         if index is None or _is_identity(index):
             continue  # checking costs O(units); gathering would copy the whole tensor
+        moved = True
         if isinstance(out, np.ndarray):
             out = np.take(out, index.numpy(), axis=axis)
         else:
             out = out.index_select(axis, index.to(out.device))
-    return out
+    if not moved:
+        return tensor
+    return torch.from_numpy(out) if gather_in_numpy else out
+
+
+# numpy's gather along an axis was twice as fast as ``index_select`` on the benchmark machine
+# (a ResNet-20 x16 conv weight: 6 vs 13 ms along the outputs, 16 vs 31 ms along the inputs)
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32, torch.int64,
+                 torch.bool)
+
+
+def _numpy_gatherable(tensor: Any) -> bool:
+    """Whether a torch tensor can be gathered in numpy with the same result: on the CPU, of a
+    dtype numpy has, and not recording a graph for autograd."""
+    return (isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
+            and tensor.dtype in _NUMPY_DTYPES and not tensor.is_conj() and not tensor.is_neg()
+            and not (tensor.requires_grad and torch.is_grad_enabled()))
 
 
 def permute_tensors(tensors: Mapping[str, torch.Tensor], perms: Perms, spec: PermutationSpec

@@ -199,6 +199,28 @@ def test_composition_and_identity():
     assert all(torch.equal(v, torch.arange(len(v))) for v in ident.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype):
+    # CPU tensors are gathered in numpy (faster) unless autograd records them or numpy lacks
+    # the dtype; every path must give what indexing gives, and keep the graph when recording
+    entries = ("a", None, "b")
+    perms = random_perms({"a": 4, "b": 5}, torch.Generator().manual_seed(3))
+    t = (torch.arange(4 * 2 * 5) * 3 % 17).reshape(4, 2, 5).to(dtype)
+    expected = t[perms["a"]][:, :, perms["b"]]
+    out = permute_tensor(t, entries, perms)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert permute_tensor(t, entries, {"a": torch.arange(4), "b": torch.arange(5)}) is t
+    if dtype.is_floating_point:
+        leaf = t.clone().requires_grad_()
+        out = permute_tensor(leaf, entries, perms)
+        assert out.requires_grad
+        (out * expected).sum().backward()
+        # d/dleaf sum(P(leaf) * P(t)) = t
+        assert torch.equal(leaf.grad, t)
+        with torch.no_grad():
+            assert torch.equal(permute_tensor(leaf, entries, perms), expected)
+
+
 # ------------------------------------------------------------------------------- bad input --
 def test_bad_permutations_are_rejected_with_the_group_named(small_mlp_model):
     sizes = group_sizes(small_mlp_model)
