@@ -160,6 +160,8 @@ class _Problem:
 
     # above this fraction of moved units a full recomputation is cheaper than the update
     _UPDATE_LIMIT = 0.6
+    # work arrays below this size come from the heap without page faults (see ``_scratch``)
+    _SCRATCH_BYTES = 4 * 2**20
 
     def __init__(self, pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
                  spec: PermutationSpec, sizes: Mapping[str, int],
@@ -299,11 +301,14 @@ class _Problem:
     def _scratch(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A work array reused from call to call.
 
-        A fresh array above glibc's mmap threshold (32 MB) is new memory the kernel must fault
-        in and zero: on ResNet-20 x16 that was a third of the time spent gathering and copying
-        operands for the products.
+        A fresh large array is new memory the kernel must fault in and zero: on ResNet-20
+        x16 that was a third of the time spent gathering and copying operands for the
+        products. Small arrays are allocated afresh: reusing them only moved page faults to
+        other allocations (the 512-wide MLP got slower), and keeping them raises peak memory.
         """
         size = math.prod(shape)
+        if size * np.dtype(dtype).itemsize < self._SCRATCH_BYTES:
+            return np.empty(shape, dtype=dtype)
         buffer = self.scratch.get(slot)
         if buffer is None or buffer.size < size or buffer.dtype != dtype:
             buffer = self.scratch[slot] = np.empty(size, dtype=dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pyro
 import pytest
 import torch
@@ -199,10 +201,15 @@ def test_composition_and_identity():
     assert all(torch.equal(v, torch.arange(len(v))) for v in ident.values())
 
 
+@pytest.mark.parametrize("numpy_above", [0, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
-def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype):
-    # CPU tensors are gathered in numpy (faster) unless autograd records them or numpy lacks
-    # the dtype; every path must give what indexing gives, and keep the graph when recording
+def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, numpy_above, monkeypatch):
+    # large CPU tensors are gathered in numpy (faster) unless autograd records them or numpy
+    # lacks the dtype; every path must give what indexing gives, and keep the graph when
+    # recording. numpy_above=0 sends even this small tensor to numpy.
+    if numpy_above is not None:
+        monkeypatch.setattr(sys.modules["bnn_align.permute"], "_NUMPY_GATHER_BYTES",
+                            numpy_above)
     entries = ("a", None, "b")
     perms = random_perms({"a": 4, "b": 5}, torch.Generator().manual_seed(3))
     t = (torch.arange(4 * 2 * 5) * 3 % 17).reshape(4, 2, 5).to(dtype)
