@@ -290,6 +290,7 @@ class _Problem:
                 total += hit[1]
         if settled is None:  # a partial similarity does not make a solve of g up to date
             self.solved_at[g] = self._solve_stamp(g)
+        self.scratch.clear()
         return total
 
     def information(self, g: str, settled: set[str]) -> int:
@@ -299,12 +300,14 @@ class _Problem:
                    if settled.issuperset(others) for part in self._parts(site))
 
     def _scratch(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A work array reused from call to call.
+        """A work array reused from product to product within one call of
+        :meth:`similarity`, :meth:`cost` or :meth:`rotate` (released at its end, so peak
+        memory stays that of fresh arrays).
 
         A fresh large array is new memory the kernel must fault in and zero: on ResNet-20
         x16 that was a third of the time spent gathering and copying operands for the
         products. Small arrays are allocated afresh: reusing them only moved page faults to
-        other allocations (the 512-wide MLP got slower), and keeping them raises peak memory.
+        other allocations (the 512-wide MLP got slower).
         """
         size = math.prod(shape)
         if size * np.dtype(dtype).itemsize < self._SCRATCH_BYTES:
@@ -391,6 +394,7 @@ class _Problem:
             pb = self.permuted(site, wb).reshape(-1, wb.shape[-1]).astype(np.float64)
             c = pb.T @ wa.reshape(-1, wa.shape[-1]).astype(np.float64)
             cross = c if cross is None else cross + c
+        self.scratch.clear()
         u, _, vh = np.linalg.svd(cross)
         new = (u @ vh).astype(next(iter(self.factors_b.values())).dtype)
         if self.rotation is not None and np.allclose(new, self.rotation, atol=1e-6, rtol=0):
@@ -415,12 +419,17 @@ class _Problem:
                 hit = self.distances.get((site, part))
                 if hit is None or hit[0] != stamp:
                     a, b = pairs[part]
-                    diff = np.subtract(a, self.permuted(site, b), out=self._scratch(
-                        "diff", a.shape, np.result_type(a, b)))
+                    moved = self.permuted(site, b)
+                    dtype = np.result_type(a, b)
+                    # the difference overwrites the gathered copy, if there is one
+                    diff = np.subtract(a, moved, out=moved if moved is not b
+                                       and moved.dtype == dtype
+                                       else self._scratch("gather0", a.shape, dtype))
                     with np.errstate(over="ignore"):  # match() reports an infinite cost
                         hit = (stamp, float(np.square(diff, out=diff).sum(dtype=np.float64)))
                     self.distances[site, part] = hit
                 total += hit[1]
+        self.scratch.clear()
         return total
 
     def permuted(self, site: str, b: np.ndarray) -> np.ndarray:
