@@ -22,7 +22,8 @@ neighbours already solved, which settles near-copies without a second pass of pr
 Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
 axis it permutes, and each contribution depends only on the permutations of that tensor's other
 axes. Contributions are cached and recomputed only when one of those permutations changed, and a
-group whose contributions are all unchanged is not solved again.
+group whose contributions are all unchanged is not solved again. Within one similarity or cost
+evaluation, large gathered and transposed operands are written into reused work arrays.
 """
 
 from __future__ import annotations
