@@ -33,9 +33,9 @@ def match_all(cache: Path) -> dict[tuple, dict]:
     out = {}
     for cell in study.grid(quick=False):
         split = study.load_data(cell)
-        epochs = 200 if cell.dataset == "digits" else 60
+        epochs = study.epochs_for(cell, quick=False)
         for pair in range(3):
-            paths = [cache / f"{cell.key}-seed{s}-e{epochs}.pt" for s in (2 * pair, 2 * pair + 1)]
+            paths = [study.cache_path(cell, s, cache, epochs) for s in (2 * pair, 2 * pair + 1)]
             if not all(p.exists() for p in paths):
                 raise FileNotFoundError(f"{paths[0].parent} lacks the guides of {cell.key}: "
                                         f"run study_barrier.py first")

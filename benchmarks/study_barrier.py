@@ -104,11 +104,19 @@ def make_guide(cell: Cell, model: BayesianNetwork):
     return guides.mean_field(model) if cell.guide == "mean-field" else guides.low_rank(model, 10)
 
 
+def epochs_for(cell: Cell, quick: bool) -> int:
+    return 2 if quick else (200 if cell.dataset == "digits" else 60)
+
+
+def cache_path(cell: Cell, seed: int, cache: Path, epochs: int) -> Path:
+    return cache / f"{cell.key}-seed{seed}-e{epochs}.pt"
+
+
 def trained(cell: Cell, split, seed: int, cache: Path, epochs: int, progress: bool = True):
     """A trained (model, guide, seconds), from the cache when it is there."""
     model = build_model(cell, split, seed)
     guide = make_guide(cell, model)
-    path = cache / f"{cell.key}-seed{seed}-e{epochs}.pt"
+    path = cache_path(cell, seed, cache, epochs)
     if path.exists():
         state = torch.load(path, weights_only=False)
         guide.load_state_dict(state["guide"])
@@ -156,7 +164,7 @@ def run(cells: list[Cell], pairs: int, csv_path: Path, cache: Path, quick: bool,
         if not methods:
             continue
         split = load_data(cell)
-        epochs = 2 if quick else (200 if cell.dataset == "digits" else 60)
+        epochs = epochs_for(cell, quick)
         model, q0, s0 = trained(cell, split, 2 * pair, cache, epochs, progress)
         _, q1, s1 = trained(cell, split, 2 * pair + 1, cache, epochs, progress)
         x_act = split.x_train[:1000]

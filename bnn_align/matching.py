@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 
 from ._checks import positive_int
 from .bayesian import BayesianNetwork
-from .permute import _is_identity, check_perms, identity_perms, permute, random_perms
+from .permute import axis_gathers, check_perms, identity_perms, permute, random_perms
 from .posterior import GaussianView, adapter_for, model_of, paired_views
-from .spec import PermutationSpec, _groups_of, axis_index
+from .spec import PermutationSpec, _groups_of
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
@@ -240,15 +240,9 @@ class _Problem:
 
     def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray | None]:
         """Gather index of every other permuted axis of a tensor under the current perms
-        (``axis=-1``: of every permuted axis)."""
-        blocks = self.blocks.get(site, {})
-        out = {}
-        for ax, entry in enumerate(self.spec[site]):
-            if ax != axis and entry is not None:
-                index = axis_index(entry, self.perms, blocks.get(ax, 1))
-                # None for an identity: no gather (a copy of the whole tensor) is needed
-                out[ax] = None if _is_identity(index) else index.numpy()
-        return out
+        (``axis=-1``: of every permuted axis), None for an identity."""
+        gathers = axis_gathers(self.spec[site], self.perms, self.blocks.get(site), skip=axis)
+        return {ax: None if idx is None else idx.numpy() for ax, idx in gathers.items()}
 
     # -- the similarity ---------------------------------------------------------------------------
     def similarity(self, g: str, settled: set[str] | None = None) -> np.ndarray:

@@ -121,21 +121,35 @@ def permute_tensor(
         A new tensor when an axis moves; the input itself when no axis is permuted (or every
         permutation is the identity).
     """
+    gathers = {axis: index for axis, index in axis_gathers(entries, perms, blocks).items()
+               if index is not None}
+    if not gathers:
+        return tensor
     gather_in_numpy = _numpy_gatherable(tensor)
     out = tensor.detach().numpy() if gather_in_numpy else tensor
-    moved = False
-    for axis, entry in enumerate(entries):
-        index = axis_index(entry, perms, (blocks or {}).get(axis, 1))
-        if index is None or _is_identity(index):
-            continue  # checking costs O(units); gathering would copy the whole tensor
-        moved = True
+    for axis, index in gathers.items():
         if isinstance(out, np.ndarray):
             out = np.take(out, index.numpy(), axis=axis)
         else:
             out = out.index_select(axis, index.to(out.device))
-    if not moved:
-        return tensor
     return torch.from_numpy(out) if gather_in_numpy else out
+
+
+def axis_gathers(entries: tuple, perms: Perms, blocks: Mapping[int, int] | None = None,
+                 skip: int | None = None) -> dict[int, torch.Tensor | None]:
+    """Gather index of every permuted axis of a tensor (but ``skip``), None for an identity.
+
+    An identity needs no gather (which would copy the whole tensor); checking for one costs
+    O(units). Shared by :func:`permute_tensor` and the matching solver, which gathers into
+    work arrays of its own.
+    """
+    out = {}
+    for axis, entry in enumerate(entries):
+        if entry is None or axis == skip:
+            continue
+        index = axis_index(entry, perms, (blocks or {}).get(axis, 1))
+        out[axis] = None if _is_identity(index) else index
+    return out
 
 
 # On the benchmark machine numpy's gather was twice as fast as ``index_select`` for tensors
