@@ -139,6 +139,9 @@ def axis_gathers(entries: tuple, perms: Perms, blocks: Mapping[int, int] | None 
                  skip: int | None = None) -> dict[int, torch.Tensor | None]:
     """Gather index of every permuted axis of a tensor (but ``skip``), None for an identity.
 
+    Returns axis -> LongTensor of shape ``(axis length,)`` (or None), for the axes whose
+    ``entries`` are not None.
+
     An identity needs no gather (which would copy the whole tensor); checking for one costs
     O(units). Shared by :func:`permute_tensor` and the matching solver, which gathers into
     work arrays of its own.
