@@ -22,8 +22,10 @@ neighbours already solved, which settles near-copies without a second pass of pr
 Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
 axis it permutes, and each contribution depends only on the permutations of that tensor's other
 axes. Contributions are cached and recomputed only when one of those permutations changed, and a
-group whose contributions are all unchanged is not solved again. Within one similarity or cost
-evaluation, large gathered and transposed operands are written into reused work arrays.
+group whose contributions are all unchanged is not solved again, nor, in the descent on the full
+objective, a group whose margin on the means exceeds what the other parts could gain (see
+``_Problem.certified``). Within one similarity or cost evaluation, large gathered and transposed
+operands are written into reused work arrays.
 """
 
 from __future__ import annotations
@@ -209,6 +211,9 @@ class _Problem:
         self.cache: dict[tuple, tuple[tuple, np.ndarray, dict]] = {}
         self.solved_at: dict[str, tuple] = {}
         self.distances: dict[tuple[str, int], tuple[tuple, float]] = {}
+        # group -> (what it was solved under, margin) of its last solve on the means alone
+        # while the objective has more parts, see ``certified``
+        self.margins: dict[str, tuple[tuple, float]] = {}
         self.scratch: dict[str, np.ndarray] = {}  # reused work arrays, see ``_scratch``
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -237,6 +242,51 @@ class _Problem:
     def needs_solve(self, g: str) -> bool:
         """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved."""
         return self.solved_at.get(g) != self._solve_stamp(g)
+
+    def _margin_stamp(self, g: str) -> tuple:
+        """What a margin on the means depends on: ``g``'s own permutation and the means'
+        contributions to its similarity."""
+        return self.version[g], tuple(self._stamp(site, others, 0)
+                                      for site, _, _, others in self.uses[g])
+
+    def note_margin(self, g: str, similarity: np.ndarray) -> None:
+        """After a solve on the means that kept ``g``'s permutation, while the objective has
+        more parts: remember by how much it beats every other permutation (see
+        :meth:`certified`)."""
+        if self.linear and self.active < self.num_parts:
+            self.margins[g] = (self._margin_stamp(g),
+                               _certified_margin(similarity, self.perms[g].numpy()))
+
+    def certified(self, g: str) -> bool:
+        """Whether ``g``'s permutation provably stays where the means put it, with no product
+        of the other parts computed; if so ``g`` counts as solved.
+
+        On the means, every other permutation of ``g`` is worse by at least the margin ``m``
+        noted at its last solve (the others unchanged since). The other parts can favour
+        another permutation by at most half their current squared distance ``d`` over the
+        tensors acting on ``g`` (``<A, P B> <= (||A||^2 + ||B||^2) / 2``), known from the cost
+        the warm start evaluates. So when ``d < m`` the step on the full objective would keep
+        the permutation with at least ``m / 2`` to spare, far above rounding. Near-copies (a
+        planted permutation, checkpoints of one run) are settled this way without a pass of
+        products over the standard deviations; the result is the one solving would give.
+        Linear problems only: elsewhere a step is not a plain assignment.
+        """
+        if not self.linear or self.active == 1:
+            return False
+        noted = self.margins.get(g)
+        if noted is None or noted[0] != self._margin_stamp(g) or not noted[1] > 0:
+            return False
+        other_parts = 0.0
+        for site in {site for site, *_ in self.uses[g]}:
+            for part in self._parts(site)[1:]:
+                hit = self.distances.get((site, part))
+                if hit is None or hit[0] != self._stamp(site, self.site_groups[site], part):
+                    return False  # not known at the current permutations
+                other_parts += hit[1]
+        if not other_parts < noted[1]:
+            return False
+        self.solved_at[g] = self._solve_stamp(g)
+        return True
 
     def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray | None]:
         """Gather index of every other permuted axis of a tensor under the current perms
@@ -461,13 +511,42 @@ def _assign(similarity: np.ndarray) -> torch.Tensor:
     shortest-augmenting-path solver is 2-3x faster on the nearly constant similarities that
     positive standard deviations produce (measured on the 2048-wide benchmark MLP).
     """
-    s = similarity - similarity.mean(0, keepdims=True)
-    s -= s.mean(1, keepdims=True)
+    s = _centred(similarity)
     best = _row_maxima_permutation(s)
     if best is not None:
         return torch.from_numpy(best).long()
     rows, cols = linear_sum_assignment(s, maximize=True)
     return torch.from_numpy(cols[np.argsort(rows)]).long()
+
+
+def _centred(similarity: np.ndarray) -> np.ndarray:
+    """``S`` minus its column means, then minus its row means (a new array)."""
+    s = similarity - similarity.mean(0, keepdims=True)
+    s -= s.mean(1, keepdims=True)
+    return s
+
+
+def _certified_margin(similarity: np.ndarray, perm: np.ndarray) -> float:
+    """A lower bound on how much ``perm`` beats every other permutation on
+    ``sum_i S[i, p[i]]``, or 0.0 when none is at hand.
+
+    When ``perm`` picks every row's strictly largest entry (of the double-centred matrix,
+    which ranks assignments alike), another permutation differs from it in two rows at least
+    and loses at least each such row's margin over its runner-up: the two smallest margins
+    bound the loss. A bound below 1e-4 of the chosen entries' absolute sum counts as none:
+    it would not stand far enough above the similarity's float32 rounding.
+    """
+    n = len(perm)
+    if n < 2:
+        return math.inf  # no other permutation
+    s = _centred(similarity)
+    rows = np.arange(n)
+    chosen = s[rows, perm]
+    s[rows, perm] = -np.inf
+    margins = chosen - s.max(1)
+    lowest = float(np.partition(margins, 1)[:2].sum(dtype=np.float64))
+    scale = float(np.abs(chosen).sum(dtype=np.float64))
+    return lowest if margins.min() > 0 and lowest > 1e-4 * scale else 0.0
 
 
 def _row_maxima_permutation(similarity: np.ndarray) -> np.ndarray | None:
@@ -615,19 +694,21 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
         gain = 0.0
         for g in rng.permutation(list(problem.sizes)):
             g = str(g)
-            if not problem.needs_solve(g):
-                continue  # nothing it depends on moved since its last solve
+            if not problem.needs_solve(g) or problem.certified(g):
+                continue  # nothing it depends on moved since its last solve, or provably
+                # stays (near-copies: the standard deviations need no products)
             similarity = problem.similarity(g)
             new = _assign(similarity)
+            if not torch.equal(new, problem.perms[g]):
+                if problem.linear:
+                    step = _gain(similarity, new, problem.perms[g])
+                    if step > 0:
+                        problem.set_perms({g: new})
+                        gain += step
+                else:
+                    gain += _exact_step(problem, g, new)
             if torch.equal(new, problem.perms[g]):
-                continue
-            if problem.linear:
-                step = _gain(similarity, new, problem.perms[g])
-                if step > 0:
-                    problem.set_perms({g: new})
-                    gain += step
-            else:
-                gain += _exact_step(problem, g, new)
+                problem.note_margin(g, similarity)
         gain += problem.rotate()
         changed = gain > 0
         current = current - 2 * gain if problem.linear else problem.cost() + constant

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -556,3 +558,83 @@ def test_a_given_init_is_used_without_the_greedy_start(monkeypatch):
         calls.clear()
         match(a, b, method=method, init=identity_perms(group_sizes(model)))
         assert not calls, method
+
+
+def test_certified_margin_bounds_every_other_assignment():
+    """The margin is a lower bound on how much the rows' argmax permutation beats every other
+    one (checked against all permutations), and none is given for a permutation that does not
+    pick every row's best entry."""
+    import itertools
+
+    from bnn_align.matching import _certified_margin
+
+    rng = np.random.default_rng(3)
+    certified = 0
+    for trial in range(30):
+        n = int(rng.integers(2, 7))
+        s = rng.standard_normal((n, n)).astype(np.float32)
+        s[np.arange(n), rng.permutation(n)] += float(rng.uniform(0, 4))
+        total = {p: s.astype(np.float64)[np.arange(n), list(p)].sum()
+                 for p in itertools.permutations(range(n))}
+        best = max(total, key=total.get)
+        for p in [best] + [tuple(rng.permutation(n)) for _ in range(3)]:
+            margin = _certified_margin(s, np.array(p))
+            assert margin >= 0.0
+            if margin > 0:
+                assert all(total[p] - value >= margin - 1e-5
+                           for q, value in total.items() if q != p)
+                certified += 1
+        swapped = np.array(best)
+        swapped[[0, 1]] = swapped[[1, 0]]
+        assert _certified_margin(s, swapped) == 0.0
+    assert certified > 5
+    assert _certified_margin(np.ones((1, 1), np.float32), np.zeros(1, int)) == math.inf
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("kind", ["mean_field", "low_rank"])
+def test_certified_groups_end_where_solving_them_ends(arch, kind, monkeypatch):
+    """A group whose margin on the means exceeds what the other parts could gain is not solved
+    on the full objective: the result must be the one solving it gives, bit for bit, and on a
+    planted pair the certificate must spare those solves."""
+    import bnn_align.matching as matching
+
+    model = make(arch)
+    a = make_guide(kind, model, seed=1, spread=0.3)
+    pairs = {"planted": planted(a, model, seed=5)[0],
+             "independent": make_guide(kind, make(arch), seed=2, spread=0.3)}
+    original = matching._Problem.certified
+    for setting, b in pairs.items():
+        granted = []
+        monkeypatch.setattr(matching._Problem, "certified",
+                            lambda self, g: granted.append(original(self, g)) or granted[-1])
+        with_certificates = match(a, b, seed=3)
+        monkeypatch.setattr(matching._Problem, "certified", lambda self, g: False)
+        solved = match(a, b, seed=3)
+        assert all(torch.equal(with_certificates.perms[g], p) for g, p in solved.perms.items())
+        assert with_certificates.history == solved.history
+        assert with_certificates.iterations == solved.iterations
+        assert with_certificates.converged == solved.converged
+        if setting == "planted":
+            assert any(granted), arch
+
+
+def test_no_certificate_when_the_scales_disagree_with_the_means():
+    """Means planted one way and much larger scales another: the means' optimum is clear but
+    the full objective must leave it, so no group may be certified there."""
+    import bnn_align.matching as matching
+
+    model = BayesianNetwork(models.mlp(6, [10], 3), input_shape=(6,))
+    a = make_guide("mean_field", model, seed=1, spread=0.3)
+    sizes = group_sizes(model)
+    by_means = random_perms(sizes, torch.Generator().manual_seed(4))
+    by_scales = random_perms(sizes, torch.Generator().manual_seed(5))
+    b = permute(a, by_means)
+    scaled = permute(a, by_scales)
+    with torch.no_grad():
+        for p, q in zip(b.scales.parameters(), scaled.scales.parameters()):
+            p.copy_(q + 6.0)  # scales about 3, means about 0.3
+    means_only = invert(by_means)
+    result = match(a, b)
+    assert not all(torch.equal(result.perms[g], p) for g, p in means_only.items())
+    assert result.cost_after < alignment_cost(a, b, means_only) - 1e-3
