@@ -211,9 +211,9 @@ class _Problem:
         self.cache: dict[tuple, tuple[tuple, np.ndarray, dict]] = {}
         self.solved_at: dict[str, tuple] = {}
         self.distances: dict[tuple[str, int], tuple[tuple, float]] = {}
-        # group -> (what it was solved under, margin) of its last solve on the means alone
-        # while the objective has more parts, see ``certified``
-        self.margins: dict[str, tuple[tuple, float]] = {}
+        # group -> (stamp, parts, sites, margin) of its last solve on part of its similarity,
+        # see ``certified``
+        self.margins: dict[str, tuple[tuple, int, frozenset, float]] = {}
         self.scratch: dict[str, np.ndarray] = {}  # reused work arrays, see ``_scratch``
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -243,47 +243,56 @@ class _Problem:
         """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved."""
         return self.solved_at.get(g) != self._solve_stamp(g)
 
-    def _margin_stamp(self, g: str) -> tuple:
-        """What a margin on the means depends on: ``g``'s own permutation and the means'
-        contributions to its similarity."""
-        return self.version[g], tuple(self._stamp(site, others, 0)
-                                      for site, _, _, others in self.uses[g])
+    def _margin_stamp(self, g: str, sites: frozenset[str], parts: int) -> tuple:
+        """What a margin depends on: ``g``'s own permutation and the contributions it was
+        computed from (of ``sites``, their first ``parts`` parts)."""
+        return self.version[g], tuple(
+            self._stamp(site, others, part) for site, _, _, others in self.uses[g]
+            if site in sites for part in range(min(parts, len(self.pairs[site]))))
 
-    def note_margin(self, g: str, similarity: np.ndarray) -> None:
-        """After a solve on the means that kept ``g``'s permutation, while the objective has
-        more parts: remember by how much it beats every other permutation (see
-        :meth:`certified`)."""
-        if self.linear and self.active < self.num_parts:
-            self.margins[g] = (self._margin_stamp(g),
-                               _certified_margin(similarity, self.perms[g].numpy()))
+    def note_margin(self, g: str, similarity: np.ndarray,
+                    settled: set[str] | None = None) -> None:
+        """After a solve that left ``g`` at the best permutation of ``similarity`` (the
+        partial one over ``settled`` of the greedy start, or the means' while the objective
+        has more parts): remember by how much it beats every other (see :meth:`certified`)."""
+        if not self.linear or (settled is None and self.active == self.num_parts):
+            return  # a solve on everything leaves nothing to certify
+        sites = frozenset(site for site, _, _, others in self.uses[g]
+                          if settled is None or settled.issuperset(others))
+        self.margins[g] = (self._margin_stamp(g, sites, self.active), self.active, sites,
+                           _certified_margin(similarity, self.perms[g].numpy()))
 
     def certified(self, g: str) -> bool:
-        """Whether ``g``'s permutation provably stays where the means put it, with no product
-        of the other parts computed; if so ``g`` counts as solved.
+        """Whether ``g``'s permutation provably stays where it is, with none of the products
+        its similarity is missing computed; if so ``g`` counts as solved.
 
-        On the means, every other permutation of ``g`` is worse by at least the margin ``m``
-        noted at its last solve (the others unchanged since). The other parts can favour
-        another permutation by at most half their current squared distance ``d`` over the
-        tensors acting on ``g`` (``<A, P B> <= (||A||^2 + ||B||^2) / 2``), known from the cost
-        the warm start evaluates. So when ``d < m`` the step on the full objective would keep
-        the permutation with at least ``m / 2`` to spare, far above rounding. Near-copies (a
-        planted permutation, checkpoints of one run) are settled this way without a pass of
-        products over the standard deviations; the result is the one solving would give.
-        Linear problems only: elsewhere a step is not a plain assignment.
+        At ``g``'s last solve, on some of the contributions to its similarity (the settled
+        neighbours' of the greedy start, or the means'), every other permutation was worse by
+        at least the margin ``m`` (the neighbours unchanged since). The missing terms, of
+        tensors acting on ``g``, can favour another permutation by at most half their
+        current squared distance ``d`` (``<A, P B> <= (||A||^2 + ||B||^2) / 2``), known from
+        the costs the warm start evaluates. So when ``d < m`` a step on the whole similarity
+        would keep the permutation with at least ``m / 2`` to spare, far above rounding: the
+        result is the one solving gives. A near-copy (a planted permutation, checkpoints of
+        one run) is settled by the greedy start alone, without a second pass of products on
+        the means or any on the standard deviations. Linear problems only: elsewhere a step
+        is not a plain assignment.
         """
-        if not self.linear or self.active == 1:
-            return False
         noted = self.margins.get(g)
-        if noted is None or noted[0] != self._margin_stamp(g) or not noted[1] > 0:
+        if not self.linear or noted is None:
             return False
-        other_parts = 0.0
+        stamp, parts, sites, margin = noted
+        if not margin > 0 or parts > self.active or stamp != self._margin_stamp(g, sites, parts):
+            return False
+        missing = 0.0
         for site in {site for site, *_ in self.uses[g]}:
-            for part in self._parts(site)[1:]:
+            counted = min(parts, len(self.pairs[site])) if site in sites else 0
+            for part in range(counted, min(self.active, len(self.pairs[site]))):
                 hit = self.distances.get((site, part))
                 if hit is None or hit[0] != self._stamp(site, self.site_groups[site], part):
                     return False  # not known at the current permutations
-                other_parts += hit[1]
-        if not other_parts < noted[1]:
+                missing += hit[1]
+        if not missing < margin:
             return False
         self.solved_at[g] = self._solve_stamp(g)
         return True
@@ -911,6 +920,7 @@ def _greedy_start(problem: _Problem) -> dict[str, torch.Tensor]:
         similarity = problem.similarity(g, settled)
         if similarity.any():  # no information yet: keep the current permutation
             problem.set_perms({g: _assign(similarity)})
+            problem.note_margin(g, similarity, settled)
         settled.add(g)
     return dict(problem.perms)
 
