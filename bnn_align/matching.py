@@ -22,10 +22,10 @@ neighbours already solved, which settles near-copies without a second pass of pr
 Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
 axis it permutes, and each contribution depends only on the permutations of that tensor's other
 axes. Contributions are cached and recomputed only when one of those permutations changed, and a
-group whose contributions are all unchanged is not solved again, nor, in the descent on the full
-objective, a group whose margin on the means exceeds what the other parts could gain (see
-``_Problem.certified``). Within one similarity or cost evaluation, large gathered and transposed
-operands are written into reused work arrays.
+group whose contributions are all unchanged is not solved again, nor a group whose margin on part
+of its similarity (the greedy pass's, or the means') exceeds what the missing terms could gain
+(see ``_Problem.certified``). Within one similarity or cost evaluation, large gathered and
+transposed operands are written into reused work arrays.
 """
 
 from __future__ import annotations
@@ -704,8 +704,8 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
         for g in rng.permutation(list(problem.sizes)):
             g = str(g)
             if not problem.needs_solve(g) or problem.certified(g):
-                continue  # nothing it depends on moved since its last solve, or provably
-                # stays (near-copies: the standard deviations need no products)
+                continue  # nothing it depends on moved since its last solve, or it provably
+                # stays where it is
             similarity = problem.similarity(g)
             new = _assign(similarity)
             if not torch.equal(new, problem.perms[g]):
