@@ -252,9 +252,10 @@ class _Problem:
 
     def note_margin(self, g: str, similarity: np.ndarray,
                     settled: set[str] | None = None) -> None:
-        """After a solve that left ``g`` at the best permutation of ``similarity`` (the
-        partial one over ``settled`` of the greedy start, or the means' while the objective
-        has more parts): remember by how much it beats every other (see :meth:`certified`)."""
+        """After a solve that left ``g`` at the best permutation of ``similarity`` (double-
+        centred, as the assignment step saw it; the partial one over ``settled`` of the greedy
+        start, or the means' while the objective has more parts): remember by how much it
+        beats every other (see :meth:`certified`)."""
         if not self.linear or (settled is None and self.active == self.num_parts):
             return  # a solve on everything leaves nothing to certify
         sites = frozenset(site for site, _, _, others in self.uses[g]
@@ -520,11 +521,16 @@ def _assign(similarity: np.ndarray) -> torch.Tensor:
     shortest-augmenting-path solver is 2-3x faster on the nearly constant similarities that
     positive standard deviations produce (measured on the 2048-wide benchmark MLP).
     """
-    s = _centred(similarity)
-    best = _row_maxima_permutation(s)
+    return _assign_centred(_centred(similarity))
+
+
+def _assign_centred(centred: np.ndarray) -> torch.Tensor:
+    """:func:`_assign` of a matrix :func:`_centred` already (the descent keeps it for
+    :func:`_certified_margin`)."""
+    best = _row_maxima_permutation(centred)
     if best is not None:
         return torch.from_numpy(best).long()
-    rows, cols = linear_sum_assignment(s, maximize=True)
+    rows, cols = linear_sum_assignment(centred, maximize=True)
     return torch.from_numpy(cols[np.argsort(rows)]).long()
 
 
@@ -539,20 +545,21 @@ def _certified_margin(similarity: np.ndarray, perm: np.ndarray) -> float:
     """A lower bound on how much ``perm`` beats every other permutation on
     ``sum_i S[i, p[i]]``, or 0.0 when none is at hand.
 
-    When ``perm`` picks every row's strictly largest entry (of the double-centred matrix,
-    which ranks assignments alike), another permutation differs from it in two rows at least
-    and loses at least each such row's margin over its runner-up: the two smallest margins
-    bound the loss. A bound below 1e-4 of the chosen entries' absolute sum counts as none:
-    it would not stand far enough above the similarity's float32 rounding.
+    When ``perm`` picks every row's strictly largest entry, another permutation differs from
+    it in two rows at least and loses at least each such row's margin over its runner-up: the
+    two smallest margins bound the loss. The solver passes the double-centred matrix its
+    assignment step used (it ranks assignments alike, and more of them qualify). A bound
+    below 1e-4 of the chosen entries' absolute sum counts as none: it would not stand far
+    enough above the similarity's float32 rounding. ``similarity`` is left as it was.
     """
     n = len(perm)
     if n < 2:
         return math.inf  # no other permutation
-    s = _centred(similarity)
     rows = np.arange(n)
-    chosen = s[rows, perm]
-    s[rows, perm] = -np.inf
-    margins = chosen - s.max(1)
+    chosen = similarity[rows, perm]
+    similarity[rows, perm] = -np.inf  # the runner-up of every row, without a copy
+    margins = chosen - similarity.max(1)
+    similarity[rows, perm] = chosen
     lowest = float(np.partition(margins, 1)[:2].sum(dtype=np.float64))
     scale = float(np.abs(chosen).sum(dtype=np.float64))
     return lowest if margins.min() > 0 and lowest > 1e-4 * scale else 0.0
@@ -707,7 +714,8 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
                 continue  # nothing it depends on moved since its last solve, or it provably
                 # stays where it is
             similarity = problem.similarity(g)
-            new = _assign(similarity)
+            centred = _centred(similarity)
+            new = _assign_centred(centred)
             if not torch.equal(new, problem.perms[g]):
                 if problem.linear:
                     step = _gain(similarity, new, problem.perms[g])
@@ -717,7 +725,7 @@ def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], co
                 else:
                     gain += _exact_step(problem, g, new)
             if torch.equal(new, problem.perms[g]):
-                problem.note_margin(g, similarity)
+                problem.note_margin(g, centred)
         gain += problem.rotate()
         changed = gain > 0
         current = current - 2 * gain if problem.linear else problem.cost() + constant
@@ -919,8 +927,9 @@ def _greedy_start(problem: _Problem) -> dict[str, torch.Tensor]:
                 key=lambda h: problem.information(h, settled))
         similarity = problem.similarity(g, settled)
         if similarity.any():  # no information yet: keep the current permutation
-            problem.set_perms({g: _assign(similarity)})
-            problem.note_margin(g, similarity, settled)
+            centred = _centred(similarity)
+            problem.set_perms({g: _assign_centred(centred)})
+            problem.note_margin(g, centred, settled)
         settled.add(g)
     return dict(problem.perms)
 
