@@ -474,17 +474,10 @@ class _Problem:
                 hit = self.distances.get((site, part))
                 if hit is None or hit[0] != stamp:
                     a, b = pairs[part]
-                    moved = self.permuted(site, b)
-                    dtype = np.result_type(a, b)
-                    # the difference overwrites the gathered copy, if there is one
-                    diff = np.subtract(a, moved, out=moved if moved is not b
-                                       and moved.dtype == dtype
-                                       else self._scratch("gather0", a.shape, dtype))
-                    with np.errstate(over="ignore"):  # match() reports an infinite cost
-                        hit = (stamp, float(np.square(diff, out=diff).sum(dtype=np.float64)))
+                    index = self._other_index(site, -1) if site in self.spec else {}
+                    hit = (stamp, _squared_distance(a, b, index))
                     self.distances[site, part] = hit
                 total += hit[1]
-        self.scratch.clear()
         return total
 
     def permuted(self, site: str, b: np.ndarray) -> np.ndarray:
@@ -495,6 +488,42 @@ class _Problem:
 
     def rotation_tensor(self) -> torch.Tensor | None:
         return None if self.rotation is None else torch.from_numpy(self.rotation)
+
+
+def _squared_distance(a: np.ndarray, b: np.ndarray,
+                      index: Mapping[int, np.ndarray | None]) -> float:
+    """``||a - b[index]||^2`` summed in float64, with ``b`` gathered along the axes of ``index``
+    (None: left as it is).
+
+    The tensor is processed in flat chunks that fit in the cache: gathering a whole permuted
+    copy and squaring the whole difference wrote and re-read every element three times, half
+    the time of a cost evaluation on ResNet-20 x16. The chunks are whole multiples of numpy's
+    reduction buffer and the running sum is passed on as ``initial``, so the result is bit for
+    bit the sum over the whole difference.
+    """
+    chunk = 16 * np.getbufsize()
+    index = {ax: idx for ax, idx in index.items() if idx is not None}
+    first = index.pop(0, None)
+    total = 0.0
+    with np.errstate(over="ignore"):  # match() reports an infinite cost
+        if a.ndim == 0 or a.size <= chunk:
+            for ax, idx in index.items():
+                b = np.take(b, idx, axis=ax)
+            diff = np.subtract(a, b if first is None else np.take(b, first, axis=0))
+            return float(np.sum(np.square(diff), dtype=np.float64))
+        row = a[0].size
+        flat_a = a.reshape(-1)
+        for start in range(0, a.size, chunk):
+            stop = min(start + chunk, a.size)
+            # the rows the chunk overlaps, gathered, then cut to the chunk
+            lo, hi = start // row, -(-stop // row)
+            rows = b[lo:hi] if first is None else np.take(b, first[lo:hi], axis=0)
+            for ax, idx in index.items():
+                rows = np.take(rows, idx, axis=ax)
+            diff = np.subtract(flat_a[start:stop],
+                               rows.reshape(-1)[start - lo * row:stop - lo * row])
+            total = float(np.square(diff, out=diff).sum(dtype=np.float64, initial=total))
+    return total
 
 
 def _exact_step(problem: _Problem, g: str, new: torch.Tensor) -> float:
