@@ -228,6 +228,34 @@ def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, numpy_above
             assert torch.equal(permute_tensor(leaf, entries, perms), expected)
 
 
+@pytest.mark.parametrize("numpy_above", [0, None])
+def test_permute_tensor_merges_the_leading_gathers_of_large_tensors(numpy_above, monkeypatch):
+    # above _MERGE_ELEMENTS a tensor moving along axes 0 and 1 is gathered once through its
+    # (axis 0 * axis 1, ...) view; that path must give what indexing gives, other permuted
+    # axes (shifted down in the view), blocks and autograd included
+    module = sys.modules["bnn_align.permute"]
+    monkeypatch.setattr(module, "_MERGE_ELEMENTS", 0)
+    if numpy_above is not None:
+        monkeypatch.setattr(module, "_NUMPY_GATHER_BYTES", numpy_above)
+    merged = []
+    original = module._merge_leading_gathers
+    monkeypatch.setattr(module, "_merge_leading_gathers",
+                        lambda shape, gathers: merged.append(shape) or original(shape, gathers))
+    perms = random_perms({"a": 4, "b": 3, "c": 5}, torch.Generator().manual_seed(4))
+    t = torch.randn(4, 6, 2, 5)
+    blocks = {1: 2}  # axis 1 moves in blocks of two (a flattened feature map)
+    b_index = (perms["b"][:, None] * 2 + torch.arange(2)).reshape(-1)
+    expected = t[perms["a"]][:, b_index][:, :, :, perms["c"]]
+    out = permute_tensor(t, ("a", "b", None, "c"), perms, blocks)
+    assert merged == [(4, 6, 2, 5)] and torch.equal(out, expected)
+    # one leading axis moving: a plain gather
+    only_b = {"a": torch.arange(4), "b": perms["b"], "c": torch.arange(5)}
+    assert torch.equal(permute_tensor(t, ("a", "b", None, "c"), only_b, blocks), t[:, b_index])
+    leaf = t.clone().requires_grad_()
+    (permute_tensor(leaf, ("a", "b", None, "c"), perms, blocks) * expected).sum().backward()
+    assert torch.equal(leaf.grad, t)
+
+
 # ------------------------------------------------------------------------------- bad input --
 def test_bad_permutations_are_rejected_with_the_group_named(small_mlp_model):
     sizes = group_sizes(small_mlp_model)
