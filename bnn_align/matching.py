@@ -392,12 +392,21 @@ class _Problem:
               slot: str) -> np.ndarray:
         """The group's units of ``axis`` as rows, everything else flattened into columns:
         a view where the layout allows it, else a copy into the work array ``slot``."""
-        part = np.moveaxis(t[(slice(None),) * axis
-                             + (slice(offset * block, (offset + n) * block),)], axis, 0)
+        units = slice(offset * block, (offset + n) * block)
+        part = np.moveaxis(t[(slice(None),) * axis + (units,)], axis, 0)
         if axis == 0 or (t.ndim == 2 and block == 1):
             return part.reshape(n, -1)
         rows = self._scratch(slot, part.shape, t.dtype)
-        np.copyto(rows, part)
+        inner = math.prod(t.shape[axis + 1:]) * t.itemsize
+        if t.ndim > axis + 1 and t.flags.c_contiguous:
+            # the axes after ``axis`` move together: copying them as one opaque item each
+            # (a 3x3 kernel) was 1.5-2x faster than numpy's copy of the moved float view
+            item = np.dtype((np.void, inner))
+            lead = math.prod(t.shape[:axis])
+            np.copyto(rows.reshape(len(part), lead * inner // t.itemsize).view(item),
+                      t.reshape(lead, -1).view(item)[:, units].T)
+        else:
+            np.copyto(rows, part)
         return rows.reshape(n, -1)
 
     def _full(self, site: str, part: int, axis: int, offset: int, n: int,
