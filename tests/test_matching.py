@@ -465,6 +465,50 @@ def test_cached_and_updated_similarities_equal_fresh_ones(kind):
         assert updates > 0
 
 
+@pytest.mark.parametrize("arch", ["cnn1d", "resnet"])
+@pytest.mark.parametrize("kind", ["mean_field", "low_rank"])
+def test_similarity_is_the_sum_of_unfolded_products(arch, kind):
+    """A group's similarity is ``sum_t A_t(axis) P_other(B_t)(axis)^T`` over the tensor axes it
+    permutes: recomputed here in torch from the definition, independently of the solver's own
+    gathers and axis moves (convolution kernels moved as one item, blocks of a flattened
+    feature map, the trailing rank axis of covariance factors)."""
+    from bnn_align.matching import _problem
+    from bnn_align.permute import axis_gathers
+
+    model = make(arch)
+    a = make_guide(kind, model, seed=1, spread=0.3)
+    b = make_guide(kind, make(arch), seed=2, spread=0.3)
+    va, vb = as_gaussian(a), as_gaussian(b)
+    sizes = group_sizes(model)
+    spec = model.spec
+    problem, _ = _problem(va, vb, "wasserstein", spec, sizes)
+    perms = random_perms(sizes, torch.Generator().manual_seed(5))
+    problem.set_perms(perms)
+    problem.rotate()
+    for g, n in sizes.items():
+        expected = torch.zeros(n, n, dtype=torch.float64)
+        for site in va.sites:
+            for axis, entry in enumerate(spec[site]):
+                offset = 0
+                for h in (entry if isinstance(entry, tuple) else (entry,)):
+                    if h is None:
+                        continue
+                    width = sizes[h] * spec.blocks.get(site, {}).get(axis, 1)
+                    if h == g:
+                        for pa, pb in problem.pairs[site]:
+                            ta, tb = torch.from_numpy(pa), torch.from_numpy(pb)
+                            for ax, index in axis_gathers(spec[site], perms, spec.blocks.get(site),
+                                                          skip=axis).items():
+                                if index is not None:
+                                    tb = tb.index_select(ax, index)
+                            rows = [t.narrow(axis, offset, width).movedim(axis, 0).reshape(n, -1)
+                                    for t in (ta, tb)]
+                            expected += rows[0].double() @ rows[1].double().T
+                    offset += width
+        np.testing.assert_allclose(problem.similarity(g), expected.numpy(), rtol=1e-4,
+                                   atol=1e-4 * float(expected.abs().max()))
+
+
 def test_plain_modules_match_by_weights_and_activations():
     """Deterministic networks: modules are point estimates; with data= the spec is traced
     from the module, and activation matching runs the module itself."""
