@@ -436,7 +436,7 @@ def test_cached_and_updated_similarities_equal_fresh_ones(kind):
     va, vb = as_gaussian(a), as_gaussian(b)
     sizes = group_sizes(model)
     problem, _ = _problem(va, vb, "wasserstein", model.spec, sizes)
-    problem._SCRATCH_BYTES = 0  # reuse work arrays for every gather, row copy and difference
+    problem._SCRATCH_BYTES = 0  # reuse work arrays for every gather and row copy
     gen = torch.Generator().manual_seed(0)
     problem.set_perms(random_perms(sizes, gen))
     problem.rotate()
@@ -463,6 +463,31 @@ def test_cached_and_updated_similarities_equal_fresh_ones(kind):
         assert problem.cost() == pytest.approx(fresh.cost(), rel=1e-6)
     if kind == "mean_field":
         assert updates > 0
+
+
+@pytest.mark.parametrize("shape", [(70, 60, 6, 5), (420, 400), (5000,), ()])
+def test_squared_distance_in_chunks_equals_the_whole_sum(shape):
+    """The objective's per-tensor term, summed chunk by chunk over gathered rows (tensors above
+    a chunk, 131072 numbers, and below), equals the float64 sum over the whole difference
+    (squares of the float32 difference, as the solver has always summed them)."""
+    from bnn_align.matching import _squared_distance
+
+    rng = np.random.default_rng(len(shape))
+    a = rng.standard_normal(shape).astype(np.float32)
+    b = rng.standard_normal(shape).astype(np.float32)
+    index = {ax: rng.permutation(n) for ax, n in enumerate(shape[:2])}
+    if len(shape) == 4:
+        index[3] = rng.permutation(shape[3])  # a permuted axis after a fixed one
+        index[1] = None  # left as it is
+    moved = b
+    for ax, idx in index.items():
+        if idx is not None:
+            moved = np.take(moved, idx, axis=ax)
+    # the difference in the tensors' float32, its squares summed in float64
+    expected = float(np.sum(np.square(a - moved), dtype=np.float64))
+    assert _squared_distance(a, b, index) == pytest.approx(expected, rel=1e-12)
+    assert _squared_distance(a, b, {}) == pytest.approx(
+        float(np.sum(np.square(a - b), dtype=np.float64)), rel=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["cnn1d", "resnet"])
