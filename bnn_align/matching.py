@@ -515,15 +515,12 @@ def _squared_distance(a: np.ndarray, b: np.ndarray,
     chunk = 16 * np.getbufsize()
     index = {ax: idx for ax, idx in index.items() if idx is not None}
     first = index.pop(0, None)
+    if a.ndim == 0:  # a scalar site: one row of one number
+        a, b = a.reshape(1), b.reshape(1)
+    row = math.prod(a.shape[1:])
+    flat_a = a.reshape(-1)
     total = 0.0
     with np.errstate(over="ignore"):  # match() reports an infinite cost
-        if a.ndim == 0 or a.size <= chunk:
-            for ax, idx in index.items():
-                b = np.take(b, idx, axis=ax)
-            diff = np.subtract(a, b if first is None else np.take(b, first, axis=0))
-            return float(np.sum(np.square(diff), dtype=np.float64))
-        row = a[0].size
-        flat_a = a.reshape(-1)
         for start in range(0, a.size, chunk):
             stop = min(start + chunk, a.size)
             # the rows the chunk overlaps, gathered, then cut to the chunk
