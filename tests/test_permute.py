@@ -165,6 +165,50 @@ def test_permute_then_inverse_for_point_objects(kind):
                            before[next(k for k in before if k.endswith("running_mean"))])
 
 
+@pytest.mark.parametrize("renamed", [False, True])
+def test_permuted_module_is_a_new_copy_with_ties_and_buffers_kept(renamed):
+    # Moved parameters and buffers are handed to the deep copy (each copied once); tied
+    # parameters stay tied, non-persistent buffers are copied as they are, the original is
+    # untouched, and a module whose state-dict names differ from its attributes (a hook
+    # renaming them) still gets its permuted values.
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 6)
+            self.back = nn.Linear(6, 6)
+            self.back.weight = self.out.weight  # tied
+            self.register_buffer("scratch", torch.arange(6.0), persistent=False)
+            if renamed:
+                self._register_state_dict_hook(Tied._rename)
+                self._register_load_state_dict_pre_hook(Tied._unrename)
+
+        @staticmethod
+        def _rename(module, state, prefix, local_metadata):
+            state["inp.weight_renamed"] = state.pop("inp.weight")
+
+        @staticmethod
+        def _unrename(state, prefix, *args):
+            if "inp.weight_renamed" in state:
+                state["inp.weight"] = state.pop("inp.weight_renamed")
+
+    net = Tied()
+    weight = "inp.weight_renamed" if renamed else "inp.weight"
+    spec = PermutationSpec({weight: ("h", None), "inp.bias": ("h",)})
+    perms = random_perms({"h": 6}, torch.Generator().manual_seed(2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    new = permute(net, perms, spec)
+    assert torch.equal(new.inp.weight, before[weight][perms["h"]])
+    assert torch.equal(new.inp.bias, before["inp.bias"][perms["h"]])
+    assert new.back.weight is new.out.weight and new.out.weight is not net.out.weight
+    assert torch.equal(new.out.weight, net.out.weight)
+    assert new.scratch is not net.scratch and torch.equal(new.scratch, net.scratch)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    shared = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in shared for p in new.parameters())
+    assert new.inp.weight.requires_grad and isinstance(new.inp.weight, nn.Parameter)
+
+
 def test_guide_over_batchnorm_network_moves_the_model_buffers():
     net = models.resnet(8, width=1, norm="batch", base_channels=4, dim=1, in_channels=1)
     with torch.no_grad():
