@@ -288,7 +288,7 @@ class _Problem:
         if not margin > 0 or parts > self.active or stamp != self._margin_stamp(g, sites, parts):
             return False
         missing = 0.0
-        for site in {site for site, *_ in self.uses[g]}:
+        for site in dict.fromkeys(site for site, *_ in self.uses[g]):  # in a fixed order
             counted = min(parts, len(self.pairs[site])) if site in sites else 0
             for part in range(counted, min(self.active, len(self.pairs[site]))):
                 hit = self.distances.get((site, part))
