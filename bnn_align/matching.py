@@ -19,14 +19,8 @@ better: on coupled residual networks it otherwise stopped in poor local optima. 
 descent on the means starts from a greedy forward pass, each group solved once from the
 neighbours already solved, which settles near-copies without a second pass of products.
 
-Work is reused across steps: a group's similarity matrix is a sum of contributions, one per tensor
-axis it permutes, and each contribution depends only on the permutations of that tensor's other
-axes. Contributions are cached and recomputed only when one of those permutations changed, and a
-group whose contributions are all unchanged is not solved again, nor a group whose margin on part
-of its similarity (the greedy pass's, or the means') exceeds what the missing terms could gain
-(see ``_Problem.certified``). Within one similarity evaluation, large gathered and
-transposed operands are written into reused work arrays; the objective is summed in cache-sized
-chunks (see ``_squared_distance``).
+The solver itself (the cached similarity matrices, the exact assignment steps, the descents
+and the starts) lives in ``_descent``; this module turns posteriors into its arrays.
 """
 
 from __future__ import annotations
@@ -35,19 +29,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from pyro.infer import autoguide
-from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from ._checks import positive_int
+from ._descent import Problem, assign, coordinate_descent, cost_at, warm_start
 from .bayesian import BayesianNetwork
-from .permute import axis_gathers, check_perms, identity_perms, permute, random_perms
+from .permute import check_perms, identity_perms, permute, random_perms
 from .posterior import GaussianView, adapter_for, model_of, paired_views
-from .spec import PermutationSpec, _groups_of
+from .spec import PermutationSpec
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
@@ -146,504 +140,6 @@ class Alignment:
                 f"perms=[{groups}{more}])")
 
 
-# --------------------------------------------------------------------------- the problem --
-class _Problem:
-    """``max_P sum_t <A_t, P(B_t)>`` over named tensors, reusing work between steps.
-
-    ``pairs[site]`` is a list of ``(A, B)`` arrays shaped like the site (plus trailing axes);
-    the ``B`` of a covariance factor is replaced by ``W_b R`` at every rotation step, which bumps
-    the site's ``part_version``. A group's similarity is a sum of contributions, one per tensor
-    axis it permutes; each is cached with the permutations it was computed under. When only a
-    few units of the tensor's other axis moved since, the cache is corrected by a low-rank
-    update over the moved units instead of being recomputed.
-
-    The arithmetic runs in numpy (sharing memory with the torch views): its BLAS was faster than
-    torch's on the benchmark machine, and keeping the hot loop in one library avoids two thread
-    pools spinning against each other.
-    """
-
-    # above this fraction of moved units a full recomputation is cheaper than the update
-    _UPDATE_LIMIT = 0.6
-    # work arrays below this size come from the heap without page faults (see ``_scratch``)
-    _SCRATCH_BYTES = 4 * 2**20
-
-    def __init__(self, pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-                 spec: PermutationSpec, sizes: Mapping[str, int],
-                 factor_part: Mapping[str, int] | None = None):
-        self.pairs = {site: [(a.detach().numpy(), b.detach().numpy()) for a, b in parts]
-                      for site, parts in pairs.items()}
-        self.spec = spec
-        self.sizes = dict(sizes)
-        self.blocks = spec.blocks
-        # site -> index of its covariance-factor pair, whose b side is W_b R for the rotation R
-        self.factor_part = dict(factor_part or {})
-        self.factors_b = {site: self.pairs[site][i][1] for site, i in self.factor_part.items()}
-        self.rotation: np.ndarray | None = None
-        # group -> [(site, axis, offset, others)]: where the group acts, and the groups of the
-        # tensor's other axes, on which that contribution depends
-        self.uses: dict[str, list[tuple[str, int, int, tuple[str, ...]]]] = {g: [] for g in sizes}
-        self.site_groups: dict[str, tuple[str, ...]] = {}
-        for site in pairs:
-            entries = self.spec[site] if site in spec else ()
-            self.site_groups[site] = tuple(sorted({g for e in entries for g in _groups_of(e)}))
-            for axis, entry in enumerate(entries):
-                offset = 0
-                for g in _groups_of(entry):
-                    others = tuple(sorted({h for ax, e in enumerate(entries) if ax != axis
-                                           for h in _groups_of(e)}))
-                    self.uses[g].append((site, axis, offset, others))
-                    offset += self.sizes[g]
-        # The objective is linear in each group's permutation unless a tensor carries the group
-        # on two axes (or twice in one concatenation); only then must it be recomputed rather
-        # than updated by the gains of the assignment steps.
-        self.linear = all(len(uses) == len({(site) for site, *_ in uses})
-                          for uses in self.uses.values())
-        self.perms = identity_perms(sizes)  # the current permutations
-        self.version = {g: 0 for g in sizes}  # bumped whenever a group's permutation changes
-        self.part_version = {site: 0 for site in pairs}  # bumped when a factor is rotated
-        # Only the first ``active`` parts of every site enter the objective: 1 for the means
-        # alone (the warm start), all of them for the full objective. Everything below is
-        # cached per part, so the full objective reuses what the means-only descent computed.
-        self.num_parts = max((len(parts) for parts in pairs.values()), default=1)
-        self.active = self.num_parts
-        # Contributions that depend on no other group (biases, norm parameters, the first and
-        # last layers) never change: they are summed once per group and part.
-        self.static: dict[tuple[str, int], np.ndarray] = {}
-        self.cache: dict[tuple, tuple[tuple, np.ndarray, dict]] = {}
-        self.solved_at: dict[str, tuple] = {}
-        self.distances: dict[tuple[str, int], tuple[tuple, float]] = {}
-        # group -> (stamp, parts, sites, margin) of its last solve on part of its similarity,
-        # see ``certified``
-        self.margins: dict[str, tuple[tuple, int, frozenset, float]] = {}
-        self.scratch: dict[str, np.ndarray] = {}  # reused work arrays, see ``_scratch``
-        self.axis_indices: dict[tuple[str, int], tuple] = {}  # see ``_axis_index``
-
-    # -- bookkeeping ------------------------------------------------------------------------------
-    def set_perms(self, perms: Mapping[str, torch.Tensor]) -> None:
-        for g, p in perms.items():
-            if not torch.equal(p, self.perms[g]):
-                self.perms[g] = p
-                self.version[g] += 1
-
-    def _parts(self, site: str) -> range:
-        return range(min(self.active, len(self.pairs[site])))
-
-    def _is_factor(self, site: str, part: int) -> bool:
-        return self.factor_part.get(site) == part
-
-    def _stamp(self, site: str, groups: tuple[str, ...], part: int) -> tuple:
-        """What a part's contribution depends on: the other groups' permutations, and the
-        rotation for a covariance factor."""
-        rotated = self.part_version[site] if self._is_factor(site, part) else 0
-        return tuple(self.version[h] for h in groups), rotated
-
-    def _solve_stamp(self, g: str) -> tuple:
-        return tuple(self._stamp(site, others, part) for site, _, _, others in self.uses[g]
-                     for part in self._parts(site))
-
-    def needs_solve(self, g: str) -> bool:
-        """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved."""
-        return self.solved_at.get(g) != self._solve_stamp(g)
-
-    def _margin_stamp(self, g: str, sites: frozenset[str], parts: int) -> tuple:
-        """What a margin depends on: ``g``'s own permutation and the contributions it was
-        computed from (of ``sites``, their first ``parts`` parts)."""
-        return self.version[g], tuple(
-            self._stamp(site, others, part) for site, _, _, others in self.uses[g]
-            if site in sites for part in range(min(parts, len(self.pairs[site]))))
-
-    def note_margin(self, g: str, similarity: np.ndarray,
-                    settled: set[str] | None = None) -> None:
-        """After a solve that left ``g`` at the best permutation of ``similarity`` (double-
-        centred, as the assignment step saw it; the partial one over ``settled`` of the greedy
-        start, or the means' while the objective has more parts): remember by how much it
-        beats every other (see :meth:`certified`)."""
-        if not self.linear or (settled is None and self.active == self.num_parts):
-            return  # a solve on everything leaves nothing to certify
-        sites = frozenset(site for site, _, _, others in self.uses[g]
-                          if settled is None or settled.issuperset(others))
-        self.margins[g] = (self._margin_stamp(g, sites, self.active), self.active, sites,
-                           _certified_margin(similarity, self.perms[g].numpy()))
-
-    def certified(self, g: str) -> bool:
-        """Whether ``g``'s permutation provably stays where it is, with none of the products
-        its similarity is missing computed; if so ``g`` counts as solved.
-
-        At ``g``'s last solve, on some of the contributions to its similarity (the settled
-        neighbours' of the greedy start, or the means'), every other permutation was worse by
-        at least the margin ``m`` (the neighbours unchanged since). The missing terms, of
-        tensors acting on ``g``, can favour another permutation by at most half their
-        current squared distance ``d`` (``<A, P B> <= (||A||^2 + ||B||^2) / 2``), known from
-        the costs the warm start evaluates. So when ``d < m`` a step on the whole similarity
-        would keep the permutation with at least ``m / 2`` to spare, far above rounding: the
-        result is the one solving gives. A near-copy (a planted permutation, checkpoints of
-        one run) is settled by the greedy start alone, without a second pass of products on
-        the means or any on the standard deviations. Linear problems only: elsewhere a step
-        is not a plain assignment.
-        """
-        noted = self.margins.get(g)
-        if not self.linear or noted is None:
-            return False
-        stamp, parts, sites, margin = noted
-        if not margin > 0 or parts > self.active or stamp != self._margin_stamp(g, sites, parts):
-            return False
-        missing = 0.0
-        for site in dict.fromkeys(site for site, *_ in self.uses[g]):  # in a fixed order
-            counted = min(parts, len(self.pairs[site])) if site in sites else 0
-            for part in range(counted, min(self.active, len(self.pairs[site]))):
-                hit = self.distances.get((site, part))
-                if hit is None or hit[0] != self._stamp(site, self.site_groups[site], part):
-                    return False  # not known at the current permutations
-                missing += hit[1]
-        if not missing < margin:
-            return False
-        self.solved_at[g] = self._solve_stamp(g)
-        return True
-
-    def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray | None]:
-        """Gather index of every other permuted axis of a tensor under the current perms
-        (``axis=-1``: of every permuted axis), None for an identity."""
-        return {ax: self._axis_index(site, ax) for ax, entry in enumerate(self.spec[site])
-                if entry is not None and ax != axis}
-
-    def _axis_index(self, site: str, axis: int) -> np.ndarray | None:
-        """Gather index of one permuted axis, kept until one of its groups moves (rebuilding
-        it with torch ops for every product and cost term was 4-6 % of ResNet-20 x4's match)."""
-        entry = self.spec[site][axis]
-        stamp = tuple(self.version[g] for g in _groups_of(entry))
-        hit = self.axis_indices.get((site, axis))
-        if hit is None or hit[0] != stamp:
-            blocks = self.blocks.get(site, {})
-            (index,) = axis_gathers((entry,), self.perms, {0: blocks.get(axis, 1)}).values()
-            hit = self.axis_indices[site, axis] = (stamp,
-                                                   None if index is None else index.numpy())
-        return hit[1]
-
-    # -- the similarity ---------------------------------------------------------------------------
-    def similarity(self, g: str, settled: set[str] | None = None) -> np.ndarray:
-        """``S[i, j]``: the gain of putting unit ``j`` of b at unit ``i``, shape ``(n, n)``.
-
-        float32, like the weights: its rounding is far below the differences assignments make.
-        With ``settled``, only the contributions whose other groups are all in it (and those
-        that depend on no other group): the partial similarity of the greedy start.
-        """
-        n = self.sizes[g]
-        total = np.zeros((n, n), dtype=np.float32)
-        for part in range(self.active):
-            if (g, part) not in self.static:
-                static = np.zeros((n, n), dtype=np.float32)
-                for site, axis, offset, others in self.uses[g]:
-                    if (not others and not self._is_factor(site, part)
-                            and part < len(self.pairs[site])):
-                        static += self._full(site, part, axis, offset, n, {})
-                self.static[g, part] = static
-            total += self.static[g, part]
-        for site, axis, offset, others in self.uses[g]:
-            if settled is not None and not settled.issuperset(others):
-                continue
-            for part in self._parts(site):
-                if not others and not self._is_factor(site, part):
-                    continue  # in the static sum
-                key = (g, site, axis, offset, part)
-                stamp = self._stamp(site, others, part)
-                hit = self.cache.get(key)
-                if hit is None or hit[0] != stamp:
-                    index = self._other_index(site, axis)
-                    matrix = None
-                    if hit is not None and hit[0][1] == stamp[1]:
-                        matrix = self._update(site, part, axis, offset, n, hit[1], hit[2],
-                                              index)
-                    if matrix is None:
-                        matrix = self._full(site, part, axis, offset, n, index)
-                    hit = (stamp, matrix, index)
-                    self.cache[key] = hit
-                total += hit[1]
-        if settled is None:  # a partial similarity does not make a solve of g up to date
-            self.solved_at[g] = self._solve_stamp(g)
-        self.scratch.clear()
-        return total
-
-    def information(self, g: str, settled: set[str]) -> int:
-        """How many weights of the (active) tensors acting on ``g`` the partial similarity over
-        ``settled`` contains."""
-        return sum(self.pairs[site][part][0].size for site, _, _, others in self.uses[g]
-                   if settled.issuperset(others) for part in self._parts(site))
-
-    def _scratch(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A work array reused from product to product within one call of
-        :meth:`similarity` or :meth:`rotate` (released at its end, so peak
-        memory stays that of fresh arrays).
-
-        A fresh large array is new memory the kernel must fault in and zero: on ResNet-20
-        x16 that was a third of the time spent gathering and copying operands for the
-        products. Small arrays are allocated afresh: reusing them only moved page faults to
-        other allocations (the 512-wide MLP got slower).
-        """
-        size = math.prod(shape)
-        if size * np.dtype(dtype).itemsize < self._SCRATCH_BYTES:
-            return np.empty(shape, dtype=dtype)
-        buffer = self.scratch.get(slot)
-        if buffer is None or buffer.size < size or buffer.dtype != dtype:
-            buffer = self.scratch[slot] = np.empty(size, dtype=dtype)
-        return buffer[:size].reshape(shape)
-
-    def _take(self, t: np.ndarray, index: np.ndarray, axis: int, slot: str) -> np.ndarray:
-        """``np.take(t, index, axis)`` into the work array ``slot``."""
-        shape = t.shape[:axis] + (len(index),) + t.shape[axis + 1:]
-        # mode="clip" writes straight into ``out`` (the default "raise" buffers it first); the
-        # indices are positions of a permutation, always in range
-        return np.take(t, index, axis=axis, out=self._scratch(slot, shape, t.dtype), mode="clip")
-
-    def _gather(self, t: np.ndarray, index: Mapping[int, np.ndarray | None]) -> np.ndarray:
-        """``t`` gathered along the axes of ``index`` (None: left as it is), in work arrays."""
-        gathers = 0
-        for ax, idx in index.items():
-            if idx is not None:  # alternate work arrays: a second gather reads the first
-                t = self._take(t, idx, ax, f"gather{gathers % 2}")
-                gathers += 1
-        return t
-
-    def _rows(self, t: np.ndarray, axis: int, offset: int, n: int, block: int,
-              slot: str) -> np.ndarray:
-        """The group's units of ``axis`` as rows, everything else flattened into columns:
-        a view where the layout allows it, else a copy into the work array ``slot``."""
-        units = slice(offset * block, (offset + n) * block)
-        part = np.moveaxis(t[(slice(None),) * axis + (units,)], axis, 0)
-        if axis == 0 or (t.ndim == 2 and block == 1):
-            return part.reshape(n, -1)
-        rows = self._scratch(slot, part.shape, t.dtype)
-        inner = math.prod(t.shape[axis + 1:]) * t.itemsize
-        if t.ndim > axis + 1 and t.flags.c_contiguous:
-            # the axes after ``axis`` move together: copying them as one opaque item each
-            # (a 3x3 kernel) was 1.5-2x faster than numpy's copy of the moved float view
-            item = np.dtype((np.void, inner))
-            lead = math.prod(t.shape[:axis])
-            np.copyto(rows.reshape(len(part), lead * inner // t.itemsize).view(item),
-                      t.reshape(lead, -1).view(item)[:, units].T)
-        else:
-            np.copyto(rows, part)
-        return rows.reshape(n, -1)
-
-    def _full(self, site: str, part: int, axis: int, offset: int, n: int,
-              index: Mapping[int, np.ndarray | None]) -> np.ndarray:
-        """``A_(axis) P_other(B)_(axis)^T`` of one part, shape ``(n, n)``, float32."""
-        block = self.blocks.get(site, {}).get(axis, 1)
-        a, b = self.pairs[site][part]
-        b = self._gather(b, index)
-        return (self._rows(a, axis, offset, n, block, "rows_a")
-                @ self._rows(b, axis, offset, n, block, "rows_b").T)
-
-    def _update(self, site: str, part: int, axis: int, offset: int, n: int,
-                matrix: np.ndarray, old: Mapping[int, np.ndarray | None],
-                new: Mapping[int, np.ndarray | None]) -> np.ndarray | None:
-        """Correct a cached contribution for moved units of the one other permuted axis:
-        ``sum_k A[:, k] (B[:, new_k] - B[:, old_k])^T`` over the moved positions ``k``."""
-        if len(new) != 1:
-            return None
-        ((ax, idx_new),) = new.items()
-        idx_old = old[ax]
-        length = self.pairs[site][0][1].shape[ax]
-        idx_new = np.arange(length) if idx_new is None else idx_new
-        idx_old = np.arange(length) if idx_old is None else idx_old
-        moved = np.flatnonzero(idx_old != idx_new)
-        if len(moved) > self._UPDATE_LIMIT * len(idx_new):
-            return None
-        matrix = matrix.copy()
-        if len(moved) == 0:
-            return matrix
-        block = self.blocks.get(site, {}).get(axis, 1)
-        a, b = self.pairs[site][part]
-        delta = self._take(b, idx_new[moved], ax, "gather0")
-        delta -= self._take(b, idx_old[moved], ax, "gather1")
-        a_moved = self._take(a, moved, ax, "gather1")
-        matrix += (self._rows(a_moved, axis, offset, n, block, "rows_a")
-                   @ self._rows(delta, axis, offset, n, block, "rows_b").T)
-        return matrix
-
-    # -- the rotation of covariance factors -------------------------------------------------------
-    def rotate(self) -> float:
-        """Procrustes step: the orthogonal ``R`` maximising ``<W_a, P(W_b) R>``, i.e. ``U V^T``
-        from the SVD of ``P(W_b)^T W_a``. Returns the gain in ``sum_t <A_t, P(B_t)>`` (0.0 when
-        ``R`` did not change)."""
-        if not self.factor_part or min(self.factor_part.values()) >= self.active:
-            return 0.0
-        cross = None
-        for site, index in self.factor_part.items():
-            wa, wb = self.pairs[site][index][0], self.factors_b[site]
-            pb = self.permuted(site, wb).reshape(-1, wb.shape[-1]).astype(np.float64)
-            c = pb.T @ wa.reshape(-1, wa.shape[-1]).astype(np.float64)
-            cross = c if cross is None else cross + c
-        self.scratch.clear()
-        u, _, vh = np.linalg.svd(cross)
-        new = (u @ vh).astype(next(iter(self.factors_b.values())).dtype)
-        if self.rotation is not None and np.allclose(new, self.rotation, atol=1e-6, rtol=0):
-            return 0.0
-        # <W_a, P(W_b) R> = trace(R^T cross): the gain of the new rotation over the old one
-        old = self.rotation if self.rotation is not None else np.eye(len(new))
-        gain = float(np.sum((new.astype(np.float64) - old) * cross))
-        self.rotation = new
-        for site, index in self.factor_part.items():
-            a, _ = self.pairs[site][index]
-            self.pairs[site][index] = (a, self.factors_b[site] @ new)
-            self.part_version[site] += 1
-        return max(gain, np.finfo(np.float64).tiny)  # positive: it changed
-
-    # -- the objective ----------------------------------------------------------------------------
-    def cost(self) -> float:
-        """``sum_t ||A_t - P(B_t)||^2``, each tensor's term recomputed only when it moved."""
-        total = 0.0
-        for site, pairs in self.pairs.items():
-            for part in self._parts(site):
-                stamp = self._stamp(site, self.site_groups[site], part)
-                hit = self.distances.get((site, part))
-                if hit is None or hit[0] != stamp:
-                    a, b = pairs[part]
-                    index = self._other_index(site, -1) if site in self.spec else {}
-                    hit = (stamp, _squared_distance(a, b, index))
-                    self.distances[site, part] = hit
-                total += hit[1]
-        return total
-
-    def permuted(self, site: str, b: np.ndarray) -> np.ndarray:
-        """``b`` with every permuted axis of the site reordered (in a work array)."""
-        if site not in self.spec:
-            return b
-        return self._gather(b, self._other_index(site, -1))
-
-    def rotation_tensor(self) -> torch.Tensor | None:
-        return None if self.rotation is None else torch.from_numpy(self.rotation)
-
-
-def _squared_distance(a: np.ndarray, b: np.ndarray,
-                      index: Mapping[int, np.ndarray | None]) -> float:
-    """``||a - b[index]||^2`` summed in float64, with ``b`` gathered along the axes of ``index``
-    (None: left as it is).
-
-    The tensor is processed in flat chunks that fit in the cache: gathering a whole permuted
-    copy and squaring the whole difference wrote and re-read every element three times, half
-    the time of a cost evaluation on ResNet-20 x16. The chunks are whole multiples of numpy's
-    reduction buffer and the running sum is passed on as ``initial``, so the result is the sum
-    over the whole difference, bit for bit with numpy 2.x's buffered float64 reduction (the
-    study's 144 matches came out identical).
-    """
-    chunk = 16 * np.getbufsize()
-    index = {ax: idx for ax, idx in index.items() if idx is not None}
-    first = index.pop(0, None)
-    if a.ndim == 0:  # a scalar site: one row of one number
-        a, b = a.reshape(1), b.reshape(1)
-    row = math.prod(a.shape[1:])
-    flat_a = a.reshape(-1)
-    total = 0.0
-    with np.errstate(over="ignore"):  # match() reports an infinite cost
-        for start in range(0, a.size, chunk):
-            stop = min(start + chunk, a.size)
-            # the rows the chunk overlaps, gathered, then cut to the chunk
-            lo, hi = start // row, -(-stop // row)
-            rows = b[lo:hi] if first is None else np.take(b, first[lo:hi], axis=0)
-            for ax, idx in index.items():
-                rows = np.take(rows, idx, axis=ax)
-            diff = np.subtract(flat_a[start:stop],
-                               rows.reshape(-1)[start - lo * row:stop - lo * row])
-            total = float(np.square(diff, out=diff).sum(dtype=np.float64, initial=total))
-    return total
-
-
-def _exact_step(problem: _Problem, g: str, new: torch.Tensor) -> float:
-    """Take the step to ``new`` only if it lowers the exact cost; returns its gain (in the
-    similarity's units, half the drop in cost) or 0.0 after undoing it.
-
-    When a tensor carries ``g`` on two axes (``h + Linear(h)`` on one residual stream), the
-    cost is quadratic in ``g``'s permutation and the assignment, which maximises its
-    linearisation at the current point, can overshoot."""
-    before, old = problem.cost(), problem.perms[g]
-    problem.set_perms({g: new})
-    drop = before - problem.cost()
-    if drop > 1e-7 * abs(before):
-        return drop / 2
-    problem.set_perms({g: old})
-    return 0.0
-
-
-def _assign(similarity: np.ndarray) -> torch.Tensor:
-    """Exact linear assignment maximising ``sum_i S[i, p[i]]``.
-
-    Adding a constant to a row or a column changes every assignment's total by the same
-    amount, so the matrix is double-centred first: the solution is the same, and scipy's
-    shortest-augmenting-path solver is 2-3x faster on the nearly constant similarities that
-    positive standard deviations produce (measured on the 2048-wide benchmark MLP).
-    """
-    return _assign_centred(_centred(similarity))
-
-
-def _assign_centred(centred: np.ndarray) -> torch.Tensor:
-    """:func:`_assign` of a matrix :func:`_centred` already (the descent keeps it for
-    :func:`_certified_margin`)."""
-    best = _row_maxima_permutation(centred)
-    if best is not None:
-        return torch.from_numpy(best).long()
-    rows, cols = linear_sum_assignment(centred, maximize=True)
-    return torch.from_numpy(cols[np.argsort(rows)]).long()
-
-
-def _centred(similarity: np.ndarray) -> np.ndarray:
-    """``S`` minus its column means, then minus its row means (a new array)."""
-    s = similarity - similarity.mean(0, keepdims=True)
-    s -= s.mean(1, keepdims=True)
-    return s
-
-
-def _certified_margin(similarity: np.ndarray, perm: np.ndarray) -> float:
-    """A lower bound on how much ``perm`` beats every other permutation on
-    ``sum_i S[i, p[i]]``, or 0.0 when none is at hand.
-
-    When ``perm`` picks every row's strictly largest entry, another permutation differs from
-    it in two rows at least and loses at least each such row's margin over its runner-up: the
-    two smallest margins bound the loss. The solver passes the double-centred matrix its
-    assignment step used (it ranks assignments alike, and more of them qualify). A bound
-    below 1e-4 of the chosen entries' absolute sum counts as none: it would not stand far
-    enough above the similarity's float32 rounding. ``similarity`` is left as it was.
-    """
-    n = len(perm)
-    if n < 2:
-        return math.inf  # no other permutation
-    rows = np.arange(n)
-    chosen = similarity[rows, perm]
-    similarity[rows, perm] = -np.inf  # the runner-up of every row, without a copy
-    margins = chosen - similarity.max(1)
-    similarity[rows, perm] = chosen
-    lowest = float(np.partition(margins, 1)[:2].sum(dtype=np.float64))
-    scale = float(np.abs(chosen).sum(dtype=np.float64))
-    return lowest if margins.min() > 0 and lowest > 1e-4 * scale else 0.0
-
-
-def _row_maxima_permutation(similarity: np.ndarray) -> np.ndarray | None:
-    """The rows' argmaxes if they form a permutation, else None.
-
-    No assignment can beat the sum of the row maxima, so when every row's best column is a
-    different one the assignment problem is solved without the solver. That happens in most
-    steps of aligning near-copies (checkpoints of one run, a planted permutation) and costs one
-    pass over the matrix otherwise.
-    """
-    best = similarity.argmax(1)
-    seen = np.zeros(len(best), dtype=bool)
-    seen[best] = True
-    return best if seen.all() else None
-
-
-def _gain(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor) -> float:
-    """How much ``new`` beats ``old`` on ``sum_i S[i, p[i]]``; 0.0 unless by more than the
-    rounding of the similarity matrix.
-
-    Without the margin, float rounding of cached similarities could swap two tied
-    permutations back and forth forever."""
-    rows = np.arange(len(new))
-    new, old = new.numpy(), old.numpy()
-    gain = float(similarity[rows, new].sum(dtype=np.float64)
-                 - similarity[rows, old].sum(dtype=np.float64))
-    scale = float(np.abs(similarity[rows, old]).sum(dtype=np.float64))
-    return gain if gain > 1e-6 * scale else 0.0
-
-
 # ------------------------------------------------------------------------------ inputs --
 def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
                   data: Any) -> PermutationSpec:
@@ -708,14 +204,14 @@ def _spec_sizes(spec: PermutationSpec, va: GaussianView, guide_a: Any) -> dict[s
 
 # --------------------------------------------------------------------------- the solvers --
 def _problem(va: GaussianView, vb: GaussianView, method: str, spec: PermutationSpec,
-             sizes: Mapping[str, int]) -> tuple[_Problem, float]:
+             sizes: Mapping[str, int]) -> tuple[Problem, float]:
     """The assignment problem of a method, and the constant part of its cost (terms present on
     one side only, which no permutation changes)."""
     pairs: dict[str, list] = {s: [(va.loc[s], vb.loc[s])] for s in va.sites}
     constant = 0.0
     factor_part: dict[str, int] = {}
     if method == "mean":
-        return _Problem(pairs, spec, sizes), constant
+        return Problem(pairs, spec, sizes), constant
     a_has, b_has = va.kind not in ("point", "full_rank"), vb.kind not in ("point", "full_rank")
     for s in va.sites:
         if a_has and b_has:
@@ -731,7 +227,7 @@ def _problem(va: GaussianView, vb: GaussianView, method: str, spec: PermutationS
         for view in (va, vb):
             if view.factor is not None:
                 constant += sum(float((f.double() ** 2).sum()) for f in view.factor.values())
-    return _Problem(pairs, spec, sizes, factor_part), constant
+    return Problem(pairs, spec, sizes, factor_part), constant
 
 
 def _pad(factor: torch.Tensor, rank: int) -> torch.Tensor:
@@ -739,56 +235,6 @@ def _pad(factor: torch.Tensor, rank: int) -> torch.Tensor:
     if extra == 0:
         return factor
     return torch.cat([factor, factor.new_zeros(*factor.shape[:-1], extra)], dim=-1)
-
-
-def _coordinate_descent(problem: _Problem, start: Mapping[str, torch.Tensor], constant: float,
-                        max_iter: int, rng: np.random.Generator, bar: Any
-                        ) -> tuple[dict, list[float], int, bool, torch.Tensor | None]:
-    """Sweeps over the groups in random order, each an exact assignment, then a rotation step,
-    until a sweep changes nothing.
-
-    The objective after a sweep is the one before it minus twice the gains of its steps (it is
-    ``||A||^2 + ||B||^2 - 2 sum_t <A_t, P(B_t)>``, linear in each step's permutation), so no
-    sweep has to pass over all the weights; the first and last values are computed directly.
-    """
-    problem.set_perms(start)
-    problem.rotate()
-    current = problem.cost() + constant
-    history: list[float] = []
-    converged = False
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        gain = 0.0
-        for g in rng.permutation(list(problem.sizes)):
-            g = str(g)
-            if not problem.needs_solve(g) or problem.certified(g):
-                continue  # nothing it depends on moved since its last solve, or it provably
-                # stays where it is
-            similarity = problem.similarity(g)
-            centred = _centred(similarity)
-            new = _assign_centred(centred)
-            if not torch.equal(new, problem.perms[g]):
-                if problem.linear:
-                    step = _gain(similarity, new, problem.perms[g])
-                    if step > 0:
-                        problem.set_perms({g: new})
-                        gain += step
-                else:
-                    gain += _exact_step(problem, g, new)
-            if torch.equal(new, problem.perms[g]):
-                problem.note_margin(g, centred)
-        gain += problem.rotate()
-        changed = gain > 0
-        current = current - 2 * gain if problem.linear else problem.cost() + constant
-        history.append(current)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(cost=f"{current:.6g}")
-        if not changed:
-            converged = True
-            break
-    history[-1] = problem.cost() + constant  # exact, and free of accumulated rounding
-    return dict(problem.perms), history, iterations, converged, problem.rotation_tensor()
 
 
 # --------------------------------------------------------------------- activation matching --
@@ -815,7 +261,7 @@ def _activation_perms(guide_a: Any, guide_b: Any, va: GaussianView, vb: Gaussian
             stats[g].update(acts_a[g], acts_b[g])
     perms = identity_perms(sizes)
     for g, s in stats.items():
-        perms[g] = _assign(s.correlation().numpy())
+        perms[g] = assign(s.correlation().numpy())
     return perms
 
 
@@ -912,79 +358,6 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
     return va, vb, spec, _spec_sizes(spec, va, guide_a)
 
 
-_WARM_START_SWEEPS = 100
-
-
-def _cost_at(problem: _Problem, perms: Mapping[str, torch.Tensor], constant: float) -> float:
-    """The objective at ``perms`` (with the best rotation of the factors for them)."""
-    problem.set_perms(perms)
-    problem.rotate()
-    return problem.cost() + constant
-
-
-def _warm_start(problem: _Problem, constant: float, start: Mapping[str, torch.Tensor],
-                rng: np.random.Generator, greedy: bool = False) -> dict[str, torch.Tensor]:
-    """Where the descent on the method's objective starts: ``start`` refined on the means.
-
-    With ``greedy``, the means are first matched by :func:`_greedy_start` (used for the default
-    start: it settles near-copies in one pass of products where a descent from the identity
-    needs two or three). Then, for an objective with more than the means, coordinate descent on
-    the means alone refines that point: the standard deviations and covariance factors add many
-    terms to the similarities that carry little information about which units correspond
-    (independently trained posteriors have similar spreads everywhere), and a shared rotation
-    of the factors fitted at a wrong permutation couples all groups; from the identity,
-    coordinate descent on the full objective can then stop in a poor local optimum on coupled
-    (residual) networks. Weight matching on the means finds the basin; the full objective then
-    refines within it. The result is kept only if it lowers the objective below ``start``'s, so
-    the descent that follows never ends worse than a descent from ``start``'s point would begin.
-    The means-only descent runs to convergence whatever ``max_iter`` is, on ``problem`` itself
-    (its other parts switched off), so the full descent reuses its cached terms.
-    """
-    if problem.num_parts == 1 and not greedy:
-        return dict(start)  # the objective is the means': its own descent starts at start
-    at_start = _cost_at(problem, start, constant)
-    problem.active = 1
-    try:
-        perms = dict(start)
-        if greedy:  # on the means, the greedy point replaces start only if it is no worse
-            means_at_start = _cost_at(problem, start, 0.0)
-            candidate = _greedy_start(problem)
-            if _cost_at(problem, candidate, 0.0) <= means_at_start:
-                perms = candidate
-        if problem.num_parts > 1:
-            perms = _coordinate_descent(problem, perms, 0.0, _WARM_START_SWEEPS, rng, None)[0]
-    finally:
-        problem.active = problem.num_parts
-    # evaluated last, so the descent that follows finds its terms cached
-    if _cost_at(problem, perms, constant) < at_start:
-        return perms
-    return dict(start)
-
-
-def _greedy_start(problem: _Problem) -> dict[str, torch.Tensor]:
-    """Solve every group once, each from what its settled neighbours determine.
-
-    A forward pass of weight matching, for any spec: the next group is the one whose similarity
-    is most determined by the groups solved so far (tensors whose other axes are all settled,
-    and those with no other permuted axis, such as the first layer), and it is solved from those
-    contributions alone. Coordinate descent from the identity solves groups against neighbours
-    that have not moved yet and must redo those products once they have; from here, on a
-    near-copy, the first sweep already finds nothing to change. The objective is not evaluated:
-    the caller compares what the descent from here reaches with its start.
-    """
-    settled: set[str] = set()
-    while len(settled) < len(problem.sizes):
-        g = max((h for h in problem.sizes if h not in settled),
-                key=lambda h: problem.information(h, settled))
-        similarity = problem.similarity(g, settled)
-        if similarity.any():  # no information yet: keep the current permutation
-            centred = _centred(similarity)
-            problem.set_perms({g: _assign_centred(centred)})
-            problem.note_margin(g, centred, settled)
-        settled.add(g)
-    return dict(problem.perms)
-
-
 def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None = None, *,
                    spec: PermutationSpec | None = None, method: str = "wasserstein",
                    data: Any = None) -> float:
@@ -1022,7 +395,7 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data)
     perms = check_perms(perms, sizes) if perms is not None else identity_perms(sizes)
     problem, constant = _problem(va, vb, method, spec, sizes)
-    return _cost_at(problem, perms, constant)
+    return cost_at(problem, perms, constant)
 
 
 # ------------------------------------------------------------------------------- match --
@@ -1055,11 +428,11 @@ def match(
         ``"wasserstein"`` minimises the coupled squared distance of the module docstring (W2^2
         for diagonal Gaussians) over permutations and, with covariance factors on both sides,
         a rotation of the factors. Each start is first refined on the means alone and the
-        result kept if it lowers the full objective (see ``_warm_start``), so the W2 result is
-        never worse on its own objective than mean matching from the same start.
+        result kept if it lowers the full objective (see ``_descent.warm_start``), so the W2
+        result is never worse on its own objective than mean matching from the same start.
         ``"mean"`` is Git Re-Basin weight matching on the means. Both start, by default, from
         a greedy forward pass (each group solved once from its already-solved neighbours, see
-        ``_greedy_start``) when that is no worse on the means than the identity.
+        ``_descent.greedy_start``) when that is no worse on the means than the identity.
         ``"activation"`` matches units by the Pearson correlation of their posterior-expected
         activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
         assignment per group; residual streams share one permutation, and their correlation
@@ -1126,18 +499,18 @@ def match(
     for restart in range(num_restarts):
         problem, constant = _problem(va, vb, objective, spec, sizes)
         if cost_before is None:  # at the identity, with the best rotation of the factors
-            cost_before = _cost_at(problem, identity_perms(sizes), constant)
+            cost_before = cost_at(problem, identity_perms(sizes), constant)
             if not math.isfinite(cost_before):
                 raise ValueError("the squared distance between guide_a and guide_b overflows: "
                                  "their parameters are too large to compare")
         init_perms = start if restart == 0 else random_perms(sizes, gen)
         if max_iter == 0:
-            cost = _cost_at(problem, init_perms, constant)
+            cost = cost_at(problem, init_perms, constant)
             result = (dict(problem.perms), [cost], 0, True, problem.rotation_tensor())
         else:
-            init_perms = _warm_start(problem, constant, init_perms, rng,
+            init_perms = warm_start(problem, constant, init_perms, rng,
                                      greedy=restart == 0 and init is None)
-            result = _coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
+            result = coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
         restart_costs.append(result[1][-1])
         if best is None or result[1][-1] < best[1][-1]:
             best = result

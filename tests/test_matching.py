@@ -470,7 +470,7 @@ def test_squared_distance_in_chunks_equals_the_whole_sum(shape):
     """The objective's per-tensor term, summed chunk by chunk over gathered rows (tensors above
     a chunk, 131072 numbers, and below), equals the float64 sum over the whole difference
     (squares of the float32 difference, as the solver has always summed them)."""
-    from bnn_align.matching import _squared_distance
+    from bnn_align._descent import squared_distance
 
     rng = np.random.default_rng(len(shape))
     a = rng.standard_normal(shape).astype(np.float32)
@@ -485,8 +485,8 @@ def test_squared_distance_in_chunks_equals_the_whole_sum(shape):
             moved = np.take(moved, idx, axis=ax)
     # the difference in the tensors' float32, its squares summed in float64
     expected = float(np.sum(np.square(a - moved), dtype=np.float64))
-    assert _squared_distance(a, b, index) == pytest.approx(expected, rel=1e-12)
-    assert _squared_distance(a, b, {}) == pytest.approx(
+    assert squared_distance(a, b, index) == pytest.approx(expected, rel=1e-12)
+    assert squared_distance(a, b, {}) == pytest.approx(
         float(np.sum(np.square(a - b), dtype=np.float64)), rel=1e-12)
 
 
@@ -575,7 +575,7 @@ def test_assignment_steps_are_exact_with_and_without_the_row_maxima_shortcut(sig
     without a strong diagonal it must not fire and the solver decides."""
     from scipy.optimize import linear_sum_assignment
 
-    from bnn_align.matching import _assign, _row_maxima_permutation
+    from bnn_align._descent import assign, row_maxima_permutation
 
     rng = np.random.default_rng(7)
     fired = 0
@@ -584,12 +584,12 @@ def test_assignment_steps_are_exact_with_and_without_the_row_maxima_shortcut(sig
         planted = rng.permutation(n)
         s = rng.standard_normal((n, n)).astype(np.float32)
         s[np.arange(n), planted] += signal * n  # a clear optimum when signal is large
-        p = _assign(s).numpy()
+        p = assign(s).numpy()
         assert sorted(p) == list(range(n))
         rows, cols = linear_sum_assignment(s.astype(np.float64), maximize=True)
         optimum = s.astype(np.float64)[rows, cols].sum()
         assert s.astype(np.float64)[np.arange(n), p].sum() == pytest.approx(optimum, rel=1e-6)
-        fired += _row_maxima_permutation(s) is not None
+        fired += row_maxima_permutation(s) is not None
     if signal == 3.0:
         assert fired == 20
     if signal == 0.0:
@@ -599,27 +599,28 @@ def test_assignment_steps_are_exact_with_and_without_the_row_maxima_shortcut(sig
 @pytest.mark.parametrize("arch", list(ARCHES))
 def test_greedy_start_settles_a_planted_permutation_in_one_pass(arch):
     """Each group solved once from its already-solved neighbours: a near-copy needs no descent."""
-    from bnn_align.matching import _greedy_start, _prepare, _problem
+    from bnn_align._descent import greedy_start
+    from bnn_align.matching import _prepare, _problem
 
     model = make(arch)
     a = make_guide("mean_field", model, spread=0.3)
     b, truth = planted(a, model, seed=3)
     va, vb, spec, sizes = _prepare(a, b, None, None)
     problem, _ = _problem(va, vb, "mean", spec, sizes)
-    perms = _greedy_start(problem)
+    perms = greedy_start(problem)
     for g, p in truth.items():
         assert torch.equal(perms[g], p), g
 
 
 def test_a_given_init_is_used_without_the_greedy_start(monkeypatch):
-    import bnn_align.matching as matching
+    from bnn_align import _descent
 
     model = make("resnet")
     a = make_guide("mean_field", model, seed=1, spread=0.3)
     b = make_guide("mean_field", make("resnet"), seed=2, spread=0.3)
     calls = []
-    original = matching._greedy_start
-    monkeypatch.setattr(matching, "_greedy_start", lambda p: calls.append(1) or original(p))
+    original = _descent.greedy_start
+    monkeypatch.setattr(_descent, "greedy_start", lambda p: calls.append(1) or original(p))
     for method in ("wasserstein", "mean"):
         calls.clear()
         match(a, b, method=method, num_restarts=2)
@@ -635,7 +636,7 @@ def test_certified_margin_bounds_every_other_assignment():
     pick every row's best entry."""
     import itertools
 
-    from bnn_align.matching import _certified_margin
+    from bnn_align._descent import certified_margin
 
     rng = np.random.default_rng(3)
     certified = 0
@@ -647,7 +648,7 @@ def test_certified_margin_bounds_every_other_assignment():
                  for p in itertools.permutations(range(n))}
         best = max(total, key=total.get)
         for p in [best] + [tuple(rng.permutation(n)) for _ in range(3)]:
-            margin = _certified_margin(s, np.array(p))
+            margin = certified_margin(s, np.array(p))
             assert margin >= 0.0
             if margin > 0:
                 assert all(total[p] - value >= margin - 1e-5
@@ -655,9 +656,9 @@ def test_certified_margin_bounds_every_other_assignment():
                 certified += 1
         swapped = np.array(best)
         swapped[[0, 1]] = swapped[[1, 0]]
-        assert _certified_margin(s, swapped) == 0.0
+        assert certified_margin(s, swapped) == 0.0
     assert certified > 5
-    assert _certified_margin(np.ones((1, 1), np.float32), np.zeros(1, int)) == math.inf
+    assert certified_margin(np.ones((1, 1), np.float32), np.zeros(1, int)) == math.inf
 
 
 @pytest.mark.parametrize("arch", list(ARCHES))
@@ -666,25 +667,25 @@ def test_certified_groups_end_where_solving_them_ends(arch, kind, monkeypatch):
     """A group whose margin on part of its similarity exceeds what the missing terms could
     gain is not solved: the result must be the one solving it gives, bit for bit. On a planted
     pair that spares solves, among them W2's over the standard deviations."""
-    import bnn_align.matching as matching
+    from bnn_align._descent import Problem
 
     model = make(arch)
     a = make_guide(kind, model, seed=1, spread=0.3)
     pairs = {"planted": planted(a, model, seed=5)[0],
              "independent": make_guide(kind, make(arch), seed=2, spread=0.3)}
-    certified, similarity = matching._Problem.certified, matching._Problem.similarity
+    certified, similarity = Problem.certified, Problem.similarity
     for method in ("wasserstein", "mean"):
         for setting, b in pairs.items():
             solves = {True: [], False: []}  # (whole similarity?, on every part?) per call
             mode = [True]  # with certificates?
-            monkeypatch.setattr(matching._Problem, "certified", certified)
+            monkeypatch.setattr(Problem, "certified", certified)
             monkeypatch.setattr(
-                matching._Problem, "similarity",
+                Problem, "similarity",
                 lambda self, g, settled=None: solves[mode[0]].append(
                     (settled is None, self.active == self.num_parts))
                 or similarity(self, g, settled))
             with_certificates = match(a, b, method=method, seed=3)
-            monkeypatch.setattr(matching._Problem, "certified", lambda self, g: False)
+            monkeypatch.setattr(Problem, "certified", lambda self, g: False)
             mode[0] = False
             solved = match(a, b, method=method, seed=3)
             assert all(torch.equal(with_certificates.perms[g], p)
