@@ -18,7 +18,6 @@ log-likelihood of the Bayesian model average ``-mean_i log mean_s p(y_i | x_i, t
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import time
 import warnings

@@ -30,7 +30,7 @@ from pyro.infer import autoguide
 
 from ._checks import positive_int
 from .bayesian import BayesianNetwork
-from .posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView, adapter_for,
+from .posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView,
                         from_gaussian, model_of, paired_views)
 
 __all__ = ["interpolate", "Path", "Noise", "Mixture", "KINDS"]
