@@ -7,7 +7,7 @@ import torch
 
 from bnn_align import PermutationSpec
 from bnn_align._descent import Problem, coordinate_descent, greedy_start
-from bnn_align.permute import identity_perms
+from bnn_align.permute import identity_perms, invert, permute_tensor
 
 SPEC = PermutationSpec({"w1": ("h1", None), "b1": ("h1",), "w2": ("h2", "h1"),
                         "w3": (None, "h2")})
@@ -15,23 +15,15 @@ SIZES = {"h1": 20, "h2": 15}
 SHAPES = {"w1": (20, 5), "b1": (20,), "w2": (15, 20), "w3": (4, 15)}
 
 
-def scattered(a: np.ndarray, site: str, perms: dict[str, np.ndarray]) -> np.ndarray:
-    """``b`` with ``b[perm]`` = ``a`` along every permuted axis, so gathering ``b`` by the
-    planted permutations (what the solver does) gives ``a`` back."""
-    b = a
-    for axis, group in enumerate(SPEC[site]):
-        if group is not None:
-            out = np.empty_like(b)
-            index = [slice(None)] * b.ndim
-            index[axis] = perms[group]
-            out[tuple(index)] = b
-            b = out
-    return b
+def scattered(a: np.ndarray, site: str, perms: dict[str, torch.Tensor]) -> np.ndarray:
+    """``a`` permuted by the inverse of ``perms``, so gathering it by ``perms`` (what the
+    solver does) gives ``a`` back."""
+    return permute_tensor(torch.from_numpy(a), SPEC[site], invert(perms)).numpy()
 
 
 def test_descent_on_plain_arrays_recovers_a_planted_permutation():
     rng = np.random.default_rng(0)
-    planted = {g: rng.permutation(n) for g, n in SIZES.items()}
+    planted = {g: torch.from_numpy(rng.permutation(n)) for g, n in SIZES.items()}
     pairs = {}
     for site, shape in SHAPES.items():
         parts = []
@@ -46,7 +38,7 @@ def test_descent_on_plain_arrays_recovers_a_planted_permutation():
     perms, history, _, converged, rotation = coordinate_descent(
         problem, start, 0.0, 20, np.random.default_rng(1), None)
     for g, p in planted.items():
-        np.testing.assert_array_equal(perms[g].numpy(), p)
+        np.testing.assert_array_equal(perms[g].numpy(), p.numpy())
     assert converged and rotation is None
     assert history[-1] == 0.0  # an exact copy: every difference is zero
     assert all(later <= earlier for earlier, later in zip(history, history[1:]))
