@@ -81,3 +81,32 @@ def test_assignment_on_the_reduced_matrix_is_the_raw_optimum():
         kept = r.copy()
         assert torch.equal(assign_reduced(r), torch.from_numpy(cols[np.argsort(rows)]))
         np.testing.assert_array_equal(r, kept)  # solved negated in place, then restored
+
+
+def test_objective_on_threads_is_the_serial_one_bit_for_bit(monkeypatch):
+    """Large objectives are evaluated term by term on threads; every term and the total must
+    be exactly the one-thread value, whatever order the threads finish in."""
+    import bnn_align._descent as descent
+
+    rng = np.random.default_rng(4)
+    pairs = {site: [(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)),
+                     torch.from_numpy(rng.standard_normal(shape).astype(np.float32)))
+                    for _ in range(2)] for site, shape in SHAPES.items()}
+    perms = {g: torch.from_numpy(rng.permutation(n)) for g, n in SIZES.items()}
+    values = {}
+    threads, real = torch.get_num_threads(), descent.squared_distance
+    try:
+        for name, limit, workers in (("serial", 2**62, 1), ("threads", 0, 2)):
+            monkeypatch.setattr(descent, "_PARALLEL_SIZE", limit)
+            torch.set_num_threads(workers)
+            calls = []
+            monkeypatch.setattr(descent, "squared_distance",
+                                lambda *args: calls.append(1) or real(*args))
+            problem = Problem(pairs, SPEC, SIZES)
+            problem.set_perms(perms)
+            values[name] = (problem.cost(), dict(problem.distances))
+            assert len(calls) == 2 * len(SHAPES)  # every term computed, once
+    finally:
+        torch.set_num_threads(threads)
+    assert values["threads"][0] == values["serial"][0]
+    assert values["threads"][1] == values["serial"][1]
