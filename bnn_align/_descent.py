@@ -427,7 +427,8 @@ def in_parallel(tasks: list, sizes: list[int]) -> list:
     if workers < 2 or sum(sizes) < _PARALLEL_SIZE:
         return [task() for task in tasks]
     pool = _thread_pool(workers)
-    futures = {i: pool.submit(tasks[i]) for i in sorted(range(len(tasks)), key=lambda i: -sizes[i])}
+    largest_first = sorted(range(len(tasks)), key=lambda i: -sizes[i])
+    futures = {i: pool.submit(tasks[i]) for i in largest_first}
     return [futures[i].result() for i in range(len(tasks))]
 
 
