@@ -382,18 +382,18 @@ class Problem:
         The terms to recompute are shared out between threads (see :func:`in_parallel`);
         they are summed in a fixed order, so the result does not depend on the threads.
         """
-        stale = {}
+        stamps, tasks, sizes = {}, [], []
         for site, pairs in self.pairs.items():
             for part in self._parts(site):
                 stamp = self._stamp(site, self.site_groups[site], part)
                 hit = self.distances.get((site, part))
                 if hit is None or hit[0] != stamp:
+                    a, b = pairs[part]
                     index = self._other_index(site, -1) if site in self.spec else {}
-                    stale[site, part] = (stamp, *pairs[part], index)
-        terms = in_parallel([lambda a=a, b=b, index=index: squared_distance(a, b, index)
-                             for _, a, b, index in stale.values()],
-                            [a.size for _, a, _, _ in stale.values()])
-        for key, (stamp, *_), term in zip(stale, stale.values(), terms):
+                    stamps[site, part] = stamp
+                    tasks.append(functools.partial(squared_distance, a, b, index))
+                    sizes.append(a.size)
+        for (key, stamp), term in zip(stamps.items(), in_parallel(tasks, sizes)):
             self.distances[key] = (stamp, term)
         return sum((self.distances[site, part][1] for site in self.pairs
                     for part in self._parts(site)), 0.0)
