@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
@@ -426,14 +427,16 @@ def in_parallel(tasks: list, sizes: list[int]) -> list:
     workers = min(torch.get_num_threads(), len(tasks))
     if workers < 2 or sum(sizes) < _PARALLEL_SIZE:
         return [task() for task in tasks]
-    pool = _thread_pool(workers)
+    pool = _thread_pool(os.getpid(), workers)
     largest_first = sorted(range(len(tasks)), key=lambda i: -sizes[i])
     futures = {i: pool.submit(tasks[i]) for i in largest_first}
     return [futures[i].result() for i in range(len(tasks))]
 
 
 @functools.lru_cache(maxsize=None)
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
+def _thread_pool(process: int, workers: int) -> ThreadPoolExecutor:
+    """One pool per process: a child forked from a process whose pool had started its threads
+    inherits the pool without them, and work handed to it would wait forever."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnn_align")
 
 

@@ -3,13 +3,17 @@ and the assignment step."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
+import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from bnn_align import PermutationSpec
 from bnn_align._descent import (Problem, assign, assign_reduced, coordinate_descent, greedy_start,
-                                reduced)
+                                in_parallel, reduced)
 from bnn_align.permute import identity_perms, invert, permute_tensor
 
 SPEC = PermutationSpec({"w1": ("h1", None), "b1": ("h1",), "w2": ("h2", "h1"),
@@ -110,3 +114,41 @@ def test_objective_on_threads_is_the_serial_one_bit_for_bit(monkeypatch):
         torch.set_num_threads(threads)
     assert values["threads"][0] == values["serial"][0]
     assert values["threads"][1] == values["serial"][1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threads_work_in_a_child_forked_after_they_ran(monkeypatch):
+    """A process forked after the objective ran on both threads (a multiprocessing pool over
+    pairs of posteriors) must get threads of its own: the parent's do not exist in the child,
+    and work queued for them would never run."""
+    import bnn_align._descent as descent
+
+    monkeypatch.setattr(descent, "_PARALLEL_SIZE", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def busy():  # long enough that both threads are started
+            time.sleep(0.2)
+            return 1
+
+        assert in_parallel([busy, busy], [1, 1]) == [1, 1]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what the threads computed, then leave at once
+            try:
+                os.write(write, bytes(in_parallel([lambda: 3, lambda: 4], [1, 1])))
+            finally:
+                os._exit(0)
+        os.close(write)
+        for _ in range(100):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's threads never ran its work")
+        assert os.read(read, 2) == bytes([3, 4])
+        os.close(read)
+    finally:
+        torch.set_num_threads(threads)
