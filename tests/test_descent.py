@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import bnn_align._descent as descent
 from bnn_align import PermutationSpec
 from bnn_align._descent import (Problem, assign, assign_reduced, coordinate_descent, greedy_start,
                                 in_parallel, reduced)
@@ -90,8 +91,6 @@ def test_assignment_on_the_reduced_matrix_is_the_raw_optimum():
 def test_objective_on_threads_is_the_serial_one_bit_for_bit(monkeypatch):
     """Large objectives are evaluated term by term on threads; every term and the total must
     be exactly the one-thread value, whatever order the threads finish in."""
-    import bnn_align._descent as descent
-
     rng = np.random.default_rng(4)
     pairs = {site: [(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)),
                      torch.from_numpy(rng.standard_normal(shape).astype(np.float32)))
@@ -121,8 +120,6 @@ def test_threads_work_in_a_child_forked_after_they_ran(monkeypatch):
     """A process forked after the objective ran on both threads (a multiprocessing pool over
     pairs of posteriors) must get threads of its own: the parent's do not exist in the child,
     and work queued for them would never run."""
-    import bnn_align._descent as descent
-
     monkeypatch.setattr(descent, "_PARALLEL_SIZE", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
