@@ -13,7 +13,9 @@ group whose contributions are all unchanged is not solved again, nor a group who
 of its similarity (the greedy pass's, or the means') exceeds what the missing terms could gain
 (see :meth:`Problem.certified`). Within one similarity evaluation, large gathered and
 transposed operands are written into reused work arrays; the objective is summed in cache-sized
-chunks (see :func:`squared_distance`).
+chunks (see :func:`squared_distance`) and evaluated only where a value is reported or a bound
+needs it: the values between come from the assignment steps' gains (see
+:func:`coordinate_descent`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -161,8 +163,9 @@ class Problem:
         neighbours' of the greedy start, or the means'), every other permutation was worse by
         at least the margin ``m`` (the neighbours unchanged since). The missing terms, of
         tensors acting on ``g``, can favour another permutation by at most half their
-        current squared distance ``d`` (``<A, P B> <= (||A||^2 + ||B||^2) / 2``), known from
-        the costs the warm start evaluates. So when ``d < m`` a step on the whole similarity
+        current squared distance ``d`` (``<A, P B> <= (||A||^2 + ||B||^2) / 2``), computed
+        here only once a margin is at hand (see :meth:`terms`; no other step needs them before
+        the final objective). So when ``d < m`` a step on the whole similarity
         would keep the permutation with at least ``m / 2`` to spare, far above rounding: the
         result is the one solving gives. A near-copy (a planted permutation, checkpoints of
         one run) is settled by the greedy start alone, without a second pass of products on
@@ -175,15 +178,11 @@ class Problem:
         stamp, parts, sites, margin = noted
         if not margin > 0 or parts > self.active or stamp != self._margin_stamp(g, sites, parts):
             return False
-        missing = 0.0
-        for site in dict.fromkeys(site for site, *_ in self.uses[g]):  # in a fixed order
-            counted = min(parts, len(self.pairs[site])) if site in sites else 0
-            for part in range(counted, min(self.active, len(self.pairs[site]))):
-                hit = self.distances.get((site, part))
-                if hit is None or hit[0] != self._stamp(site, self.site_groups[site], part):
-                    return False  # not known at the current permutations
-                missing += hit[1]
-        if not missing < margin:
+        missing = self.terms([
+            (site, part) for site in dict.fromkeys(site for site, *_ in self.uses[g])
+            for part in range(min(parts, len(self.pairs[site])) if site in sites else 0,
+                              min(self.active, len(self.pairs[site])))])
+        if not sum(missing, 0.0) < margin:
             return False
         self.solved_at[g] = self._solve_stamp(g)
         return True
@@ -378,26 +377,30 @@ class Problem:
 
     # -- the objective ----------------------------------------------------------------------------
     def cost(self) -> float:
-        """``sum_t ||A_t - P(B_t)||^2``, each tensor's term recomputed only when it moved.
+        """``sum_t ||A_t - P(B_t)||^2``, each tensor's term recomputed only when it moved."""
+        return sum(self.terms([(site, part) for site in self.pairs
+                               for part in self._parts(site)]), 0.0)
+
+    def terms(self, keys: list[tuple[str, int]]) -> list[float]:
+        """The squared distances ``||A - P(B)||^2`` of the ``(site, part)`` pairs ``keys``
+        at the current permutations, each recomputed only when it moved since it was last.
 
         The terms to recompute are shared out between threads (see :func:`in_parallel`);
-        they are summed in a fixed order, so the result does not depend on the threads.
+        the results come back in the order of ``keys``, whatever the threads.
         """
         stamps, tasks, sizes = {}, [], []
-        for site, pairs in self.pairs.items():
-            for part in self._parts(site):
-                stamp = self._stamp(site, self.site_groups[site], part)
-                hit = self.distances.get((site, part))
-                if hit is None or hit[0] != stamp:
-                    a, b = pairs[part]
-                    index = self._other_index(site, -1) if site in self.spec else {}
-                    stamps[site, part] = stamp
-                    tasks.append(functools.partial(squared_distance, a, b, index))
-                    sizes.append(a.size)
+        for site, part in keys:
+            stamp = self._stamp(site, self.site_groups[site], part)
+            hit = self.distances.get((site, part))
+            if hit is None or hit[0] != stamp:
+                a, b = self.pairs[site][part]
+                index = self._other_index(site, -1) if site in self.spec else {}
+                stamps[site, part] = stamp
+                tasks.append(functools.partial(squared_distance, a, b, index))
+                sizes.append(a.size)
         for (key, stamp), term in zip(stamps.items(), in_parallel(tasks, sizes)):
             self.distances[key] = (stamp, term)
-        return sum((self.distances[site, part][1] for site in self.pairs
-                    for part in self._parts(site)), 0.0)
+        return [self.distances[key][1] for key in keys]
 
     def permuted(self, site: str, b: np.ndarray) -> np.ndarray:
         """``b`` with every permuted axis of the site reordered (in a work array)."""
@@ -592,20 +595,35 @@ def assignment_gain(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor
 
 
 # --------------------------------------------------------------------------- the descent --
+class Descent(NamedTuple):
+    """What :func:`coordinate_descent` and :func:`descend` return."""
+
+    perms: dict[str, torch.Tensor]
+    history: list[float]  # the objective after each sweep
+    iterations: int
+    converged: bool
+    rotation: torch.Tensor | None
+    initial: float  # the objective at the start (nan when not evaluated)
+
+
 def coordinate_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: float,
-                        max_iter: int, rng: np.random.Generator, bar: Any
-                        ) -> tuple[dict, list[float], int, bool, torch.Tensor | None]:
+                        max_iter: int, rng: np.random.Generator, bar: Any,
+                        evaluate: bool = True) -> Descent:
     """Sweeps over the groups in random order, each an exact assignment, then a rotation step,
     until a sweep changes nothing.
 
-    The objective after a sweep is the one before it minus twice the gains of its steps (it is
-    ``||A||^2 + ||B||^2 - 2 sum_t <A_t, P(B_t)>``, linear in each step's permutation), so no
-    sweep has to pass over all the weights; the first and last values are computed directly.
+    The objective is ``||A||^2 + ||B||^2 - 2 sum_t <A_t, P(B_t)>``, linear in each step's
+    permutation, so a sweep lowers it by twice the gains of its steps: only the final value is
+    computed from the weights, every earlier one (and the start's) is the final one plus the
+    later sweeps' drops. (Evaluating the start as well cost a pass over every weight.) With
+    ``evaluate=False`` not even the final value is computed: the history is empty. When a
+    tensor carries a group on two axes (``not problem.linear``), every value is computed.
     """
     problem.set_perms(start)
     problem.rotate()
-    current = problem.cost() + constant
+    initial = problem.cost() + constant if not problem.linear else math.nan
     history: list[float] = []
+    gains: list[float] = []
     converged = False
     iterations = 0
     for iterations in range(1, max_iter + 1):
@@ -630,17 +648,24 @@ def coordinate_descent(problem: Problem, start: Mapping[str, torch.Tensor], cons
                 problem.note_margin(g, similarity, matrix)
             del similarity, matrix  # not held while the next group's similarity is built
         gain += problem.rotate()
-        changed = gain > 0
-        current = current - 2 * gain if problem.linear else problem.cost() + constant
-        history.append(current)
+        gains.append(gain)
+        if not problem.linear:
+            history.append(problem.cost() + constant)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(cost=f"{current:.6g}")
-        if not changed:
+            bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
+        if gain <= 0:
             converged = True
             break
-    history[-1] = problem.cost() + constant  # exact, and free of accumulated rounding
-    return dict(problem.perms), history, iterations, converged, problem.rotation_tensor()
+    if problem.linear and evaluate:
+        value = problem.cost() + constant  # exact, and free of accumulated rounding
+        for gain in reversed(gains):
+            history.append(value)
+            value += 2 * gain
+        history.reverse()
+        initial = value
+    return Descent(dict(problem.perms), history, iterations, converged,
+                   problem.rotation_tensor(), initial)
 
 
 WARM_START_SWEEPS = 100
@@ -653,43 +678,60 @@ def cost_at(problem: Problem, perms: Mapping[str, torch.Tensor], constant: float
     return problem.cost() + constant
 
 
-def warm_start(problem: Problem, constant: float, start: Mapping[str, torch.Tensor],
-                rng: np.random.Generator, greedy: bool = False) -> dict[str, torch.Tensor]:
-    """Where the descent on the method's objective starts: ``start`` refined on the means.
+def descend(problem: Problem, constant: float, start: Mapping[str, torch.Tensor],
+            max_iter: int, rng: np.random.Generator, bar: Any, greedy: bool = False) -> Descent:
+    """Coordinate descent on the objective from :func:`warm_start`'s refinement of ``start``,
+    or from ``start`` itself when the refined point is not below it.
 
-    With ``greedy``, the means are first matched by :func:`greedy_start` (used for the default
-    start: it settles near-copies in one pass of products where a descent from the identity
-    needs two or three). Then, for an objective with more than the means, coordinate descent on
-    the means alone refines that point: the standard deviations and covariance factors add many
-    terms to the similarities that carry little information about which units correspond
-    (independently trained posteriors have similar spreads everywhere), and a shared rotation
-    of the factors fitted at a wrong permutation couples all groups; from the identity,
-    coordinate descent on the full objective can then stop in a poor local optimum on coupled
-    (residual) networks. Weight matching on the means finds the basin; the full objective then
-    refines within it. The result is kept only if it lowers the objective below ``start``'s, so
-    the descent that follows never ends worse than a descent from ``start``'s point would begin.
-    The means-only descent runs to convergence whatever ``max_iter`` is, on ``problem`` itself
-    (its other parts switched off), so the full descent reuses its cached terms.
+    The refined point's objective is the descent's :attr:`Descent.initial`, known once the
+    descent from it has run (see :func:`coordinate_descent`); so the descent from ``start``
+    runs only when that is not lower than the objective at ``start``, with the random group
+    order it would have had, and the result is the one of deciding before descending.
     """
-    if problem.num_parts == 1 and not greedy:
-        return dict(start)  # the objective is the means': its own descent starts at start
+    if problem.num_parts == 1 and not greedy:  # nothing to refine: the objective is the means'
+        return coordinate_descent(problem, start, constant, max_iter, rng, bar)
+    # first, so the descent from the refined point finds its terms cached
     at_start = cost_at(problem, start, constant)
+    perms = warm_start(problem, start, rng, greedy)
+    order = rng.bit_generator.state
+    if not all(torch.equal(perms[g], start[g]) for g in perms):
+        result = coordinate_descent(problem, perms, constant, max_iter, rng, bar)
+        if result.initial < at_start:
+            return result
+        rng.bit_generator.state = order
+    return coordinate_descent(problem, start, constant, max_iter, rng, bar)
+
+
+def warm_start(problem: Problem, start: Mapping[str, torch.Tensor], rng: np.random.Generator,
+                greedy: bool = False) -> dict[str, torch.Tensor]:
+    """A refinement of ``start`` on the means, for the descent on the method's objective.
+
+    With ``greedy``, ``start`` is replaced by :func:`greedy_start`'s point (used for the
+    default start: it settles near-copies in one pass of products where a descent from the
+    identity needs two or three). Then, for an objective with more than the means, coordinate
+    descent on the means alone refines the point: the standard deviations and covariance
+    factors add many terms to the similarities that carry little information about which units
+    correspond (independently trained posteriors have similar spreads everywhere), and a shared
+    rotation of the factors fitted at a wrong permutation couples all groups; from the
+    identity, coordinate descent on the full objective can then stop in a poor local optimum
+    on coupled (residual) networks. Weight matching on the means finds the basin; the full
+    objective then refines within it (:func:`descend` keeps the refinement only if it lowers
+    the objective). The means-only descent runs to convergence whatever ``max_iter`` is, on
+    ``problem`` itself (its other parts switched off), so the full descent reuses its cached
+    terms; no objective is evaluated here.
+    """
     problem.active = 1
     try:
         perms = dict(start)
-        if greedy:  # on the means, the greedy point replaces start only if it is no worse
-            means_at_start = cost_at(problem, start, 0.0)
-            candidate = greedy_start(problem)
-            if cost_at(problem, candidate, 0.0) <= means_at_start:
-                perms = candidate
+        if greedy:
+            problem.set_perms(start)
+            perms = greedy_start(problem)
         if problem.num_parts > 1:
-            perms = coordinate_descent(problem, perms, 0.0, WARM_START_SWEEPS, rng, None)[0]
+            perms = coordinate_descent(problem, perms, 0.0, WARM_START_SWEEPS, rng, None,
+                                       evaluate=False).perms
     finally:
         problem.active = problem.num_parts
-    # evaluated last, so the descent that follows finds its terms cached
-    if cost_at(problem, perms, constant) < at_start:
-        return perms
-    return dict(start)
+    return perms
 
 
 def greedy_start(problem: Problem) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from pyro.infer import autoguide
 from tqdm.auto import tqdm
 
 from ._checks import positive_int
-from ._descent import Problem, assign, coordinate_descent, cost_at, warm_start
+from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
 from .permute import check_perms, identity_perms, permute, random_perms
 from .posterior import GaussianView, adapter_for, model_of, paired_views
@@ -428,11 +428,12 @@ def match(
         ``"wasserstein"`` minimises the coupled squared distance of the module docstring (W2^2
         for diagonal Gaussians) over permutations and, with covariance factors on both sides,
         a rotation of the factors. Each start is first refined on the means alone and the
-        result kept if it lowers the full objective (see ``_descent.warm_start``), so the W2
+        result kept if it lowers the full objective (see ``_descent.descend``), so the W2
         result is never worse on its own objective than mean matching from the same start.
         ``"mean"`` is Git Re-Basin weight matching on the means. Both start, by default, from
         a greedy forward pass (each group solved once from its already-solved neighbours, see
-        ``_descent.greedy_start``) when that is no worse on the means than the identity.
+        ``_descent.greedy_start``); the descent from it is kept only if it starts below the
+        identity, otherwise the descent runs from the identity.
         ``"activation"`` matches units by the Pearson correlation of their posterior-expected
         activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
         assignment per group; residual streams share one permutation, and their correlation
@@ -506,16 +507,16 @@ def match(
         init_perms = start if restart == 0 else random_perms(sizes, gen)
         if max_iter == 0:
             cost = cost_at(problem, init_perms, constant)
-            result = (dict(problem.perms), [cost], 0, True, problem.rotation_tensor())
+            result = Descent(dict(problem.perms), [cost], 0, True, problem.rotation_tensor(),
+                             cost)
         else:
-            init_perms = warm_start(problem, constant, init_perms, rng,
-                                     greedy=restart == 0 and init is None)
-            result = coordinate_descent(problem, init_perms, constant, max_iter, rng, bar)
-        restart_costs.append(result[1][-1])
-        if best is None or result[1][-1] < best[1][-1]:
+            result = descend(problem, constant, init_perms, max_iter, rng, bar,
+                             greedy=restart == 0 and init is None)
+        restart_costs.append(result.history[-1])
+        if best is None or result.history[-1] < best.history[-1]:
             best = result
     bar.close()
-    perms, history, iterations, converged, rotation = best
+    perms, history, iterations, converged, rotation, _ = best
     del va, vb, problem  # free the working copies before building the aligned guide
     aligned = permute(guide_b, perms, spec)
     adapter = adapter_for(aligned)

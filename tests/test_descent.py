@@ -13,8 +13,8 @@ from scipy.optimize import linear_sum_assignment
 
 import bnn_align._descent as descent
 from bnn_align import PermutationSpec
-from bnn_align._descent import (Problem, assign, assign_reduced, coordinate_descent, greedy_start,
-                                in_parallel, reduced)
+from bnn_align._descent import (Problem, assign, assign_reduced, coordinate_descent, cost_at,
+                                descend, greedy_start, in_parallel, reduced)
 from bnn_align.permute import identity_perms, invert, permute_tensor
 
 SPEC = PermutationSpec({"w1": ("h1", None), "b1": ("h1",), "w2": ("h2", "h1"),
@@ -43,7 +43,7 @@ def test_descent_on_plain_arrays_recovers_a_planted_permutation():
     assert problem.cost() > 1.0  # the identity is far from the planted permutations
 
     start = greedy_start(problem)
-    perms, history, _, converged, rotation = coordinate_descent(
+    perms, history, _, converged, rotation, _ = coordinate_descent(
         problem, start, 0.0, 20, np.random.default_rng(1), None)
     for g, p in planted.items():
         np.testing.assert_array_equal(perms[g].numpy(), p.numpy())
@@ -63,10 +63,77 @@ def test_descent_from_the_identity_stays_at_an_exact_match():
                              for s, shape in SHAPES.items())}
     problem = Problem(pairs, SPEC, SIZES)
     identity = identity_perms(SIZES)
-    perms, history, iterations, converged, _ = coordinate_descent(
+    perms, history, iterations, converged, _, _ = coordinate_descent(
         problem, identity, 0.0, 20, np.random.default_rng(3), None)
     assert all(torch.equal(perms[g], identity[g]) for g in SIZES)
     assert history == [0.0] and iterations == 1 and converged
+
+
+def noisy_pairs(seed: int, noise: float) -> dict:
+    """Two parts per tensor (as means and standard deviations), b a planted permutation of a
+    plus noise."""
+    rng = np.random.default_rng(seed)
+    planted = {g: torch.from_numpy(rng.permutation(n)) for g, n in SIZES.items()}
+    pairs = {}
+    for site, shape in SHAPES.items():
+        parts = []
+        for _ in range(2):
+            a = rng.standard_normal(shape).astype(np.float32)
+            b = scattered(a, site, planted) + noise * rng.standard_normal(shape)
+            parts.append((torch.from_numpy(a), torch.from_numpy(b.astype(np.float32))))
+        pairs[site] = parts
+    return pairs
+
+
+def test_history_and_start_of_a_descent_are_the_objective_there():
+    """Only the final objective is computed from the weights; the earlier values come from the
+    steps' gains and must be the objective at those points."""
+    for seed in range(3):
+        pairs = noisy_pairs(seed, noise=2.0)  # far from the plant: several sweeps
+        problem = Problem(pairs, SPEC, SIZES)
+        start = identity_perms(SIZES)
+        expected = Problem(pairs, SPEC, SIZES)  # computes every value directly
+        result = coordinate_descent(problem, start, 1.5, 20, np.random.default_rng(seed), None)
+        assert result.converged and len(result.history) == result.iterations >= 2
+        assert result.initial == pytest.approx(cost_at(expected, start, 1.5), rel=1e-6)
+        assert result.history[-1] == cost_at(expected, result.perms, 1.5)  # exact
+        assert all(later <= earlier for earlier, later
+                   in zip([result.initial, *result.history], result.history))
+        # replaying the sweeps directly: the value after each is the objective there
+        replay = Problem(pairs, SPEC, SIZES)
+        rng = np.random.default_rng(seed)
+        for sweep, value in enumerate(result.history[:-1], start=1):
+            perms = coordinate_descent(replay, start, 1.5, sweep, rng, None).perms
+            assert value == pytest.approx(cost_at(expected, perms, 1.5), rel=1e-6)
+            rng, replay = np.random.default_rng(seed), Problem(pairs, SPEC, SIZES)
+
+
+def test_a_refined_start_that_is_not_better_gives_the_descent_from_the_start(monkeypatch):
+    """``descend`` learns whether the warm start beat ``start`` only after descending from
+    it; if not, the result must be the descent from ``start`` with the group order it
+    would have had."""
+    pairs = noisy_pairs(5, noise=0.05)
+    start = identity_perms(SIZES)
+    worse = {g: torch.from_numpy(np.random.default_rng(9).permutation(n))
+             for g, n in SIZES.items()}
+
+    def bad_warm_start(problem, start, rng, greedy=False):
+        rng.permutation(7)  # uses the generator, as the descent on the means would
+        return worse
+
+    monkeypatch.setattr(descent, "warm_start", bad_warm_start)
+    problem = Problem(pairs, SPEC, SIZES)
+    assert cost_at(Problem(pairs, SPEC, SIZES), worse, 0.0) > cost_at(problem, start, 0.0)
+    rng = np.random.default_rng(11)
+    result = descend(problem, 0.0, start, 20, rng, None, greedy=True)
+    after = rng.random()
+
+    rng_ref = np.random.default_rng(11)
+    rng_ref.permutation(7)
+    expected = coordinate_descent(Problem(pairs, SPEC, SIZES), start, 0.0, 20, rng_ref, None)
+    assert all(torch.equal(result.perms[g], expected.perms[g]) for g in SIZES)
+    assert result.history == expected.history
+    assert after == rng_ref.random()  # the generator continues where that descent left it
 
 
 def test_assignment_on_the_reduced_matrix_is_the_raw_optimum():
