@@ -40,7 +40,8 @@ from ._checks import positive_int
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
 from .permute import check_perms, identity_perms, permute, random_perms
-from .posterior import GaussianView, adapter_for, model_of, paired_views
+from .posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
+                        paired_views)
 from .spec import PermutationSpec
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
@@ -350,12 +351,35 @@ class _CorrelationStats:
 
 
 # ----------------------------------------------------------------- starts and the cost --
-def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
+_LABELS = ("guide_a", "guide_b")
+
+
+def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any,
+             objective: str | None = None
              ) -> tuple[GaussianView, GaussianView, PermutationSpec, dict[str, int]]:
-    """Checked read-only views (sharing memory with the posteriors), the spec, group sizes."""
-    va, vb = paired_views(guide_a, guide_b, ("guide_a", "guide_b"), copy=False)
+    """Checked read-only views (sharing memory with the posteriors), the spec, group sizes.
+
+    With an ``objective`` whose value the caller computes at once (and passes to
+    :func:`_finite_cost`), the values that enter it are not checked for NaN here: a sum of
+    squared differences is finite only if every value is, and that pass was already made.
+    Covariance factors are always checked (the rotation step factorises them first), and for
+    ``"mean"`` the scales too (not in its objective).
+    """
+    finite = {"wasserstein": ("covariance factor",),
+              "mean": ("scale", "covariance factor")}.get(objective, FINITE_PARTS)
+    va, vb = paired_views(guide_a, guide_b, _LABELS, copy=False, finite=finite)
     spec = _resolve_spec(guide_a, guide_b, spec, data)
     return va, vb, spec, _spec_sizes(spec, va, guide_a)
+
+
+def _finite_cost(cost: float, va: GaussianView, vb: GaussianView) -> float:
+    """``cost`` if it is finite; else the error naming the first site with NaN or infinite
+    values, or, if every value is finite, the one for a squared distance that overflows."""
+    if not math.isfinite(cost):
+        check_finite(va, vb, _LABELS)
+        raise ValueError("the squared distance between guide_a and guide_b overflows: "
+                         "their parameters are too large to compare")
+    return cost
 
 
 def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None = None, *,
@@ -382,6 +406,12 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     -------
     float
 
+    Raises
+    ------
+    ValueError
+        As :func:`match`: different architectures, NaN or infinite parameters (naming the
+        site), a squared distance that overflows, a spec that does not fit.
+
     Examples
     --------
     Compare what two methods achieve on the same objective:
@@ -392,10 +422,10 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     """
     if method not in ("wasserstein", "mean"):
         raise ValueError(f"method must be 'wasserstein' or 'mean', got {method!r}")
-    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data)
+    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method)
     perms = check_perms(perms, sizes) if perms is not None else identity_perms(sizes)
     problem, constant = _problem(va, vb, method, spec, sizes)
-    return cost_at(problem, perms, constant)
+    return _finite_cost(cost_at(problem, perms, constant), va, vb)
 
 
 # ------------------------------------------------------------------------------- match --
@@ -479,7 +509,7 @@ def match(
                  batch_size=batch_size)
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
-    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data)
+    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
     rng = np.random.default_rng(seed)
 
@@ -500,10 +530,8 @@ def match(
     for restart in range(num_restarts):
         problem, constant = _problem(va, vb, objective, spec, sizes)
         if cost_before is None:  # at the identity, with the best rotation of the factors
-            cost_before = cost_at(problem, identity_perms(sizes), constant)
-            if not math.isfinite(cost_before):
-                raise ValueError("the squared distance between guide_a and guide_b overflows: "
-                                 "their parameters are too large to compare")
+            cost_before = _finite_cost(cost_at(problem, identity_perms(sizes), constant),
+                                       va, vb)
         init_perms = start if restart == 0 else random_perms(sizes, gen)
         if max_iter == 0:
             cost = cost_at(problem, init_perms, constant)

@@ -553,11 +553,17 @@ def as_gaussian(posterior: Any, *, copy: bool = True) -> GaussianView:
     return adapter_for(posterior).view(posterior, copy=copy)
 
 
+FINITE_PARTS = ("mean", "scale", "covariance factor")  # what may hold NaN or infinite values
+
+
 def paired_views(a: Any, b: Any, labels: tuple[str, str] = ("a", "b"), *,
-                 copy: bool = True) -> tuple[GaussianView, GaussianView]:
+                 copy: bool = True, finite: tuple[str, ...] = FINITE_PARTS
+                 ) -> tuple[GaussianView, GaussianView]:
     """Views of two posteriors over the same sites, checked to be comparable.
 
     A state dict also holds buffers, so next to a guide it is read on the guide's sites.
+    ``finite`` names the parts checked for NaN and infinite values (see :func:`check_finite`):
+    a caller that passes over every value anyway may check less here.
 
     Raises
     ------
@@ -583,16 +589,25 @@ def paired_views(a: Any, b: Any, labels: tuple[str, str] = ("a", "b"), *,
     if extra:
         raise ValueError(f"site {extra[0]!r} of {labels[1]} is missing from {labels[0]}: the "
                          f"posteriors are over different architectures")
+    check_finite(va, vb, labels, finite)
+    return va, vb
+
+
+def check_finite(va: GaussianView, vb: GaussianView, labels: tuple[str, str] = ("a", "b"),
+                 parts: tuple[str, ...] = FINITE_PARTS) -> None:
+    """Raise a ValueError naming the first site with NaN or infinite values in one of
+    ``parts`` (of :data:`FINITE_PARTS`) of either view."""
     for label, view in zip(labels, (va, vb)):
         for part, tensors in (("mean", view.loc), ("scale", view.scale),
                               ("covariance factor", view.factor or {})):
+            if part not in parts:
+                continue
             for site, t in tensors.items():
                 # a sum is much cheaper than an elementwise test and is finite when all terms
                 # are (barring overflow, which the exact test then rules out)
                 if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                     raise ValueError(f"{label} has NaN or infinite values in the {part} of site "
                                      f"{site!r}")
-    return va, vb
 
 
 def _restrict(view: GaussianView, sites: list[str], label: str) -> GaussianView:

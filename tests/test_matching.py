@@ -341,6 +341,31 @@ def test_bad_input_is_rejected_and_nothing_is_modified():
     assert torch.isnan(broken.locs.__getattr__("2").weight_unconstrained).sum() == 0
 
 
+@pytest.mark.parametrize("method", ["wasserstein", "mean"])
+@pytest.mark.parametrize("kind,param,part", [
+    ("mean_field", lambda g: next(iter(g.locs.parameters())), "mean"),
+    ("mean_field", lambda g: next(iter(g.scales.parameters())), "scale"),
+    # a low-rank view's factor carries the scales as well: either part may be named first
+    ("low_rank", lambda g: g.loc, "mean"),
+    ("low_rank", lambda g: g.scale_unconstrained, "(scale|covariance factor)"),
+    ("low_rank", lambda g: g.cov_factor, "covariance factor"),
+    ("delta", lambda g: next(iter(g.parameters())), "mean")])
+def test_nan_in_any_part_is_named_whatever_the_objective_reads(method, kind, param, part):
+    """The objective's own pass stands in for the NaN check of the values it reads; every
+    other part (the scales under "mean", the factors, which the rotation reads first) is
+    still checked before anything runs."""
+    model = make("mlp")
+    a, b = make_guide("low_rank", model, spread=0.3), make_guide(kind, model, seed=1)
+    with torch.no_grad():
+        param(b).view(-1)[0] = float("nan")
+    first = next(iter(as_gaussian(b).sites))
+    for call in (lambda: match(a, b, method=method),
+                 lambda: alignment_cost(a, b, method=method)):
+        with pytest.raises(ValueError, match=f"guide_b has NaN or infinite values in the {part} "
+                                             f"of site '{first}'"):
+            call()
+
+
 class _Stream(torch.nn.Module):
     """Two layers on one residual stream: ``mix.weight`` carries the stream's group on both
     axes, so the objective is quadratic in that group's permutation."""
