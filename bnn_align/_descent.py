@@ -71,8 +71,12 @@ class Problem:
         # tensor's other axes, on which that contribution depends
         self.uses: dict[str, list[tuple[str, int, int, tuple[str, ...]]]] = {g: [] for g in sizes}
         self.site_groups: dict[str, tuple[str, ...]] = {}
+        # site -> (axis, spec entry, groups) of its permuted axes
+        self.axes: dict[str, tuple[tuple[int, Any, tuple[str, ...]], ...]] = {}
         for site in pairs:
             entries = self.spec[site] if site in spec else ()
+            self.axes[site] = tuple((axis, entry, _groups_of(entry))
+                                    for axis, entry in enumerate(entries) if entry is not None)
             self.site_groups[site] = tuple(sorted({g for e in entries for g in _groups_of(e)}))
             for axis, entry in enumerate(entries):
                 offset = 0
@@ -190,14 +194,15 @@ class Problem:
     def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray | None]:
         """Gather index of every other permuted axis of a tensor under the current perms
         (``axis=-1``: of every permuted axis), None for an identity."""
-        return {ax: self._axis_index(site, ax) for ax, entry in enumerate(self.spec[site])
-                if entry is not None and ax != axis}
+        return {ax: self._axis_index(site, ax, entry, groups)
+                for ax, entry, groups in self.axes[site] if ax != axis}
 
-    def _axis_index(self, site: str, axis: int) -> np.ndarray | None:
-        """Gather index of one permuted axis, kept until one of its groups moves (rebuilding
-        it with torch ops for every product and cost term was 4-6 % of ResNet-20 x4's match)."""
-        entry = self.spec[site][axis]
-        stamp = tuple(self.version[g] for g in _groups_of(entry))
+    def _axis_index(self, site: str, axis: int, entry: Any, groups: tuple[str, ...]
+                    ) -> np.ndarray | None:
+        """Gather index of one permuted axis (its spec ``entry``, acting ``groups``), kept
+        until one of its groups moves (rebuilding it with torch ops for every product and cost
+        term was 4-6 % of ResNet-20 x4's match)."""
+        stamp = tuple([self.version[g] for g in groups])
         hit = self.axis_indices.get((site, axis))
         if hit is None or hit[0] != stamp:
             blocks = self.blocks.get(site, {})
@@ -295,9 +300,11 @@ class Problem:
         """The group's units of ``axis`` as rows, everything else flattened into columns:
         a view where the layout allows it, else a copy into the work array ``slot``."""
         units = slice(offset * block, (offset + n) * block)
+        if axis == 0:
+            return t[units].reshape(n, -1)
+        if t.ndim == 2 and block == 1:
+            return t[:, units].T
         part = np.moveaxis(t[(slice(None),) * axis + (units,)], axis, 0)
-        if axis == 0 or (t.ndim == 2 and block == 1):
-            return part.reshape(n, -1)
         rows = self._scratch(slot, part.shape, t.dtype)
         inner = math.prod(t.shape[axis + 1:]) * t.itemsize
         if t.ndim > axis + 1 and t.flags.c_contiguous:
@@ -394,7 +401,7 @@ class Problem:
             hit = self.distances.get((site, part))
             if hit is None or hit[0] != stamp:
                 a, b = self.pairs[site][part]
-                index = self._other_index(site, -1) if site in self.spec else {}
+                index = self._other_index(site, -1)
                 stamps[site, part] = stamp
                 tasks.append(functools.partial(squared_distance, a, b, index))
                 sizes.append(a.size)
@@ -404,8 +411,6 @@ class Problem:
 
     def permuted(self, site: str, b: np.ndarray) -> np.ndarray:
         """``b`` with every permuted axis of the site reordered (in a work array)."""
-        if site not in self.spec:
-            return b
         return self._gather(b, self._other_index(site, -1))
 
     def rotation_tensor(self) -> torch.Tensor | None:
