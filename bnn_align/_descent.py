@@ -13,8 +13,8 @@ group whose contributions are all unchanged is not solved again, nor a group who
 of its similarity (the greedy pass's, or the means') exceeds what the missing terms could gain
 (see :meth:`Problem.certified`). Within one similarity evaluation, large gathered and
 transposed operands are written into reused work arrays; the objective is summed in cache-sized
-chunks (see :func:`squared_distance`) and evaluated only where a value is reported or a bound
-needs it: the values between come from the assignment steps' gains (see
+chunks (see :func:`squared_distance`) and evaluated only where a value is reported, a decision
+or a bound needs it: the values between come from the assignment steps' gains (see
 :func:`coordinate_descent`).
 """
 
@@ -695,15 +695,16 @@ def descend(problem: Problem, constant: float, start: Mapping[str, torch.Tensor]
     """
     if problem.num_parts == 1 and not greedy:  # nothing to refine: the objective is the means'
         return coordinate_descent(problem, start, constant, max_iter, rng, bar)
-    # first, so the descent from the refined point finds its terms cached
+    # before the warm start: evaluated after it, it would move the permutations away and back,
+    # and every cached product would look stale (free at the identity, already evaluated)
     at_start = cost_at(problem, start, constant)
     perms = warm_start(problem, start, rng, greedy)
-    order = rng.bit_generator.state
+    state = rng.bit_generator.state
     if not all(torch.equal(perms[g], start[g]) for g in perms):
         result = coordinate_descent(problem, perms, constant, max_iter, rng, bar)
         if result.initial < at_start:
             return result
-        rng.bit_generator.state = order
+        rng.bit_generator.state = state  # the group order the descent from start would have had
     return coordinate_descent(problem, start, constant, max_iter, rng, bar)
 
 
