@@ -230,7 +230,7 @@ def run_isolated(case, setting, runs):
 
     The row is the run with the median ratio (ours / reference), with every run's ratio in
     ``ratio_runs``: on this virtual machine the same code's ratio on ResNet-20 x4 independent
-    measured anywhere from 0.80 to 1.11 in eight single-process runs of one day (best of seven
+    measured anywhere from 0.80 to 1.11 in nine single-process runs of one day (best of seven
     interleaved rounds each), the reference's own time 0.23-0.35 s, so one process is one
     draw of where its arrays landed and how busy the host was."""
     timed = []
