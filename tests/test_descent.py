@@ -29,16 +29,26 @@ def scattered(a: np.ndarray, site: str, perms: dict[str, torch.Tensor]) -> np.nd
     return permute_tensor(torch.from_numpy(a), SPEC[site], invert(perms)).numpy()
 
 
-def test_descent_on_plain_arrays_recovers_a_planted_permutation():
-    rng = np.random.default_rng(0)
+def planted_pairs(seed: int, noise: float = 0.0) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Two parts per tensor (as the means and standard deviations), b a planted permutation of
+    a plus ``noise`` times standard normal noise; and the planted permutations."""
+    rng = np.random.default_rng(seed)
     planted = {g: torch.from_numpy(rng.permutation(n)) for g, n in SIZES.items()}
     pairs = {}
     for site, shape in SHAPES.items():
         parts = []
-        for _ in range(2):  # two parts per tensor, as the means and standard deviations
+        for _ in range(2):
             a = rng.standard_normal(shape).astype(np.float32)
-            parts.append((torch.from_numpy(a), torch.from_numpy(scattered(a, site, planted))))
+            b = scattered(a, site, planted)
+            if noise:
+                b = (b + noise * rng.standard_normal(shape)).astype(np.float32)
+            parts.append((torch.from_numpy(a), torch.from_numpy(b)))
         pairs[site] = parts
+    return pairs, planted
+
+
+def test_descent_on_plain_arrays_recovers_a_planted_permutation():
+    pairs, planted = planted_pairs(0)
     problem = Problem(pairs, SPEC, SIZES)
     assert problem.cost() > 1.0  # the identity is far from the planted permutations
 
@@ -69,27 +79,11 @@ def test_descent_from_the_identity_stays_at_an_exact_match():
     assert history == [0.0] and iterations == 1 and converged
 
 
-def noisy_pairs(seed: int, noise: float) -> dict:
-    """Two parts per tensor (as means and standard deviations), b a planted permutation of a
-    plus noise."""
-    rng = np.random.default_rng(seed)
-    planted = {g: torch.from_numpy(rng.permutation(n)) for g, n in SIZES.items()}
-    pairs = {}
-    for site, shape in SHAPES.items():
-        parts = []
-        for _ in range(2):
-            a = rng.standard_normal(shape).astype(np.float32)
-            b = scattered(a, site, planted) + noise * rng.standard_normal(shape)
-            parts.append((torch.from_numpy(a), torch.from_numpy(b.astype(np.float32))))
-        pairs[site] = parts
-    return pairs
-
-
 def test_history_and_start_of_a_descent_are_the_objective_there():
     """Only the final objective is computed from the weights; the earlier values come from the
     steps' gains and must be the objective at those points."""
     for seed in range(3):
-        pairs = noisy_pairs(seed, noise=2.0)  # far from the plant: several sweeps
+        pairs, _ = planted_pairs(seed, noise=2.0)  # far from the plant: several sweeps
         problem = Problem(pairs, SPEC, SIZES)
         start = identity_perms(SIZES)
         expected = Problem(pairs, SPEC, SIZES)  # computes every value directly
@@ -100,19 +94,17 @@ def test_history_and_start_of_a_descent_are_the_objective_there():
         assert all(later <= earlier for earlier, later
                    in zip([result.initial, *result.history], result.history))
         # replaying the sweeps directly: the value after each is the objective there
-        replay = Problem(pairs, SPEC, SIZES)
-        rng = np.random.default_rng(seed)
         for sweep, value in enumerate(result.history[:-1], start=1):
-            perms = coordinate_descent(replay, start, 1.5, sweep, rng, None).perms
+            perms = coordinate_descent(Problem(pairs, SPEC, SIZES), start, 1.5, sweep,
+                                       np.random.default_rng(seed), None).perms
             assert value == pytest.approx(cost_at(expected, perms, 1.5), rel=1e-6)
-            rng, replay = np.random.default_rng(seed), Problem(pairs, SPEC, SIZES)
 
 
 def test_a_refined_start_that_is_not_better_gives_the_descent_from_the_start(monkeypatch):
     """``descend`` learns whether the warm start beat ``start`` only after descending from
     it; if not, the result must be the descent from ``start`` with the group order it
     would have had."""
-    pairs = noisy_pairs(5, noise=0.05)
+    pairs, _ = planted_pairs(5, noise=0.05)
     start = identity_perms(SIZES)
     worse = {g: torch.from_numpy(np.random.default_rng(9).permutation(n))
              for g, n in SIZES.items()}
