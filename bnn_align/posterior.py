@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -206,6 +207,9 @@ def replacement_memo(replace: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> di
     return memo
 
 
+_EMPTY_CONTAINERS = (dict, OrderedDict, list, set)
+
+
 def clone_guide(guide: autoguide.AutoGuide, model: Any = None,
                 replace: Mapping[nn.Parameter, torch.Tensor] | None = None
                 ) -> autoguide.AutoGuide:
@@ -221,6 +225,11 @@ def clone_guide(guide: autoguide.AutoGuide, model: Any = None,
     shared = (guide.prototype_trace, getattr(guide, "init_loc_fn", None))
     memo = replacement_memo((replace or {}).items())
     memo.update({id(obj): obj for obj in shared if obj is not None})
+    # every module's empty hook and state containers (a dozen each), made new directly:
+    # through deepcopy's reduce protocol they took a sixth of the time of cloning a ResNet guide
+    memo.update({id(value): type(value)() for module in guide.modules()
+                 for value in module.__dict__.values()
+                 if type(value) in _EMPTY_CONTAINERS and not value})
     saved_model, saved_master = guide._model, guide.master
     try:
         new = copy.deepcopy(guide, memo)

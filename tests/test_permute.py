@@ -403,3 +403,13 @@ def test_permuted_guide_copies_only_the_moved_parameters(kind, small_mlp_model):
         assert moved.init_loc_fn is guide.init_loc_fn
     old = {p.untyped_storage().data_ptr() for p in guide.parameters()}
     assert not any(p.untyped_storage().data_ptr() in old for p in moved.parameters())
+    # every module's own containers (hooks, buffers, submodules) are new, empty ones included:
+    # a hook added to the permuted guide must not reach the original
+    for original, copied in zip(guide.modules(), moved.modules()):
+        for name, value in vars(original).items():
+            if isinstance(value, (dict, list, set)):
+                assert vars(copied)[name] is not value, name
+                assert type(vars(copied)[name]) is type(value), name
+    for module in moved.modules():
+        module.register_forward_hook(lambda *args: None)
+    assert not any(m._forward_hooks for m in guide.modules())
