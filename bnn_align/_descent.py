@@ -75,14 +75,14 @@ class Problem:
         self.axes: dict[str, tuple[tuple[int, Any, tuple[str, ...]], ...]] = {}
         for site in pairs:
             entries = self.spec[site] if site in spec else ()
-            self.axes[site] = tuple((axis, entry, _groups_of(entry))
-                                    for axis, entry in enumerate(entries) if entry is not None)
-            self.site_groups[site] = tuple(sorted({g for e in entries for g in _groups_of(e)}))
-            for axis, entry in enumerate(entries):
+            axes = self.axes[site] = tuple((axis, entry, _groups_of(entry))
+                                           for axis, entry in enumerate(entries)
+                                           if entry is not None)
+            self.site_groups[site] = tuple(sorted({g for *_, groups in axes for g in groups}))
+            for axis, _, groups in axes:
+                others = tuple(sorted({h for ax, _, gs in axes if ax != axis for h in gs}))
                 offset = 0
-                for g in _groups_of(entry):
-                    others = tuple(sorted({h for ax, e in enumerate(entries) if ax != axis
-                                           for h in _groups_of(e)}))
+                for g in groups:
                     self.uses[g].append((site, axis, offset, others))
                     offset += self.sizes[g]
         # The objective is linear in each group's permutation unless a tensor carries the group
