@@ -168,6 +168,40 @@ def test_same_seed_same_result_and_inputs_untouched():
     assert b.model is model or b.model is not None
 
 
+def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(monkeypatch):
+    """BLAS threads still spin after the descent; the aligned guide is built on torch's calling
+    thread alone, and the process-wide thread count is given back, also on an error."""
+    import bnn_align.matching as matching
+
+    model = make("mlp")
+    a = make_guide("mean_field", model, seed=1, spread=0.3)
+    b = make_guide("mean_field", make("mlp"), seed=2, spread=0.3)
+    seen = []
+
+    def recording_permute(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return permute(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(matching, "permute", recording_permute)
+        result = match(a, b, spec=model.spec)
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert all(torch.equal(x, y) for x, y in zip(result.aligned.parameters(),
+                                                      permute(b, result.perms).parameters()))
+
+        def failing_permute(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(matching, "permute", failing_permute)
+        with pytest.raises(RuntimeError, match="boom"):
+            match(a, b, spec=model.spec)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_restarts_keep_the_best():
     model = make("resnet")
     a = make_guide("mean_field", model, seed=1, spread=0.3)
