@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .permute import axis_gathers, identity_perms
+from .permute import axis_gathers, identity_perms, take
 from .spec import PermutationSpec, _groups_of
 
 
@@ -279,21 +279,18 @@ class Problem:
             buffer = self.scratch[slot] = np.empty(size, dtype=dtype)
         return buffer[:size].reshape(shape)
 
-    def _take(self, t: np.ndarray, index: np.ndarray, axis: int, slot: str) -> np.ndarray:
-        """``np.take(t, index, axis)`` into the work array ``slot``."""
-        shape = t.shape[:axis] + (len(index),) + t.shape[axis + 1:]
-        # mode="clip" writes straight into ``out`` (the default "raise" buffers it first); the
-        # indices are positions of a permutation, always in range
-        return np.take(t, index, axis=axis, out=self._scratch(slot, shape, t.dtype), mode="clip")
+    def _take(self, t: np.ndarray, index: Mapping[int, np.ndarray], slot: str) -> np.ndarray:
+        """``t`` gathered along the axes of ``index`` (see :func:`permute.take`) into the work
+        array ``slot``."""
+        shape = list(t.shape)
+        for axis, idx in index.items():
+            shape[axis] = len(idx)
+        return take(t, index, out=self._scratch(slot, tuple(shape), t.dtype))
 
     def _gather(self, t: np.ndarray, index: Mapping[int, np.ndarray | None]) -> np.ndarray:
-        """``t`` gathered along the axes of ``index`` (None: left as it is), in work arrays."""
-        gathers = 0
-        for ax, idx in index.items():
-            if idx is not None:  # alternate work arrays: a second gather reads the first
-                t = self._take(t, idx, ax, f"gather{gathers % 2}")
-                gathers += 1
-        return t
+        """``t`` gathered along the axes of ``index`` (None: left as it is), in a work array."""
+        index = {ax: idx for ax, idx in index.items() if idx is not None}
+        return self._take(t, index, "gather0") if index else t
 
     def _rows(self, t: np.ndarray, axis: int, offset: int, n: int, block: int,
               slot: str) -> np.ndarray:
@@ -347,9 +344,9 @@ class Problem:
             return matrix
         block = self.blocks.get(site, {}).get(axis, 1)
         a, b = self.pairs[site][part]
-        delta = self._take(b, idx_new[moved], ax, "gather0")
-        delta -= self._take(b, idx_old[moved], ax, "gather1")
-        a_moved = self._take(a, moved, ax, "gather1")
+        delta = self._take(b, {ax: idx_new[moved]}, "gather0")
+        delta -= self._take(b, {ax: idx_old[moved]}, "gather1")
+        a_moved = self._take(a, {ax: moved}, "gather1")
         matrix += (self._rows(a_moved, axis, offset, n, block, "rows_a")
                    @ self._rows(delta, axis, offset, n, block, "rows_b").T)
         return matrix
@@ -473,9 +470,9 @@ def squared_distance(a: np.ndarray, b: np.ndarray,
             stop = min(start + chunk, a.size)
             # the rows the chunk overlaps, gathered, then cut to the chunk
             lo, hi = start // row, -(-stop // row)
-            rows = b[lo:hi] if first is None else np.take(b, first[lo:hi], axis=0)
-            for ax, idx in index.items():
-                rows = np.take(rows, idx, axis=ax)
+            rows = b[lo:hi] if first is None else take(b, {0: first[lo:hi]})
+            if index:
+                rows = take(rows, index)
             diff = np.subtract(flat_a[start:stop],
                                rows.reshape(-1)[start - lo * row:stop - lo * row])
             total = float(np.square(diff, out=diff).sum(dtype=np.float64, initial=total))

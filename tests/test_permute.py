@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -11,7 +13,8 @@ from pyro.infer import autoguide
 from torch import nn
 
 from bnn_align import BayesianNetwork, PermutationSpec, as_gaussian, models, permute
-from bnn_align.permute import check_perms, compose, invert, permute_tensor, random_perms
+from bnn_align.permute import (check_perms, compose, invert, permute_tensor, random_perms,
+                               take)
 
 from conftest import GUIDE_KINDS, group_sizes, make_guide, permute_sample, permuted_noise
 
@@ -245,15 +248,14 @@ def test_composition_and_identity():
     assert all(torch.equal(v, torch.arange(len(v))) for v in ident.values())
 
 
-@pytest.mark.parametrize("numpy_above", [0, None])
+@pytest.mark.parametrize("stage_bytes", [None, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
-def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, numpy_above, monkeypatch):
-    # large CPU tensors are gathered in numpy (faster) unless autograd records them or numpy
-    # lacks the dtype; every path must give what indexing gives, and keep the graph when
-    # recording. numpy_above=0 sends even this small tensor to numpy.
-    if numpy_above is not None:
-        monkeypatch.setattr(sys.modules["bnn_align.permute"], "_NUMPY_GATHER_BYTES",
-                            numpy_above)
+def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, stage_bytes, monkeypatch):
+    # CPU tensors are gathered by take() in numpy unless autograd records them or numpy lacks
+    # the dtype; every path must give what indexing gives, and keep the graph when recording.
+    # stage_bytes=16 sends even this small tensor through take()'s staged blocks of rows.
+    if stage_bytes is not None:
+        monkeypatch.setattr(sys.modules["bnn_align.permute"], "_STAGE_BYTES", stage_bytes)
     entries = ("a", None, "b")
     perms = random_perms({"a": 4, "b": 5}, torch.Generator().manual_seed(3))
     t = (torch.arange(4 * 2 * 5) * 3 % 17).reshape(4, 2, 5).to(dtype)
@@ -261,6 +263,8 @@ def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, numpy_above
     out = permute_tensor(t, entries, perms)
     assert out.dtype == dtype and torch.equal(out, expected)
     assert permute_tensor(t, entries, {"a": torch.arange(4), "b": torch.arange(5)}) is t
+    if dtype != torch.bfloat16:  # a numpy array in, a numpy array out
+        assert np.array_equal(permute_tensor(t.numpy(), entries, perms), expected.numpy())
     if dtype.is_floating_point:
         leaf = t.clone().requires_grad_()
         out = permute_tensor(leaf, entries, perms)
@@ -272,32 +276,32 @@ def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, numpy_above
             assert torch.equal(permute_tensor(leaf, entries, perms), expected)
 
 
-@pytest.mark.parametrize("numpy_above", [0, None])
-def test_permute_tensor_merges_the_leading_gathers_of_large_tensors(numpy_above, monkeypatch):
-    # above _MERGE_ELEMENTS a tensor moving along axes 0 and 1 is gathered once through its
-    # (axis 0 * axis 1, ...) view; that path must give what indexing gives, other permuted
-    # axes (shifted down in the view), blocks and autograd included
-    module = sys.modules["bnn_align.permute"]
-    monkeypatch.setattr(module, "_MERGE_ELEMENTS", 0)
-    if numpy_above is not None:
-        monkeypatch.setattr(module, "_NUMPY_GATHER_BYTES", numpy_above)
-    merged = []
-    original = module._merge_leading_gathers
-    monkeypatch.setattr(module, "_merge_leading_gathers",
-                        lambda shape, gathers: merged.append(shape) or original(shape, gathers))
-    perms = random_perms({"a": 4, "b": 3, "c": 5}, torch.Generator().manual_seed(4))
-    t = torch.randn(4, 6, 2, 5)
-    blocks = {1: 2}  # axis 1 moves in blocks of two (a flattened feature map)
-    b_index = (perms["b"][:, None] * 2 + torch.arange(2)).reshape(-1)
-    expected = t[perms["a"]][:, b_index][:, :, :, perms["c"]]
-    out = permute_tensor(t, ("a", "b", None, "c"), perms, blocks)
-    assert merged == [(4, 6, 2, 5)] and torch.equal(out, expected)
-    # one leading axis moving: a plain gather
-    only_b = {"a": torch.arange(4), "b": perms["b"], "c": torch.arange(5)}
-    assert torch.equal(permute_tensor(t, ("a", "b", None, "c"), only_b, blocks), t[:, b_index])
-    leaf = t.clone().requires_grad_()
-    (permute_tensor(leaf, ("a", "b", None, "c"), perms, blocks) * expected).sum().backward()
-    assert torch.equal(leaf.grad, t)
+@pytest.mark.parametrize("stage_bytes", [None, 16, 300])
+def test_take_equals_numpy_take_along_each_axis(stage_bytes, monkeypatch):
+    # take() gathers large arrays a block of rows at a time (stage_bytes: the block's bytes,
+    # forced small so these arrays take that path, with one row or several per block); the
+    # result must be np.take along each axis in turn, for any set of axes, for indices that
+    # cover only part of an axis, and written into out= when given
+    if stage_bytes is not None:
+        monkeypatch.setattr(sys.modules["bnn_align.permute"], "_STAGE_BYTES", stage_bytes)
+    rng = np.random.default_rng(0)
+    for shape in [(7,), (5, 3), (6, 4, 3, 2), (3, 40)]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        for r in range(1, min(3, a.ndim) + 1):
+            for axes in itertools.combinations(range(a.ndim), r):
+                for part in (1.0, 0.5):
+                    gathers = {ax: rng.permutation(shape[ax])[:max(1, int(part * shape[ax]))]
+                               for ax in axes}
+                    expected = a
+                    for ax, index in gathers.items():
+                        expected = np.take(expected, index, axis=ax)
+                    assert np.array_equal(take(a, gathers), expected), (shape, axes, part)
+                    out = np.full(expected.shape, np.nan, dtype=np.float32)
+                    assert take(a, gathers, out=out) is out
+                    assert np.array_equal(out, expected), (shape, axes, part)
+    out = np.empty((5, 3), dtype=np.float32)
+    b = rng.standard_normal((5, 3)).astype(np.float32)
+    assert take(b, {}) is b and take(b, {}, out=out) is out and np.array_equal(out, b)
 
 
 # ------------------------------------------------------------------------------- bad input --
