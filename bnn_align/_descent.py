@@ -328,7 +328,8 @@ class Problem:
                 matrix: np.ndarray, old: Mapping[int, np.ndarray | None],
                 new: Mapping[int, np.ndarray | None]) -> np.ndarray | None:
         """Correct a cached contribution for moved units of the one other permuted axis:
-        ``sum_k A[:, k] (B[:, new_k] - B[:, old_k])^T`` over the moved positions ``k``."""
+        ``sum_k A[:, k] (B[:, new_k] - B[:, old_k])^T`` over the moved positions ``k``, added
+        to ``matrix`` in place (the cache entry it came from is replaced by the result)."""
         if len(new) != 1:
             return None
         ((ax, idx_new),) = new.items()
@@ -339,7 +340,6 @@ class Problem:
         moved = np.flatnonzero(idx_old != idx_new)
         if len(moved) > self._UPDATE_LIMIT * len(idx_new):
             return None
-        matrix = matrix.copy()
         if len(moved) == 0:
             return matrix
         block = self.blocks.get(site, {}).get(axis, 1)
