@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from ._checks import positive_int
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
-from .permute import check_perms, identity_perms, permute, random_perms
+from .permute import (Spare, check_perms, identity_perms, permute, permute_guide,
+                      random_perms)
 from .posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
 from .spec import PermutationSpec
@@ -392,6 +393,21 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
     return va, vb, spec, _spec_sizes(spec, va, guide_a)
 
 
+def _working_copies(views: tuple[GaussianView, ...], posteriors: tuple[Any, ...]
+                    ) -> list[torch.Tensor]:
+    """The views' tensors whose memory is not the posteriors' own (their parameters, buffers
+    or state-dict values): copies made for the views, which nothing else holds."""
+    theirs = set()
+    for obj in posteriors:
+        tensors = (obj.values() if isinstance(obj, Mapping)
+                   else [*obj.parameters(), *obj.buffers()] if isinstance(obj, torch.nn.Module)
+                   else [])
+        theirs.update(t.untyped_storage().data_ptr() for t in tensors
+                      if isinstance(t, torch.Tensor))
+    return [t for view in views for part in (view.loc, view.scale, view.factor or {})
+            for t in part.values() if t.untyped_storage().data_ptr() not in theirs]
+
+
 def _finite_cost(cost: float, va: GaussianView, vb: GaussianView) -> float:
     """``cost`` if it is finite; else the error naming the first site with NaN or infinite
     values, or, if every value is finite, the one for a squared distance that overflows."""
@@ -565,9 +581,14 @@ def match(
             best = result
     bar.close()
     perms, history, iterations, converged, rotation, _ = best
-    del va, vb, problem  # free the working copies before building the aligned guide
+    # the working copies' memory (the scales computed from their parameters) becomes the
+    # aligned guide's instead of new memory faulted in page by page (ResNet-20 x4 and x16
+    # independent: the whole match 0.98x as long)
+    spare = Spare(_working_copies((va, vb), (guide_a, guide_b)))
+    del va, vb, problem
     with _torch_on_one_thread():
-        aligned = permute(guide_b, perms, spec)
+        aligned = (permute_guide(guide_b, perms, spec, spare)
+                   if isinstance(guide_b, autoguide.AutoGuide) else permute(guide_b, perms, spec))
         adapter = adapter_for(aligned)
         if rotation is not None and hasattr(adapter, "rotate_"):
             adapter.rotate_(aligned, rotation)  # aligned is our own new guide

@@ -9,7 +9,7 @@ input, so ``permute(b, match(a, b).perms)`` lies next to ``a``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ def permute_tensor(
     entries: tuple,
     perms: Perms,
     blocks: Mapping[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reorder the permuted axes of one tensor.
 
@@ -114,12 +115,16 @@ def permute_tensor(
         Validated permutations (see :func:`check_perms`).
     blocks : mapping of int to int, optional
         Axis -> block length for axes permuted in blocks.
+    out : Tensor, optional
+        A contiguous CPU tensor of ``tensor``'s dtype and number of elements to write the
+        result into (its memory is reused, its shape ignored); used when the gather runs in
+        numpy (a CPU tensor of a numpy dtype, not recording autograd), else left alone.
 
     Returns
     -------
     Tensor
-        A new tensor when an axis moves; the input itself when no axis is permuted (or every
-        permutation is the identity).
+        A new tensor (a view of ``out`` when that was written) when an axis moves; the input
+        itself when no axis is permuted (or every permutation is the identity).
     """
     gathers = {axis: index for axis, index in axis_gathers(entries, perms, blocks).items()
                if index is not None}
@@ -128,12 +133,21 @@ def permute_tensor(
     if isinstance(tensor, np.ndarray):
         return take(tensor, {axis: index.numpy() for axis, index in gathers.items()})
     if _numpy_gatherable(tensor):
-        return torch.from_numpy(take(tensor.detach().numpy(),
-                                     {axis: index.numpy() for axis, index in gathers.items()}))
-    out = tensor  # autograd, a device or a dtype numpy does not have: torch's own gathers
+        index = {axis: index.numpy() for axis, index in gathers.items()}
+        if out is None:
+            return torch.from_numpy(take(tensor.detach().numpy(), index))
+        if not (out.dtype == tensor.dtype and out.numel() == tensor.numel()
+                and out.device.type == "cpu" and out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous CPU tensor of {tensor.numel()} "
+                             f"{tensor.dtype} numbers, got {tuple(out.shape)} {out.dtype} "
+                             f"on {out.device}")
+        out = out.view(tensor.shape)
+        take(tensor.detach().numpy(), index, out=out.numpy())
+        return out
+    moved = tensor  # autograd, a device or a dtype numpy does not have: torch's own gathers
     for axis, index in gathers.items():
-        out = out.index_select(axis, index.to(out.device))
-    return out
+        moved = moved.index_select(axis, index.to(moved.device))
+    return moved
 
 
 def take(array: np.ndarray, gathers: Mapping[int, np.ndarray],
@@ -227,12 +241,49 @@ def _numpy_gatherable(tensor: Any) -> bool:
             and not (tensor.requires_grad and torch.is_grad_enabled()))
 
 
-def permute_tensors(tensors: Mapping[str, torch.Tensor], perms: Perms, spec: PermutationSpec
-                    ) -> dict[str, torch.Tensor]:
-    """Apply :func:`permute_tensor` to every named tensor the spec lists (others are kept)."""
+class Spare:
+    """Tensors whose memory their owner gives up, for new tensors of the same dtype and
+    number of elements to be written into (see :func:`permute_tensors`).
+
+    Only tensors that own their whole storage, contiguously, are taken (a view into a larger
+    tensor is left out), each storage once.
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self.free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        seen = set()
+        for t in tensors:
+            storage = t.untyped_storage()
+            if (t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0
+                    and storage.nbytes() == t.numel() * t.element_size()
+                    and storage.data_ptr() not in seen):
+                seen.add(storage.data_ptr())
+                self.free.setdefault((t.numel(), t.dtype), []).append(t)
+
+    def claim(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A free tensor with ``like``'s dtype and number of elements, or None."""
+        free = self.free.get((like.numel(), like.dtype))
+        return free.pop() if free else None
+
+    def give_back(self, t: torch.Tensor) -> None:
+        self.free.setdefault((t.numel(), t.dtype), []).append(t)
+
+
+def permute_tensors(tensors: Mapping[str, torch.Tensor], perms: Perms, spec: PermutationSpec,
+                    spare: Spare | None = None) -> dict[str, torch.Tensor]:
+    """Apply :func:`permute_tensor` to every named tensor the spec lists (others are kept),
+    writing into ``spare``'s tensors where one fits."""
     blocks = spec.blocks
-    return {name: permute_tensor(t, spec[name], perms, blocks.get(name)) if name in spec else t
-            for name, t in tensors.items()}
+    out = {}
+    for name, t in tensors.items():
+        if name not in spec:
+            out[name] = t
+            continue
+        buffer = spare.claim(t) if spare is not None and _numpy_gatherable(t) else None
+        out[name] = permute_tensor(t, spec[name], perms, blocks.get(name), out=buffer)
+        if buffer is not None and out[name] is t:  # nothing moved: the buffer is still free
+            spare.give_back(buffer)
+    return out
 
 
 def spec_for(obj: Any, spec: PermutationSpec | None) -> PermutationSpec:
@@ -281,7 +332,7 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
     if isinstance(obj, BayesianNetwork):
         return obj.with_net(permute(obj.net, perms, spec))
     if isinstance(obj, autoguide.AutoGuide):
-        return _permute_guide(obj, perms, spec)
+        return permute_guide(obj, perms, spec)
     if isinstance(obj, nn.Module):
         state = obj.state_dict()
         perms = check_perms(perms, spec.group_sizes(_shapes(state), where=type(obj).__name__))
@@ -321,8 +372,10 @@ def _copy_module(module: nn.Module, tensors: Mapping[str, torch.Tensor],
     return copy.deepcopy(module, replacement_memo(replace))
 
 
-def _permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
-                   spec: PermutationSpec) -> autoguide.AutoGuide:
+def permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
+                  spec: PermutationSpec, spare: Spare | None = None) -> autoguide.AutoGuide:
+    """:func:`permute` for a guide, its new parameters written into ``spare``'s tensors
+    where those fit (their memory is then the new guide's)."""
     adapter = adapter_for(guide)
     raw = adapter.raw(guide)
     site_shapes = adapter.sites(guide)
@@ -343,5 +396,5 @@ def _permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
     new_model = None
     if any(any(e is not None for e in spec[n]) for n in extra):
         new_model = permute(model, perms, spec)
-    moved = {part: permute_tensors(tensors, perms, spec) for part, tensors in raw.items()}
+    moved = {part: permute_tensors(tensors, perms, spec, spare) for part, tensors in raw.items()}
     return adapter.from_raw(guide, moved, new_model)

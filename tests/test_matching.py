@@ -177,15 +177,16 @@ def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(mon
     a = make_guide("mean_field", model, seed=1, spread=0.3)
     b = make_guide("mean_field", make("mlp"), seed=2, spread=0.3)
     seen = []
+    permute_guide = matching.permute_guide
 
     def recording_permute(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return permute(*args, **kwargs)
+        return permute_guide(*args, **kwargs)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(matching, "permute", recording_permute)
+        monkeypatch.setattr(matching, "permute_guide", recording_permute)
         result = match(a, b, spec=model.spec)
         assert seen == [1] and torch.get_num_threads() == 2
         assert all(torch.equal(x, y) for x, y in zip(result.aligned.parameters(),
@@ -194,12 +195,45 @@ def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(mon
         def failing_permute(*args, **kwargs):
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(matching, "permute", failing_permute)
+        monkeypatch.setattr(matching, "permute_guide", failing_permute)
         with pytest.raises(RuntimeError, match="boom"):
             match(a, b, spec=model.spec)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["mean_field", "diagonal", "delta"])
+def test_aligned_guide_owns_its_memory_and_the_inputs_stay_as_they_were(kind):
+    """The aligned guide's parameters are written into the solver's working copies where those
+    fit (the scales computed for the objective), never into memory of the inputs: it equals
+    permute(guide_b), no two of its parameters share memory, none shares memory with an input,
+    and changing it leaves both inputs as they were."""
+    from bnn_align.matching import _working_copies
+
+    model = make("resnet")
+    a = make_guide(kind, model, seed=1, spread=0.3)
+    b = make_guide(kind, make("resnet"), seed=2, spread=0.3)
+    before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
+    result = match(a, b, spec=model.spec)
+    expected = permute(b, result.perms)
+    assert all(torch.equal(x, y) for x, y in zip(result.aligned.parameters(),
+                                                  expected.parameters()))
+    inputs = {p.untyped_storage().data_ptr() for g in (a, b) for p in g.parameters()}
+    aligned = [p.untyped_storage().data_ptr() for p in result.aligned.parameters()]
+    assert len(set(aligned)) == len(aligned) and not inputs & set(aligned)
+    with torch.no_grad():
+        for p in result.aligned.parameters():
+            p.add_(1.0)
+    after = [p.detach() for p in (*a.parameters(), *b.parameters())]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    # what may be reused: the computed scales of AutoNormal, never a view of a parameter
+    va, vb = as_gaussian(a, copy=False), as_gaussian(b, copy=False)
+    spare = {t.untyped_storage().data_ptr() for t in _working_copies((va, vb), (a, b))}
+    assert not spare & inputs
+    if kind == "mean_field":
+        assert spare == {t.untyped_storage().data_ptr()
+                         for v in (va, vb) for t in v.scale.values()}
 
 
 def test_restarts_keep_the_best():

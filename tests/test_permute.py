@@ -13,8 +13,8 @@ from pyro.infer import autoguide
 from torch import nn
 
 from bnn_align import BayesianNetwork, PermutationSpec, as_gaussian, models, permute
-from bnn_align.permute import (check_perms, compose, invert, permute_tensor, random_perms,
-                               take)
+from bnn_align.permute import (Spare, check_perms, compose, invert, permute_tensor,
+                               permute_tensors, random_perms, take)
 
 from conftest import GUIDE_KINDS, group_sizes, make_guide, permute_sample, permuted_noise
 
@@ -274,6 +274,31 @@ def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, stage_bytes
         assert torch.equal(leaf.grad, t)
         with torch.no_grad():
             assert torch.equal(permute_tensor(leaf, entries, perms), expected)
+
+
+def test_permute_tensors_write_into_spare_memory_that_fits():
+    # a spare tensor is used for a result of its dtype and size (its shape does not matter);
+    # views into larger storage are never taken, and a buffer offered to a tensor that does
+    # not move stays free for the next one
+    spec = PermutationSpec({"w": ("a", "b"), "v": ("a",), "u": (None, "b"), "k": (None,)})
+    perms = random_perms({"a": 4, "b": 3}, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    tensors = {"k": torch.randn(3, generator=gen), "w": torch.randn(4, 3, generator=gen),
+               "v": torch.randn(4, generator=gen), "u": torch.randn(2, 3, generator=gen)}
+    larger = torch.zeros(20)
+    flat12, flat4, also3 = torch.zeros(12), torch.zeros(4), torch.zeros(3)
+    wide = torch.zeros(4, dtype=torch.float64)
+    spare = Spare([flat12, larger[:4], wide, flat4, larger[4:10], also3])
+    out = permute_tensors(tensors, perms, spec, spare)
+    expected = permute_tensors(tensors, perms, spec)
+    assert all(torch.equal(out[k], expected[k]) for k in tensors)
+    assert out["w"].data_ptr() == flat12.data_ptr() and out["w"].shape == (4, 3)
+    assert out["v"].data_ptr() == flat4.data_ptr()
+    assert out["k"] is tensors["k"]  # not permuted: also3 was not claimed for it
+    assert spare.claim(torch.zeros(3)) is also3 and spare.claim(torch.zeros(6)) is None
+    assert spare.claim(torch.zeros(4, dtype=torch.float64)) is wide
+    with pytest.raises(ValueError, match="contiguous CPU tensor of 12"):
+        permute_tensor(tensors["w"], spec["w"], perms, out=torch.zeros(11))
 
 
 @pytest.mark.parametrize("stage_bytes", [None, 16, 300])
