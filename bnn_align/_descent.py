@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .permute import axis_gathers, identity_perms, take
+from .permute import axis_gathers, gathered_shape, identity_perms, take
 from .spec import PermutationSpec, _groups_of
 
 
@@ -282,10 +282,7 @@ class Problem:
     def _take(self, t: np.ndarray, index: Mapping[int, np.ndarray], slot: str) -> np.ndarray:
         """``t`` gathered along the axes of ``index`` (see :func:`permute.take`) into the work
         array ``slot``."""
-        shape = list(t.shape)
-        for axis, idx in index.items():
-            shape[axis] = len(idx)
-        return take(t, index, out=self._scratch(slot, tuple(shape), t.dtype))
+        return take(t, index, out=self._scratch(slot, gathered_shape(t.shape, index), t.dtype))
 
     def _gather(self, t: np.ndarray, index: Mapping[int, np.ndarray | None]) -> np.ndarray:
         """``t`` gathered along the axes of ``index`` (None: left as it is), in a work array."""

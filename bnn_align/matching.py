@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ._checks import positive_int
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
-from .permute import (Spare, check_perms, identity_perms, permute, permute_guide,
+from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
                       random_perms)
 from .posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
@@ -587,8 +587,7 @@ def match(
     spare = Spare(_working_copies((va, vb), (guide_a, guide_b)))
     del va, vb, problem
     with _torch_on_one_thread():
-        aligned = (permute_guide(guide_b, perms, spec, spare)
-                   if isinstance(guide_b, autoguide.AutoGuide) else permute(guide_b, perms, spec))
+        aligned = permute_into(guide_b, perms, spec, spare)
         adapter = adapter_for(aligned)
         if rotation is not None and hasattr(adapter, "rotate_"):
             adapter.rotate_(aligned, rotation)  # aligned is our own new guide

@@ -181,10 +181,7 @@ def take(array: np.ndarray, gathers: Mapping[int, np.ndarray],
                             out=out if k == len(gathers) - 1 else None)
         return array
     if out is None:
-        shape = list(array.shape)
-        for axis, index in gathers.items():
-            shape[axis] = len(index)
-        out = np.empty(shape, dtype=array.dtype)
+        out = np.empty(gathered_shape(array.shape, gathers), dtype=array.dtype)
     rows = len(out)
     block = max(1, _STAGE_BYTES // (array.nbytes // len(array)))
     stage = np.empty((min(block, rows),) + array.shape[1:], dtype=array.dtype)
@@ -199,6 +196,16 @@ def take(array: np.ndarray, gathers: Mapping[int, np.ndarray],
             part = np.take(part, gathers[axis], axis=axis, mode="clip",
                            out=out[start:stop] if k == len(inner) - 1 else None)
     return out
+
+
+def gathered_shape(shape: tuple[int, ...], gathers: Mapping[int, np.ndarray]
+                   ) -> tuple[int, ...]:
+    """The shape :func:`take` gives an array of ``shape``: each gathered axis as long as its
+    index."""
+    out = list(shape)
+    for axis, index in gathers.items():
+        out[axis] = len(index)
+    return tuple(out)
 
 
 # rows staged per block: well inside the 1 MB second-level cache of each core
@@ -329,22 +336,29 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
         a valid ``AutoMultivariateNormal``. A guide whose model has permuted buffers (BatchNorm
         statistics) gets a permuted copy of the model; otherwise it shares the original model.
     """
+    return permute_into(obj, perms, spec, None)
+
+
+def permute_into(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None,
+                 spare: Spare | None) -> Any:
+    """:func:`permute`, the moved tensors written into ``spare``'s tensors where those fit
+    (their memory is then the new object's; see :class:`Spare`)."""
     spec = spec_for(obj, spec)
     if isinstance(obj, BayesianNetwork):
-        return obj.with_net(permute(obj.net, perms, spec))
+        return obj.with_net(permute_into(obj.net, perms, spec, spare))
     if isinstance(obj, autoguide.AutoGuide):
-        return permute_guide(obj, perms, spec)
+        return _permute_guide(obj, perms, spec, spare)
     if isinstance(obj, nn.Module):
         state = obj.state_dict()
         perms = check_perms(perms, spec.group_sizes(_shapes(state), where=type(obj).__name__))
-        return _copy_module(obj, permute_tensors(state, perms, spec), state)
+        return _copy_module(obj, permute_tensors(state, perms, spec, spare), state)
     if isinstance(obj, Mapping):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         perms = check_perms(perms, spec.group_sizes(_shapes(tensors), where="the state dict"))
         # keep the mapping's class (a state dict is an OrderedDict with _metadata)
         out = copy.copy(obj) if isinstance(obj, dict) else dict(obj)
         out.update({k: v.clone() if v is tensors[k] else v
-                    for k, v in permute_tensors(tensors, perms, spec).items()})
+                    for k, v in permute_tensors(tensors, perms, spec, spare).items()})
         return out
     raise TypeError(
         f"permute expects a state dict, an nn.Module, a BayesianNetwork or a Pyro autoguide, "
@@ -373,10 +387,8 @@ def _copy_module(module: nn.Module, tensors: Mapping[str, torch.Tensor],
     return copy.deepcopy(module, replacement_memo(replace))
 
 
-def permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
-                  spec: PermutationSpec, spare: Spare | None = None) -> autoguide.AutoGuide:
-    """:func:`permute` for a guide, its new parameters written into ``spare``'s tensors
-    where those fit (their memory is then the new guide's)."""
+def _permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
+                   spec: PermutationSpec, spare: Spare | None) -> autoguide.AutoGuide:
     adapter = adapter_for(guide)
     raw = adapter.raw(guide)
     site_shapes = adapter.sites(guide)

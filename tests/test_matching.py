@@ -177,16 +177,16 @@ def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(mon
     a = make_guide("mean_field", model, seed=1, spread=0.3)
     b = make_guide("mean_field", make("mlp"), seed=2, spread=0.3)
     seen = []
-    permute_guide = matching.permute_guide
+    permute_into = matching.permute_into
 
     def recording_permute(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return permute_guide(*args, **kwargs)
+        return permute_into(*args, **kwargs)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(matching, "permute_guide", recording_permute)
+        monkeypatch.setattr(matching, "permute_into", recording_permute)
         result = match(a, b, spec=model.spec)
         assert seen == [1] and torch.get_num_threads() == 2
         assert all(torch.equal(x, y) for x, y in zip(result.aligned.parameters(),
@@ -195,7 +195,7 @@ def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(mon
         def failing_permute(*args, **kwargs):
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(matching, "permute_guide", failing_permute)
+        monkeypatch.setattr(matching, "permute_into", failing_permute)
         with pytest.raises(RuntimeError, match="boom"):
             match(a, b, spec=model.spec)
         assert torch.get_num_threads() == 2
