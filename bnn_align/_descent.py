@@ -52,7 +52,8 @@ class Problem:
 
     # above this fraction of moved units a full recomputation is cheaper than the update
     _UPDATE_LIMIT = 0.6
-    # work arrays below this size come from the heap without page faults (see ``_scratch``)
+    # work arrays below this size are kept for the problem's lifetime, larger ones for one
+    # similarity (see ``_scratch``)
     _SCRATCH_BYTES = 4 * 2**20
 
     def __init__(self, pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
@@ -107,7 +108,10 @@ class Problem:
         # group -> (stamp, parts, sites, margin) of its last solve on part of its similarity,
         # see ``certified``
         self.margins: dict[str, tuple[tuple, int, frozenset, float]] = {}
-        self.scratch: dict[str, np.ndarray] = {}  # reused work arrays, see ``_scratch``
+        # reused work arrays (see ``_scratch``): the large ones, released after each
+        # similarity, and the small ones, kept
+        self.scratch: dict[str, np.ndarray] = {}
+        self.kept_scratch: dict[str, np.ndarray] = {}
         self.axis_indices: dict[tuple[str, int], tuple] = {}  # see ``_axis_index``
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -262,21 +266,22 @@ class Problem:
                    if settled.issuperset(others) for part in self._parts(site))
 
     def _scratch(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A work array reused from product to product within one call of
-        :meth:`similarity` or :meth:`rotate` (released at its end, so peak
-        memory stays that of fresh arrays).
+        """A work array reused from product to product: for the rest of the problem's
+        life if it is small, else within one call of :meth:`similarity` or :meth:`rotate`
+        (released at its end, so peak memory stays that of fresh arrays).
 
-        A fresh large array is new memory the kernel must fault in and zero: on ResNet-20
-        x16 that was a third of the time spent gathering and copying operands for the
-        products. Small arrays are allocated afresh: reusing them only moved page faults to
-        other allocations (the 512-wide MLP got slower).
+        A fresh array is new memory the kernel must fault in and zero: on ResNet-20 x16 that
+        was a third of the time spent gathering and copying operands for the products, and
+        on x4, whose operands are all below 4 MB, the heap returned freed operands to the
+        system and took them back, about 15 000 page faults (60 MB) per match in the
+        transposes alone. Keeping the small ones costs at most a few times 4 MB.
         """
         size = math.prod(shape)
-        if size * np.dtype(dtype).itemsize < self._SCRATCH_BYTES:
-            return np.empty(shape, dtype=dtype)
-        buffer = self.scratch.get(slot)
+        pool = (self.kept_scratch if size * np.dtype(dtype).itemsize < self._SCRATCH_BYTES
+                else self.scratch)
+        buffer = pool.get(slot)
         if buffer is None or buffer.size < size or buffer.dtype != dtype:
-            buffer = self.scratch[slot] = np.empty(size, dtype=dtype)
+            buffer = pool[slot] = np.empty(size, dtype=dtype)
         return buffer[:size].reshape(shape)
 
     def _take(self, t: np.ndarray, index: Mapping[int, np.ndarray], slot: str) -> np.ndarray:
@@ -462,6 +467,8 @@ def squared_distance(a: np.ndarray, b: np.ndarray,
     row = math.prod(a.shape[1:])
     flat_a = a.reshape(-1)
     total = 0.0
+    # one work array for every chunk: a fresh one each time was new memory to fault in
+    work = np.empty(min(chunk, a.size), dtype=np.result_type(a, b))
     with np.errstate(over="ignore"):  # match() reports an infinite cost
         for start in range(0, a.size, chunk):
             stop = min(start + chunk, a.size)
@@ -471,7 +478,8 @@ def squared_distance(a: np.ndarray, b: np.ndarray,
             if index:
                 rows = take(rows, index)
             diff = np.subtract(flat_a[start:stop],
-                               rows.reshape(-1)[start - lo * row:stop - lo * row])
+                               rows.reshape(-1)[start - lo * row:stop - lo * row],
+                               out=work[:stop - start])
             total = float(np.square(diff, out=diff).sum(dtype=np.float64, initial=total))
     return total
 
