@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ._gemm import product
 from .permute import axis_gathers, gathered_shape, identity_perms, take
 from .spec import PermutationSpec, _groups_of
 
@@ -45,9 +46,9 @@ class Problem:
     few units of the tensor's other axis moved since, the cache is corrected by a low-rank
     update over the moved units instead of being recomputed.
 
-    The arithmetic runs in numpy (sharing memory with the torch views): its BLAS was faster than
-    torch's on the benchmark machine, and keeping the hot loop in one library avoids two thread
-    pools spinning against each other.
+    The arithmetic runs in numpy (sharing memory with the torch views), but for the large
+    products of full contributions, which :func:`~bnn_align._gemm.product` sends to torch's
+    oneDNN kernels where they are faster (see :mod:`bnn_align._gemm`).
     """
 
     # above this fraction of moved units a full recomputation is cheaper than the update
@@ -323,8 +324,8 @@ class Problem:
         block = self.blocks.get(site, {}).get(axis, 1)
         a, b = self.pairs[site][part]
         b = self._gather(b, index)
-        return (self._rows(a, axis, offset, n, block, "rows_a")
-                @ self._rows(b, axis, offset, n, block, "rows_b").T)
+        return product(self._rows(a, axis, offset, n, block, "rows_a"),
+                       self._rows(b, axis, offset, n, block, "rows_b"), repeated=True)
 
     def _update(self, site: str, part: int, axis: int, offset: int, n: int,
                 matrix: np.ndarray, old: Mapping[int, np.ndarray | None],
@@ -349,8 +350,8 @@ class Problem:
         delta = self._take(b, {ax: idx_new[moved]}, "gather0")
         delta -= self._take(b, {ax: idx_old[moved]}, "gather1")
         a_moved = self._take(a, {ax: moved}, "gather1")
-        matrix += (self._rows(a_moved, axis, offset, n, block, "rows_a")
-                   @ self._rows(delta, axis, offset, n, block, "rows_b").T)
+        matrix += product(self._rows(a_moved, axis, offset, n, block, "rows_a"),
+                          self._rows(delta, axis, offset, n, block, "rows_b"))
         return matrix
 
     # -- the rotation of covariance factors -------------------------------------------------------
