@@ -1,8 +1,14 @@
 """The solver's one matrix product, ``x @ y.T`` in float32, and the choice of kernel for it.
 
-numpy's BLAS (OpenBLAS) does the small and odd-shaped products. Large ones whose shape repeats
-(a site's contribution to a similarity matrix, recomputed at the same shape sweep after sweep)
-go to oneDNN's float32 kernels through torch where the CPU has them: on the 2-core AMD EPYC
+numpy's BLAS (OpenBLAS) does all but the largest products; those, when their shape repeats (a
+site's contribution to a similarity matrix, recomputed at the same shape sweep after sweep), go
+to oneDNN's float32 kernels through torch where the CPU has them. The threshold is high because
+the two libraries' threads fight: OpenBLAS's workers spin for about 0.1 s after each of its
+products and torch's threads then share a core with them (with oneDNN from 8 million
+multiply-adds, the independent ResNet-20 x4 match took 1.9x as long); and not every product goes
+to torch because MKL, torch's kernel for the rest, rounds the entries of a constant product
+unevenly (0.06 and 0.06000001 where OpenBLAS gives one value), which broke exact ties between
+units the wrong way in a test. oneDNN: on the 2-core AMD EPYC
 benchmark machine, where OpenBLAS is pinned to its AVX2 ("Haswell") kernels by
 ``OPENBLAS_CORETYPE`` and MKL takes its slow path on AMD, oneDNN's AVX-512 kernels ran the
 products of ResNet-20 x16's similarities 1.9-2.0x faster than numpy (1024 x 9216 by
@@ -17,9 +23,10 @@ recomputed in float64, must agree to within ``2**-10`` of the scale of bfloat16 
 error on them. float32 kernels stayed below a third of that (below a tenth up to 65 536 terms
 per entry), while about 70 % of the entries of a product of bfloat16-rounded operands exceed
 it, so all eight pass by chance about once in 10 000 products. The first product that fails
-switches the route off for the process and is redone by numpy. oneDNN builds a kernel for every new shape (about 1.5 ms at 256 units),
-which made small odd-shaped products (the low-rank updates, whose shape is the number of moved
-units) slower than numpy's; only large ones go to oneDNN.
+switches the route off for the process and is redone without oneDNN. oneDNN builds a kernel
+for every new shape (about 1.5 ms at 256 units), which made small odd-shaped products (the
+low-rank updates, whose shape is the number of moved units) slower than OpenBLAS's; only very
+large ones go to oneDNN.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import math
 import numpy as np
 import torch
 
-# products smaller than this (multiply-adds) stay with numpy: at 64 x 576 by 576 x 64 (2.4
-# million) both took 0.03 ms, at 128 x 1152 by 1152 x 128 (19 million) oneDNN 1.7x less
-ONEDNN_MIN_SIZE = 2**23
+# products smaller than this (multiply-adds) stay with numpy: oneDNN is faster from about 8
+# million (128 x 1152 by 1152 x 128, 19 million: 1.7x less time), but below this the threads'
+# fight costs more (see the module docstring); ResNet-20 x4 and the MLP 512 stay below it
+ONEDNN_MIN_SIZE = 2**28
 # the same for a shape not seen before, whose kernel oneDNN must build first: at 256 units
-# and 86 million multiply-adds 2.9 ms against numpy's 1.4, at 512 and 640 million 4.7 against 7.0
-ONEDNN_MIN_SIZE_NEW_SHAPE = 2**28
+# and 86 million multiply-adds 2.9 ms against OpenBLAS's 1.4, at 512 and 640 million 4.7
+# against 7.0
+ONEDNN_MIN_SIZE_NEW_SHAPE = 2**30
 # largest error of a checked entry ``x_i . y_j``, relative to ``|x_i * y_j|`` (see ``_agrees``)
 _CHECK_TOLERANCE = 2.0**-10
 
@@ -50,19 +59,18 @@ def product(x: np.ndarray, y: np.ndarray, *, repeated: bool = False) -> np.ndarr
     :data:`ONEDNN_MIN_SIZE` multiply-adds, others from :data:`ONEDNN_MIN_SIZE_NEW_SHAPE`.
     """
     least = ONEDNN_MIN_SIZE if repeated else ONEDNN_MIN_SIZE_NEW_SHAPE
-    if not (x.shape[0] * x.shape[1] * y.shape[0] >= least and _onednn()):
-        return x @ y.T
-    result = _onednn_product(x, y).numpy()
-    if _agrees(result, x, y):
-        return result
-    global _onednn_usable
-    _onednn_usable = False
+    if x.shape[0] * x.shape[1] * y.shape[0] >= least and _onednn():
+        result = _torch_product(x, y, "bf16").numpy()
+        if _agrees(result, x, y):
+            return result
+        global _onednn_usable
+        _onednn_usable = False
     return x @ y.T
 
 
 def _onednn() -> bool:
     """Whether torch can send float32 products to oneDNN here: only where oneDNN has bfloat16
-    kernels does torch route them (elsewhere it would use MKL, slower than numpy on AMD)."""
+    kernels does torch route them (elsewhere they would run on MKL, slower than OpenBLAS on AMD)."""
     global _onednn_usable
     if _onednn_usable is None:
         try:
@@ -74,11 +82,12 @@ def _onednn() -> bool:
     return _onednn_usable
 
 
-def _onednn_product(x: np.ndarray, y: np.ndarray) -> torch.Tensor:
-    """``x @ y.T`` by torch with oneDNN allowed, the user's setting put back afterwards."""
+def _torch_product(x: np.ndarray, y: np.ndarray, precision: str) -> torch.Tensor:
+    """``x @ y.T`` by torch with ``torch.backends.mkldnn.matmul.fp32_precision`` set to
+    ``precision`` (``"bf16"``: oneDNN allowed, ``"ieee"``: not), the user's setting put back."""
     flags = torch.backends.mkldnn.matmul
     previous = flags.fp32_precision
-    flags.fp32_precision = "bf16"
+    flags.fp32_precision = precision
     try:
         return torch.from_numpy(x) @ torch.from_numpy(y).T
     finally:
@@ -97,6 +106,6 @@ def _agrees(result: np.ndarray, x: np.ndarray, y: np.ndarray) -> bool:
     for i, j in zip(rows.tolist(), columns.tolist()):
         terms = x[i].astype(np.float64) * y[j]
         error = abs(float(result[i, j]) - float(terms.sum()))
-        if not error <= _CHECK_TOLERANCE * math.sqrt(float(np.dot(terms, terms))):
+        if not error <= _CHECK_TOLERANCE * math.sqrt(float(np.square(terms).sum())):
             return False
     return True

@@ -9,8 +9,10 @@ from bnn_align import _gemm
 
 @pytest.fixture
 def route(monkeypatch):
-    """The oneDNN route forced on (whatever the CPU) and undecided, so every test sees it."""
+    """The oneDNN route forced on (whatever the CPU), from sizes the tests can afford."""
     monkeypatch.setattr(_gemm, "_onednn_usable", True)
+    monkeypatch.setattr(_gemm, "ONEDNN_MIN_SIZE", 2**23)
+    monkeypatch.setattr(_gemm, "ONEDNN_MIN_SIZE_NEW_SHAPE", 2**28)
     return monkeypatch
 
 
@@ -43,15 +45,17 @@ def test_a_product_rounded_through_bfloat16_is_caught_and_redone(route):
     """A kernel that rounds the operands (what oneDNN may do on CPUs with AMX) fails the check:
     the product is redone exactly and the route is switched off."""
     calls = []
+    exact = _gemm._torch_product
 
-    def rounded(x, y):
+    def rounded(x, y, precision):
         calls.append(x.shape)
         return torch.from_numpy(x).bfloat16().float() @ torch.from_numpy(y).bfloat16().float().T
 
-    route.setattr(_gemm, "_onednn_product", rounded)
+    route.setattr(_gemm, "_torch_product", rounded)
     x, y = _operands(96, 1100, 80, seed=1)
     result = _gemm.product(x, y, repeated=True)
-    np.testing.assert_array_equal(result, x @ y.T)
+    np.testing.assert_allclose(result, x.astype(np.float64) @ y.astype(np.float64).T,
+                               rtol=0, atol=1e-3)
     assert calls and _gemm._onednn_usable is False
     _gemm.product(x, y, repeated=True)
     assert len(calls) == 1  # not tried again
@@ -59,12 +63,21 @@ def test_a_product_rounded_through_bfloat16_is_caught_and_redone(route):
 
 def test_small_and_new_shaped_products_stay_with_numpy(route):
     used = []
-    route.setattr(_gemm, "_onednn_product", lambda x, y: used.append(x.shape))
-    x, y = _operands(16, 64, 16)
-    np.testing.assert_array_equal(_gemm.product(x, y, repeated=True), x @ y.T)
-    x, y = _operands(96, 1100, 80)  # large enough when repeated, not for a new shape
-    np.testing.assert_array_equal(_gemm.product(x, y), x @ y.T)
+    exact = _gemm._torch_product
+
+    def recorded(x, y, precision):
+        used.append(precision)
+        return exact(x, y, precision)
+
+    route.setattr(_gemm, "_torch_product", recorded)
+    for x, y, repeated in [(*_operands(16, 64, 16), True),
+                           (*_operands(96, 1100, 80), False)]:  # large only when repeated
+        np.testing.assert_allclose(_gemm.product(x, y, repeated=repeated),
+                                   x.astype(np.float64) @ y.astype(np.float64).T,
+                                   rtol=0, atol=1e-3)
     assert used == []
+    _gemm.product(*_operands(96, 1100, 80), repeated=True)
+    assert used[-1] == "bf16"
 
 
 def test_check_accepts_float32_kernels_and_rejects_rounded_operands():
