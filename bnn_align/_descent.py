@@ -135,11 +135,20 @@ class Problem:
         return tuple(self.version[h] for h in groups), rotated
 
     def _solve_stamp(self, g: str) -> tuple:
-        return tuple(self._stamp(site, others, part) for site, _, _, others in self.uses[g]
-                     for part in self._parts(site))
+        """What a solve of ``g`` depends on: its similarity's contributions, and ``g``'s own
+        permutation, which must still be the one the solve left (a descent that starts
+        elsewhere sets it without solving)."""
+        return self.version[g], tuple(
+            self._stamp(site, others, part) for site, _, _, others in self.uses[g]
+            for part in self._parts(site))
+
+    def note_solved(self, g: str) -> None:
+        """``g``'s current permutation is the one a solve on its current similarity chose."""
+        self.solved_at[g] = self._solve_stamp(g)
 
     def needs_solve(self, g: str) -> bool:
-        """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved."""
+        """Whether anything ``g``'s similarity depends on changed since ``g`` was last solved,
+        or ``g``'s permutation was set to another than that solve's."""
         return self.solved_at.get(g) != self._solve_stamp(g)
 
     def _margin_stamp(self, g: str, sites: frozenset[str], parts: int) -> tuple:
@@ -193,7 +202,7 @@ class Problem:
                               min(self.active, len(self.pairs[site])))])
         if not sum(missing, 0.0) < margin:
             return False
-        self.solved_at[g] = self._solve_stamp(g)
+        self.note_solved(g)
         return True
 
     def _other_index(self, site: str, axis: int) -> dict[int, np.ndarray | None]:
@@ -256,7 +265,7 @@ class Problem:
                     self.cache[key] = hit
                 total += hit[1]
         if settled is None:  # a partial similarity does not make a solve of g up to date
-            self.solved_at[g] = self._solve_stamp(g)
+            self.note_solved(g)
         self.scratch.clear()
         return total
 
@@ -654,6 +663,8 @@ def coordinate_descent(problem: Problem, start: Mapping[str, torch.Tensor], cons
                     gain += exact_step(problem, g, new)
             if torch.equal(new, problem.perms[g]):
                 problem.note_margin(g, similarity, matrix)
+            if problem.linear:  # g's similarity does not depend on g: the step is up to date
+                problem.note_solved(g)
             del similarity, matrix  # not held while the next group's similarity is built
         gain += problem.rotate()
         gains.append(gain)

@@ -208,3 +208,29 @@ def test_threads_work_in_a_child_forked_after_they_ran(monkeypatch):
         os.close(read)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_descent_from_the_start_solves_a_lone_group_again(monkeypatch):
+    """With one group, nothing its similarity depends on ever moves; when ``descend`` goes
+    back from a worse refined point to ``start``, the group must still be solved there, not
+    taken as solved at the permutation the first descent left (it used to stay at ``start``)."""
+    spec = PermutationSpec({"w1": ("h", None), "w2": (None, "h")})
+    rng = np.random.default_rng(3)
+    truth = torch.from_numpy(rng.permutation(12))
+    pairs = {}
+    for site, shape in {"w1": (12, 5), "w2": (4, 12)}.items():
+        parts = []
+        for _ in range(2):
+            a = rng.standard_normal(shape).astype(np.float32)
+            b = permute_tensor(torch.from_numpy(a), spec[site], invert({"h": truth})).numpy()
+            parts.append((torch.from_numpy(a), torch.from_numpy(b)))
+        pairs[site] = parts
+    start = identity_perms({"h": 12})
+    problem = Problem(pairs, spec, {"h": 12})
+    # a refined point worse than the start: the start's perm reversed, truth's far from it
+    worse = {"h": torch.arange(11, -1, -1)}
+    assert cost_at(Problem(pairs, spec, {"h": 12}), worse, 0.0) > cost_at(problem, start, 0.0)
+    monkeypatch.setattr(descent, "warm_start", lambda problem, start, rng, greedy=False: worse)
+    result = descend(problem, 0.0, start, 20, np.random.default_rng(0), None, greedy=True)
+    assert torch.equal(result.perms["h"], truth)
+    assert result.history[-1] == pytest.approx(0.0, abs=1e-9)
