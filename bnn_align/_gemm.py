@@ -1,14 +1,11 @@
 """The solver's one matrix product, ``x @ y.T`` in float32, and the choice of kernel for it.
 
-numpy's BLAS (OpenBLAS) does all but the largest products; those, when their shape repeats (a
-site's contribution to a similarity matrix, recomputed at the same shape sweep after sweep), go
-to oneDNN's float32 kernels through torch where the CPU has them. The threshold is high because
-the two libraries' threads fight: OpenBLAS's workers spin for about 0.1 s after each of its
-products and torch's threads then share a core with them (with oneDNN from 8 million
-multiply-adds, the independent ResNet-20 x4 match took 1.9x as long); and not every product goes
-to torch because MKL, torch's kernel for the rest, rounds the entries of a constant product
-unevenly (0.06 and 0.06000001 where OpenBLAS gives one value), which broke exact ties between
-units the wrong way in a test. oneDNN: on the 2-core AMD EPYC
+Every product runs in torch, on torch's threads: small and odd-shaped ones on MKL, large ones
+whose shape repeats (a site's contribution to a similarity matrix, recomputed at the same shape
+sweep after sweep) on oneDNN's float32 kernels where the CPU has them. Not numpy for the small
+ones: OpenBLAS's workers spin for about 0.1 s after each of its products and torch's threads then
+share a core with them (mixing the two made the independent ResNet-20 x4 match 1.9x as long).
+oneDNN: on the 2-core AMD EPYC
 benchmark machine, where OpenBLAS is pinned to its AVX2 ("Haswell") kernels by
 ``OPENBLAS_CORETYPE`` and MKL takes its slow path on AMD, oneDNN's AVX-512 kernels ran the
 products of ResNet-20 x16's similarities 1.9-2.0x faster than numpy (1024 x 9216 by
@@ -25,8 +22,8 @@ per entry), while about 70 % of the entries of a product of bfloat16-rounded ope
 it, so all eight pass by chance about once in 10 000 products. The first product that fails
 switches the route off for the process and is redone without oneDNN. oneDNN builds a kernel
 for every new shape (about 1.5 ms at 256 units), which made small odd-shaped products (the
-low-rank updates, whose shape is the number of moved units) slower than OpenBLAS's; only very
-large ones go to oneDNN.
+low-rank updates, whose shape is the number of moved units) slower than OpenBLAS's; only large
+ones go to oneDNN.
 """
 
 from __future__ import annotations
@@ -36,14 +33,13 @@ import math
 import numpy as np
 import torch
 
-# products smaller than this (multiply-adds) stay with numpy: oneDNN is faster from about 8
-# million (128 x 1152 by 1152 x 128, 19 million: 1.7x less time), but below this the threads'
-# fight costs more (see the module docstring); ResNet-20 x4 and the MLP 512 stay below it
-ONEDNN_MIN_SIZE = 2**28
+# products smaller than this (multiply-adds) stay off oneDNN: at 64 x 576 by 576 x 64 (2.4
+# million) both took 0.03 ms, at 128 x 1152 by 1152 x 128 (19 million) oneDNN 1.7x less
+ONEDNN_MIN_SIZE = 2**23
 # the same for a shape not seen before, whose kernel oneDNN must build first: at 256 units
 # and 86 million multiply-adds 2.9 ms against OpenBLAS's 1.4, at 512 and 640 million 4.7
 # against 7.0
-ONEDNN_MIN_SIZE_NEW_SHAPE = 2**30
+ONEDNN_MIN_SIZE_NEW_SHAPE = 2**28
 # largest error of a checked entry ``x_i . y_j``, relative to ``|x_i * y_j|`` (see ``_agrees``)
 _CHECK_TOLERANCE = 2.0**-10
 
@@ -65,7 +61,7 @@ def product(x: np.ndarray, y: np.ndarray, *, repeated: bool = False) -> np.ndarr
             return result
         global _onednn_usable
         _onednn_usable = False
-    return x @ y.T
+    return _torch_product(x, y, "ieee").numpy()
 
 
 def _onednn() -> bool:

@@ -48,6 +48,8 @@ def test_a_product_rounded_through_bfloat16_is_caught_and_redone(route):
     exact = _gemm._torch_product
 
     def rounded(x, y, precision):
+        if precision != "bf16":
+            return exact(x, y, precision)
         calls.append(x.shape)
         return torch.from_numpy(x).bfloat16().float() @ torch.from_numpy(y).bfloat16().float().T
 
@@ -75,7 +77,7 @@ def test_small_and_new_shaped_products_stay_with_numpy(route):
         np.testing.assert_allclose(_gemm.product(x, y, repeated=repeated),
                                    x.astype(np.float64) @ y.astype(np.float64).T,
                                    rtol=0, atol=1e-3)
-    assert used == []
+    assert "bf16" not in used
     _gemm.product(*_operands(96, 1100, 80), repeated=True)
     assert used[-1] == "bf16"
 
