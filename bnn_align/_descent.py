@@ -46,9 +46,9 @@ class Problem:
     few units of the tensor's other axis moved since, the cache is corrected by a low-rank
     update over the moved units instead of being recomputed.
 
-    The arithmetic runs in numpy (sharing memory with the torch views), but for the large
-    products of full contributions, which :func:`~bnn_align._gemm.product` sends to torch's
-    oneDNN kernels where they are faster (see :mod:`bnn_align._gemm`).
+    The arithmetic runs in numpy (sharing memory with the torch views), except the matrix
+    products: every one goes through :func:`~bnn_align._gemm.product`, on torch's threads
+    (see :mod:`bnn_align._gemm`).
     """
 
     # above this fraction of moved units a full recomputation is cheaper than the update

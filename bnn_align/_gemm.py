@@ -66,7 +66,7 @@ def product(x: np.ndarray, y: np.ndarray, *, repeated: bool = False) -> np.ndarr
 
 def _onednn() -> bool:
     """Whether torch can send float32 products to oneDNN here: only where oneDNN has bfloat16
-    kernels does torch route them (elsewhere they would run on MKL, slower than OpenBLAS on AMD)."""
+    kernels does torch route them (elsewhere they would run on MKL all the same, checked for nothing)."""
     global _onednn_usable
     if _onednn_usable is None:
         try:
