@@ -13,11 +13,12 @@ rotation). Because permutations preserve norms, minimising the cost means maximi
 coordinate descent over the permutation groups (each step an exact linear assignment, which can
 only lower the cost) alternated with an orthogonal Procrustes step for ``R``. Where a tensor
 carries one group on two axes (a layer from a residual stream back into it) the cost is
-quadratic in that group, and a step is taken only if it lowers the exact cost. The descent on
-the full objective starts from the result of the descent on the means alone when that is
-better: on coupled residual networks it otherwise stopped in poor local optima. By default the
-descent on the means starts from a greedy forward pass, each group solved once from the
-neighbours already solved, which settles near-copies without a second pass of products.
+quadratic in that group, and a step is taken only if it lowers the exact cost. By default the
+descent starts from a greedy forward pass, each group solved once from the neighbours already
+solved; it, a given or a random start are first refined by descent on the means alone (kept
+when that lowers the full objective): from the identity, on coupled residual networks, the full
+descent otherwise stopped in poor local optima. Only where the standard deviations vary as much
+as the means does the greedy pass solve each group on both and go straight to the full descent.
 
 The solver itself (the cached similarity matrices, the exact assignment steps, the descents
 and the starts) lives in ``_descent``; this module turns posteriors into its arrays.
@@ -493,13 +494,16 @@ def match(
     method : {"wasserstein", "mean", "activation"}
         ``"wasserstein"`` minimises the coupled squared distance of the module docstring (W2^2
         for diagonal Gaussians) over permutations and, with covariance factors on both sides,
-        a rotation of the factors. Each start is first refined on the means alone and the
-        result kept if it lowers the full objective (see ``_descent.descend``), so the W2
-        result is never worse on its own objective than mean matching from the same start.
-        ``"mean"`` is Git Re-Basin weight matching on the means. Both start, by default, from
-        a greedy forward pass (each group solved once from its already-solved neighbours, see
-        ``_descent.greedy_start``); the descent from it is kept only if it starts below the
-        identity, otherwise the descent runs from the identity.
+        a rotation of the factors. ``"mean"`` is Git Re-Basin weight matching on the means.
+        Both start, by default, from a greedy forward pass (each group solved once from its
+        already-solved neighbours, see ``_descent.greedy_start``); the descent from it is
+        kept only if it starts below the identity, otherwise the descent runs from the
+        identity. For W2, a given ``init``, a random restart and the greedy start are first
+        refined on the means alone, and the refinement kept if it lowers the full objective
+        (see ``_descent.warm_start``): from such a start the W2 result is never worse on its
+        own objective than mean matching from it. The greedy start skips the refinement when
+        the standard deviations vary across units at least as much as the means (and there
+        are no covariance factors); it then solves each group on both.
         ``"activation"`` matches units by the Pearson correlation of their posterior-expected
         activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
         assignment per group; residual streams share one permutation, and their correlation
@@ -513,9 +517,8 @@ def match(
         Seed of the group order, random restarts and activation sampling.
     init : mapping of str to permutation, optional
         Starting permutations for the first restart (default: the greedy start above, or the
-        identity where that is better). A given ``init`` is used as it is. For
-        ``"wasserstein"`` every start is first refined on the means, and the refined
-        permutations replace it when they lower the full objective.
+        identity where that is better). A given ``init`` is used as it is, for
+        ``"wasserstein"`` after the refinement on the means above.
     num_restarts : int
         Restarts of coordinate descent; restarts after the first start from random
         permutations. The lowest final objective wins.

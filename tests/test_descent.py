@@ -234,3 +234,46 @@ def test_the_descent_from_the_start_solves_a_lone_group_again(monkeypatch):
     result = descend(problem, 0.0, start, 20, np.random.default_rng(0), None, greedy=True)
     assert torch.equal(result.perms["h"], truth)
     assert result.history[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def _with_second_part(pairs: dict, scale: float, seed: int) -> dict:
+    """``pairs`` with the second part of every tensor replaced by independent noise of
+    ``scale`` on both sides (standard deviations unrelated to the means' plant)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for site, ((a0, b0), _) in pairs.items():
+        shape = a0.shape
+        out[site] = [(a0, b0)] + [tuple(torch.from_numpy(
+            (scale * rng.standard_normal(shape)).astype(np.float32)) for _ in range(2))]
+    return out
+
+
+@pytest.mark.parametrize("spread", [0.02, 1.0])
+def test_means_first_settles_a_step_only_as_solving_everything_would(spread):
+    """Planted means and second parts of little (0.02) or great (1.0) spread: ``means_first``
+    must give the step solving on everything gives, with its gain on the whole similarity;
+    it may skip the second parts' products only where they cannot change the step."""
+    pairs, planted = planted_pairs(4, noise=0.01)
+    pairs = _with_second_part(pairs, spread, seed=5)
+    start = dict(planted)
+    start["h2"] = torch.from_numpy(np.random.default_rng(6).permutation(SIZES["h2"]))
+    problem = Problem(pairs, SPEC, SIZES)
+    problem.set_perms(start)
+    before = problem.cost()
+    similarity, gain = descent.means_first(problem, "h2")
+
+    fresh = Problem(pairs, SPEC, SIZES)  # the whole similarity, solved directly
+    fresh.set_perms(start)
+    whole = fresh.similarity("h2")
+    best = assign(whole)
+    if spread < 0.1:
+        assert gain is not None  # the means decide: their margin beats the noise
+        assert torch.equal(problem.perms["h2"], best)
+        assert torch.equal(best, planted["h2"])
+        assert gain == pytest.approx(descent.assignment_gain(whole, best, start["h2"]),
+                                     rel=1e-5)
+        assert before - problem.cost() == pytest.approx(2 * gain, rel=1e-5)
+    else:
+        assert gain is None  # the second parts could outweigh the means' margin
+        assert torch.equal(problem.perms["h2"], start["h2"])  # left as it was
+        np.testing.assert_allclose(similarity, whole, rtol=1e-5, atol=1e-5)

@@ -499,8 +499,11 @@ def test_alignment_cost_recomputes_the_objective_at_any_permutations():
     assert alignment_cost(a, b, w2.perms) == pytest.approx(w2.cost_after, rel=1e-5)
     assert alignment_cost(a, b, mean.perms, method="mean") == pytest.approx(mean.cost_after,
                                                                              rel=1e-5)
-    # the warm start makes W2 matching at least as good as mean matching on its objective
-    assert alignment_cost(a, b, mean.perms) >= w2.cost_after * (1 - 1e-6)
+    # from a given start, the warm start on the means makes W2 matching at least as good as
+    # mean matching on its objective
+    identity = identity_perms(group_sizes(model))
+    w2_from, mean_from = match(a, b, init=identity), match(a, b, method="mean", init=identity)
+    assert alignment_cost(a, b, mean_from.perms) >= w2_from.cost_after * (1 - 1e-6)
     with pytest.raises(ValueError, match="method must be"):
         alignment_cost(a, b, method="activation")
 
@@ -768,27 +771,30 @@ def test_certified_margin_bounds_every_other_assignment():
 @pytest.mark.parametrize("kind", ["mean_field", "low_rank"])
 def test_certified_groups_end_where_solving_them_ends(arch, kind, monkeypatch):
     """A group whose margin on part of its similarity exceeds what the missing terms could
-    gain is not solved: the result must be the one solving it gives, bit for bit. On a planted
-    pair that spares solves, among them W2's over the standard deviations."""
+    gain is not solved (or, see ``means_first``, solved on the means alone): the result must
+    be the one solving it on everything gives, bit for bit. On a planted pair that spares
+    solves, among them W2's over the standard deviations."""
     from bnn_align._descent import Problem
 
     model = make(arch)
     a = make_guide(kind, model, seed=1, spread=0.3)
     pairs = {"planted": planted(a, model, seed=5)[0],
              "independent": make_guide(kind, make(arch), seed=2, spread=0.3)}
-    certified, similarity = Problem.certified, Problem.similarity
+    margin, similarity = Problem.margin, Problem.similarity
     for method in ("wasserstein", "mean"):
         for setting, b in pairs.items():
-            solves = {True: [], False: []}  # (whole similarity?, on every part?) per call
+            # (whole similarity?, over the parts after the means?) per call
+            solves = {True: [], False: []}
             mode = [True]  # with certificates?
-            monkeypatch.setattr(Problem, "certified", certified)
+            monkeypatch.setattr(Problem, "margin", margin)
             monkeypatch.setattr(
                 Problem, "similarity",
-                lambda self, g, settled=None: solves[mode[0]].append(
+                lambda self, g, settled=None, first_part=0: solves[mode[0]].append(
                     (settled is None, self.active == self.num_parts))
-                or similarity(self, g, settled))
+                or similarity(self, g, settled, first_part))
             with_certificates = match(a, b, method=method, seed=3)
-            monkeypatch.setattr(Problem, "certified", lambda self, g: False)
+            # no margin, no certificate: every step solved on every part
+            monkeypatch.setattr(Problem, "margin", lambda self, *args: 0.0)
             mode[0] = False
             solved = match(a, b, method=method, seed=3)
             assert all(torch.equal(with_certificates.perms[g], p)
@@ -824,3 +830,37 @@ def test_no_certificate_when_the_scales_disagree_with_the_means():
     result = match(a, b)
     assert all(torch.equal(result.perms[g], p) for g, p in invert(by_scales).items())
     assert result.cost_after < 0.1 * alignment_cost(a, b, means_only)
+
+
+def test_the_greedy_start_is_refined_on_the_means_only_where_they_vary_most(monkeypatch):
+    """Trained-like pairs (means varying more than the standard deviations) keep the descent
+    on the means after the greedy start, and with it W2's edge over mean matching; pairs whose
+    standard deviations vary more go from the greedy start to the W2 descent directly."""
+    from bnn_align import _descent
+
+    means_descents = []
+    original = _descent.coordinate_descent
+
+    def counting(problem, *args, **kwargs):
+        means_descents.append(problem.active == 1 < problem.num_parts)
+        return original(problem, *args, **kwargs)
+
+    monkeypatch.setattr(_descent, "coordinate_descent", counting)
+    model = make("resnet")
+    for wide_scales in (False, True):
+        a = make_guide("mean_field", model, seed=1, spread=0.3)
+        b = make_guide("mean_field", make("resnet"), seed=2, spread=0.3)
+        if wide_scales:  # softplus of N(1, 1): scales of about 0.3 to 3
+            with torch.no_grad():
+                for guide, seed in ((a, 3), (b, 4)):
+                    gen = torch.Generator().manual_seed(seed)
+                    for p in guide.scales.parameters():
+                        p.copy_(torch.randn(p.shape, generator=gen) + 1)
+        means_descents.clear()
+        w2 = match(a, b)
+        assert any(means_descents) != wide_scales
+        mean = match(a, b, method="mean")
+        if not wide_scales:
+            assert alignment_cost(a, b, mean.perms) >= w2.cost_after * (1 - 1e-6)
+        else:  # here the means' optimum is a poor start for W2
+            assert alignment_cost(a, b, mean.perms) > w2.cost_after
