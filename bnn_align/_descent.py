@@ -248,17 +248,17 @@ class Problem:
 
     # -- the similarity ---------------------------------------------------------------------------
     def similarity(self, g: str, settled: set[str] | None = None,
-                   first_part: int = 0) -> np.ndarray:
+                   first_part: int = 0, into: np.ndarray | None = None) -> np.ndarray:
         """``S[i, j]``: the gain of putting unit ``j`` of b at unit ``i``, shape ``(n, n)``.
 
         float32, like the weights: its rounding is far below the differences assignments make.
         With ``settled``, only the contributions whose other groups are all in it (and those
         that depend on no other group): the partial similarity of the greedy start. With
         ``first_part``, only the parts from it on (the rest of a similarity whose means'
-        part is at hand).
+        part is at hand), added to ``into`` (in place) when given.
         """
         n = self.sizes[g]
-        total = np.zeros((n, n), dtype=np.float32)
+        total = np.zeros((n, n), dtype=np.float32) if into is None else into
         for part in range(first_part, self.active):
             if (g, part) not in self.static:
                 static = np.zeros((n, n), dtype=np.float32)
@@ -886,4 +886,5 @@ def means_first(problem: Problem, g: str, settled: set[str] | None = None
                          - means[rows, old.numpy()].sum(dtype=np.float64))
             return means, gain + (before - after) / 2
         problem.set_perms({g: old})
-    return means + problem.similarity(g, settled, first_part=1), None
+    del matrix  # not held while the rest is built: peak memory stays that of one solve
+    return problem.similarity(g, settled, first_part=1, into=means), None
