@@ -789,9 +789,9 @@ def test_certified_groups_end_where_solving_them_ends(arch, kind, monkeypatch):
             monkeypatch.setattr(Problem, "margin", margin)
             monkeypatch.setattr(
                 Problem, "similarity",
-                lambda self, g, settled=None, first_part=0: solves[mode[0]].append(
+                lambda self, g, settled=None, first_part=0, into=None: solves[mode[0]].append(
                     (settled is None, self.active == self.num_parts))
-                or similarity(self, g, settled, first_part))
+                or similarity(self, g, settled, first_part, into))
             with_certificates = match(a, b, method=method, seed=3)
             # no margin, no certificate: every step solved on every part
             monkeypatch.setattr(Problem, "margin", lambda self, *args: 0.0)
