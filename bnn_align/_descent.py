@@ -22,11 +22,12 @@ or a bound needs it: the values between come from the assignment steps' gains (s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -140,6 +141,15 @@ class Problem:
                     sample = flat[::max(1, flat.size // 4096)].astype(np.float64)
                     variation[part] += flat.size * float(sample.var()) if sample.size else 0.0
         return variation[0] > sum(variation[1:])
+
+    @contextlib.contextmanager
+    def means_only(self) -> Iterator[None]:
+        """Within the block, only the means enter the objective (``active`` 1)."""
+        active, self.active = self.active, 1
+        try:
+            yield
+        finally:
+            self.active = active
 
     def _parts(self, site: str) -> range:
         return range(min(self.active, len(self.pairs[site])))
@@ -627,12 +637,15 @@ def assignment_gain(similarity: np.ndarray, new: torch.Tensor, old: torch.Tensor
 
     Without the margin, float rounding of cached similarities could swap two tied
     permutations back and forth forever."""
-    rows = np.arange(len(new))
     new, old = new.numpy(), old.numpy()
-    gain = float(similarity[rows, new].sum(dtype=np.float64)
-                 - similarity[rows, old].sum(dtype=np.float64))
-    scale = float(np.abs(similarity[rows, old]).sum(dtype=np.float64))
+    gain = chosen_total(similarity, new) - chosen_total(similarity, old)
+    scale = float(np.abs(similarity[np.arange(len(old)), old]).sum(dtype=np.float64))
     return gain if gain > 1e-6 * scale else 0.0
+
+
+def chosen_total(similarity: np.ndarray, perm: np.ndarray) -> float:
+    """``sum_i S[i, perm[i]]`` in float64."""
+    return float(similarity[np.arange(len(perm)), perm].sum(dtype=np.float64))
 
 
 
@@ -785,8 +798,7 @@ def warm_start(problem: Problem, start: Mapping[str, torch.Tensor], rng: np.rand
     if greedy and not problem.factor_part and not problem.means_dominate():
         problem.set_perms(start)
         return greedy_start(problem)
-    problem.active = 1
-    try:
+    with problem.means_only():
         perms = dict(start)
         if greedy:
             problem.set_perms(start)
@@ -794,8 +806,6 @@ def warm_start(problem: Problem, start: Mapping[str, torch.Tensor], rng: np.rand
         if problem.num_parts > 1:
             perms = coordinate_descent(problem, perms, 0.0, WARM_START_SWEEPS, rng, None,
                                        evaluate=False).perms
-    finally:
-        problem.active = problem.num_parts
     return perms
 
 
@@ -817,22 +827,16 @@ def greedy_start(problem: Problem) -> dict[str, torch.Tensor]:
     evaluated: the caller compares what the descent from here reaches with its start.
     """
     settled: set[str] = set()
-    parts = problem.active
-    try:
-        while len(settled) < len(problem.sizes):
-            problem.active = 1
+    while len(settled) < len(problem.sizes):
+        with problem.means_only():
             g = max((h for h in problem.sizes if h not in settled),
                     key=lambda h: problem.information(h, settled))
-            problem.active = parts
-            similarity, step = means_first(problem, g, settled)
-            if step is None:
-                if similarity.any():  # no information yet: keep the current permutation
-                    matrix = reduced(similarity)
-                    problem.set_perms({g: assign_reduced(matrix)})
-                    problem.note_margin(g, similarity, matrix, settled)
-            settled.add(g)
-    finally:
-        problem.active = parts
+        similarity, step = means_first(problem, g, settled)
+        if step is None and similarity.any():  # no information yet: keep the permutation
+            matrix = reduced(similarity)
+            problem.set_perms({g: assign_reduced(matrix)})
+            problem.note_margin(g, similarity, matrix, settled)
+        settled.add(g)
     return dict(problem.perms)
 
 
@@ -847,7 +851,8 @@ def means_first(problem: Problem, g: str, settled: set[str] | None = None
     favour another permutation by at most ``d / 2`` (see :meth:`Problem.certified`), so the
     step on the whole similarity would choose the same permutation. Then ``g`` is set to it and
     the result is ``(means' similarity, gain)``, the gain on the whole similarity computed
-    from the means' part and the change of ``d``. Otherwise ``g`` is left as it was and the
+    from the means' part and the change of ``d`` (0.0 for a partial similarity: the greedy
+    start counts no gains). Otherwise ``g`` is left as it was and the
     result is ``(whole similarity, None)``, the means' part computed once for both.
 
     This is what keeps near-copies cheap: a planted permutation, or checkpoints of one run,
@@ -856,11 +861,8 @@ def means_first(problem: Problem, g: str, settled: set[str] | None = None
     means' similarity.
     """
     parts = problem.active
-    problem.active = 1
-    try:
+    with problem.means_only():
         means = problem.similarity(g, settled)
-    finally:
-        problem.active = parts
     if parts == 1:
         return means, None
     matrix = reduced(means) if problem.linear and means.any() else None
@@ -872,19 +874,16 @@ def means_first(problem: Problem, g: str, settled: set[str] | None = None
                               if settled is None or settled.issuperset(others))
         rest = [(site, part) for site in sites
                 for part in range(1, min(parts, len(problem.pairs[site])))]
-        before = sum(problem.terms(rest), 0.0) if settled is None else 0.0
+        before = sum(problem.terms(rest), 0.0) if settled is None else math.nan
         problem.set_perms({g: new})
         margin = problem.margin(g, means, matrix)
         after = sum(problem.terms(rest), 0.0) if margin > 0 else math.inf
         if after < margin:
-            problem.active = 1  # the margin is the means'
-            try:
+            with problem.means_only():  # the margin is the means'
                 problem.note_margin(g, means, matrix, settled)
-            finally:
-                problem.active = parts
-            rows = np.arange(len(best))
-            gain = float(means[rows, best].sum(dtype=np.float64)
-                         - means[rows, old.numpy()].sum(dtype=np.float64))
+            if settled is not None:  # the greedy start counts no gains
+                return means, 0.0
+            gain = chosen_total(means, best) - chosen_total(means, old.numpy())
             return means, gain + (before - after) / 2
         problem.set_perms({g: old})
     del matrix  # not held while the rest is built: peak memory stays that of one solve
