@@ -303,16 +303,20 @@ class _Adapter:
         raise NotImplementedError
 
 
-class _GuideAdapter(_Adapter):
-    def check_ready(self, guide: autoguide.AutoGuide) -> None:
-        if guide.prototype_trace is None:
-            raise ValueError(
-                f"the {type(guide).__name__} guide has no parameters yet: call it once (e.g. "
-                f"guide() for a BayesianNetwork model) or build it with bnn_align.guides"
-            )
+def _check_ready(guide: autoguide.AutoGuide) -> None:
+    # Pyro creates an autoguide's parameters on its first call, from the model's trace; before
+    # that the packed guides have no ``loc`` attribute at all
+    if guide.prototype_trace is None:
+        raise ValueError(
+            f"the {type(guide).__name__} guide has no parameters yet: Pyro creates them on the "
+            f"guide's first call. Run it once with the model's arguments (guide(x, y); for a "
+            f"bnn_align BayesianNetwork guide() is enough) or train it (bnn_align.fit), or build "
+            f"it with bnn_align.guides, whose guides are set up already"
+        )
 
+
+class _GuideAdapter(_Adapter):
     def sites(self, guide: autoguide.AutoGuide) -> dict[str, torch.Size]:
-        self.check_ready(guide)
         return {name: site["value"].shape
                 for name, site in guide.prototype_trace.iter_stochastic_nodes()}
 
@@ -378,7 +382,6 @@ class _PackedAdapter(_GuideAdapter):
     raw_names: tuple[str, ...] = ()
 
     def layout(self, guide) -> dict[str, tuple[slice, torch.Size]]:
-        self.check_ready(guide)
         out, pos = {}, 0
         for name, shape in guide._unconstrained_shapes.items():
             size = math.prod(shape)
@@ -564,9 +567,11 @@ def adapter_for(obj: Any) -> _Adapter:
     if isinstance(obj, autoguide.AutoGuide):
         for cls, adapter in _GUIDE_ADAPTERS:
             if type(obj) is cls:
+                _check_ready(obj)
                 return adapter
         for cls, adapter in _GUIDE_ADAPTERS:  # user subclasses of a supported guide
             if isinstance(obj, cls) and not isinstance(obj, autoguide.AutoLaplaceApproximation):
+                _check_ready(obj)
                 return adapter
         raise TypeError(f"unsupported guide {type(obj).__name__}; supported: {', '.join(SUPPORTED)}")
     if isinstance(obj, Mapping) or (isinstance(obj, nn.Module) and not isinstance(obj, PyroModule)):

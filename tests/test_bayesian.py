@@ -11,6 +11,7 @@ import torch
 from pyro import poutine
 from pyro.infer import autoguide
 
+import bnn_align as ba
 from bnn_align import (BayesianNetwork, FanInPrior, Gaussian, as_gaussian, fit,
                        guides, models)
 
@@ -227,10 +228,19 @@ def test_view_is_a_copy(small_mlp_model):
     assert not torch.equal(as_gaussian(guide).loc["0.weight"], view.loc["0.weight"])
 
 
-def test_uninitialised_guide_is_reported(small_mlp_model):
-    guide = autoguide.AutoNormal(small_mlp_model)
-    with pytest.raises(ValueError, match="has no parameters yet"):
-        as_gaussian(guide)
+@pytest.mark.parametrize("cls", [autoguide.AutoNormal, autoguide.AutoDelta,
+                                 autoguide.AutoDiagonalNormal,
+                                 autoguide.AutoLowRankMultivariateNormal,
+                                 autoguide.AutoMultivariateNormal])
+def test_uninitialised_guide_is_reported(small_mlp_model, cls):
+    # a guide straight from Pyro has no parameters until its first call; the packed kinds
+    # have no ``loc`` attribute then, which used to surface as a raw AttributeError
+    fresh, trained = cls(small_mlp_model), cls(small_mlp_model)
+    trained()
+    for call in (lambda: as_gaussian(fresh), lambda: ba.match(trained, fresh),
+                 lambda: ba.match(fresh, trained), lambda: ba.interpolate(fresh, trained)):
+        with pytest.raises(ValueError, match=r"has no parameters yet.*guide\(x, y\)"):
+            call()
 
 
 # ------------------------------------------------------------------------------------- fit --

@@ -354,6 +354,18 @@ def test_alignment_save_load_and_apply(tmp_path):
     assert "Alignment(method='wasserstein'" in repr(result)
 
 
+def test_loading_a_file_that_is_not_an_alignment_says_what_was_expected(tmp_path):
+    # torch's own unpickling errors (a text file, a pickled module) used to surface raw
+    text, module = tmp_path / "notes.txt", tmp_path / "model.pt"
+    text.write_text("not a checkpoint")
+    torch.save(torch.nn.Linear(2, 2), module)
+    for path in (text, module):
+        with pytest.raises(ValueError, match=r"not a saved bnn_align Alignment.*Alignment\.save"):
+            Alignment.load(path)
+    with pytest.raises(FileNotFoundError):
+        Alignment.load(tmp_path / "missing.pt")
+
+
 # ------------------------------------------------------------------------------- bad input --
 def test_bad_input_is_rejected_and_nothing_is_modified():
     model = make("mlp")
