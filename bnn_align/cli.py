@@ -28,7 +28,15 @@ __all__ = ["main", "demo"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bnn-align", description=__doc__.split("\n")[0])
+    from . import __version__
+
+    # argparse prints help text as it is: plain words here, not the module's reST markup
+    parser = argparse.ArgumentParser(
+        prog="bnn-align",
+        description="Align Bayesian neural network posteriors over permutation symmetries and "
+                    "measure marginalized loss barriers.",
+        epilog="Run 'bnn-align COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"bnn-align {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(
         "demo", help="train two BNNs, align them and compare their loss barriers",

@@ -56,3 +56,15 @@ def test_bad_arguments_and_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bnn_align", "demo", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--guide {mean-field,low-rank}" in result.stdout
+
+
+def test_help_is_plain_text_and_version_is_reported():
+    import bnn_align
+
+    for argv in (["--help"], ["demo", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "bnn_align", *argv],
+                                capture_output=True, text=True, check=True)
+        assert "``" not in result.stdout and "usage: bnn-align" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "bnn_align", "--version"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"bnn-align {bnn_align.__version__}"
