@@ -26,6 +26,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ._checks import check_int
+
 __all__ = ["DataSplit", "mnist1d", "digits", "load_mnist", "load_cifar10"]
 
 _MAX_SEED = 2**32 - 1  # numpy's legacy seeding (used by mnist1d and scikit-learn) rejects more
@@ -118,9 +120,9 @@ class DataSplit:
             Preprocessing is not recomputed: a subset of a standardized split keeps the
             full training set's statistics.
         """
-        n_train = len(self.y_train) if num_train is None else _check_int(
+        n_train = len(self.y_train) if num_train is None else check_int(
             "num_train", num_train, low=1, high=len(self.y_train))
-        n_test = len(self.y_test) if num_test is None else _check_int(
+        n_test = len(self.y_test) if num_test is None else check_int(
             "num_test", num_test, low=1, high=len(self.y_test))
         return dataclasses.replace(
             self, x_train=self.x_train[:n_train], y_train=self.y_train[:n_train],
@@ -132,18 +134,8 @@ class DataSplit:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]``, else ValueError naming ``name``."""
-    expected = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return int(value)
-
-
 def _check_seed(seed: object) -> int:
-    return _check_int("seed", seed, low=0, high=_MAX_SEED)
+    return check_int("seed", seed, low=0, high=_MAX_SEED)
 
 
 def _standardize(x_train: torch.Tensor, x_test: torch.Tensor, *,
@@ -262,8 +254,8 @@ def mnist1d(*, seed: int = 42, num_train: int = 4000, num_test: int = 1000,
         For an out-of-range argument.
     """
     seed = _check_seed(seed)
-    num_train = _check_int("num_train", num_train, low=1)
-    num_test = _check_int("num_test", num_test, low=1)
+    num_train = check_int("num_train", num_train, low=1)
+    num_test = check_int("num_test", num_test, low=1)
     total = num_train + num_test
     if total % 10:
         raise ValueError("num_train + num_test must be a multiple of 10 (mnist1d generates "

@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from ._checks import positive_int
+from ._checks import check_int, positive_int
 from .bayesian import BayesianNetwork, Categorical, Gaussian, as_data_pair
 from .paths import Mixture, Noise, Path, interpolate
 from .posterior import POINT
@@ -455,9 +455,7 @@ def marginal_loss(
     num_samples, batch_size = int(num_samples), int(batch_size)
     if chunk_size is not None:
         positive_int(chunk_size=chunk_size)
-    if isinstance(num_bootstrap, bool) or not isinstance(num_bootstrap, numbers.Integral) \
-            or num_bootstrap < 2:
-        raise ValueError(f"num_bootstrap must be an integer >= 2, got {num_bootstrap!r}")
+    check_int("num_bootstrap", num_bootstrap, low=2)
     x, y = as_data_pair(data)
     regression = isinstance(model.likelihood, Gaussian)
     if not regression and not isinstance(model.likelihood, Categorical):

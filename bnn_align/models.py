@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ._checks import check_int
+
 __all__ = ["mlp", "cnn1d", "cnn2d", "resnet", "BasicBlock", "ResNet"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -33,11 +35,6 @@ def _activation(name: str) -> nn.Module:
         ) from None
 
 
-def _check_positive(name: str, values: Sequence[int]) -> list[int]:
-    values = list(values)
-    if not all(isinstance(v, int) and v > 0 for v in values):
-        raise ValueError(f"{name} must be positive integers, got {values}")
-    return values
 
 
 def mlp(
@@ -65,8 +62,9 @@ def mlp(
     nn.Sequential
         Linear layers sit at even indices: ``"0.weight"``, ``"2.weight"``, ...
     """
-    sizes = _check_positive("in_features, widths and out_features",
-                            [in_features, *widths, out_features])
+    sizes = [check_int("in_features", in_features),
+             *(check_int(f"widths[{i}]", w) for i, w in enumerate(widths)),
+             check_int("out_features", out_features)]
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
@@ -87,8 +85,8 @@ def _cnn(
 ) -> nn.Sequential:
     conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
     pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d}[dim]
-    channels = _check_positive("channels", channels)
-    hidden = _check_positive("hidden", hidden)
+    channels = [check_int(f"channels[{i}]", c) for i, c in enumerate(channels)]
+    hidden = [check_int(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
     spatial = [input_size] * dim if isinstance(input_size, int) else list(input_size)
     if len(spatial) != dim:
         raise ValueError(f"input_size must have {dim} entries, got {input_size}")
@@ -210,8 +208,7 @@ class ResNet(nn.Module):
             raise ValueError(f"dim must be 1 or 2, got {dim}")
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, ...), got {depth}")
-        if not (isinstance(width, int) and width > 0):
-            raise ValueError(f"width must be a positive integer, got {width}")
+        check_int("width", width)
         blocks = (depth - 2) // 6
         widths = [base_channels * width * m for m in (1, 2, 4)]
         conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
