@@ -24,12 +24,15 @@ parameters.
 
 Run ``python benchmarks/bench_match.py`` (all cases, about 25 minutes on 2 cores; ``--runs 1``
 about 10) or ``--cases mlp512 resnet20x4`` for a subset. Results go to
-``benchmarks/results/match.json``.
+``benchmarks/results/match.json``. ``--contention`` instead times ``match`` with its default
+thread choice, one thread and two, on an idle machine and beside a process busy on one core
+(``benchmarks/results/match_contention.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -251,6 +254,53 @@ def run_isolated(case, setting, runs):
     return row
 
 
+CONTENTION = Path(__file__).parent / "results" / "match_contention.json"
+
+
+class BusyNeighbour:
+    """Another process keeping one core busy for as long as the block runs (a pure-Python loop:
+    what a second training or a notebook does to a shared machine)."""
+
+    def __enter__(self):
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)  # let the scheduler see it
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+
+
+def run_contention(cases, repeats):
+    """``match`` on independent pairs with the default thread choice, one thread and two, on an
+    idle machine and beside a busy process, in one process (interleaved rounds)."""
+    from bnn_align.matching import _solver_threads
+    from bnn_align.posterior import as_gaussian as view_of
+
+    rows = []
+    for case in cases:
+        model, guide_a, guide_b, _ = make_guides(case, "independent")
+        spec = model.spec
+        view = view_of(guide_a, copy=False)
+        sizes = spec.group_sizes({k: tuple(v.shape) for k, v in view.loc.items()})
+        row = {"case": case, "default_threads": _solver_threads(None, view, spec, sizes),
+               "torch_threads": torch.get_num_threads()}
+        contenders = {"default": lambda: match(guide_a, guide_b, spec=spec),
+                      "1 thread": lambda: match(guide_a, guide_b, spec=spec, num_threads=1),
+                      "2 threads": lambda: match(guide_a, guide_b, spec=spec, num_threads=2)}
+        for load in ("idle", "busy"):
+            with (BusyNeighbour() if load == "busy" else contextlib.nullcontext()):
+                results, best = timed_rounds(list(contenders.values()), repeats)
+            costs = {r.cost_after for r in results}
+            row[load] = dict(zip(contenders, best))
+            row[f"{load}_costs_equal"] = len(costs) == 1
+        rows.append(row)
+        print(f"{case:<12} default={row['default_threads']} thread(s)  " + "  ".join(
+            f"{load}: " + " ".join(f"{k} {v:.3f}s" for k, v in row[load].items())
+            for load in ("idle", "busy")), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -259,11 +309,22 @@ def main():
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--runs", type=int, default=3,
                         help="fresh processes per case; the run with the median ratio is kept")
+    parser.add_argument("--contention", action="store_true",
+                        help="only the contention case: default, one and two threads, idle "
+                             "and beside a busy process (independent pairs)")
     parser.add_argument("--one", nargs=4, metavar=("CASE", "SETTING", "MODE", "JSON"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
+    if args.contention:
+        cases = [c for c in args.cases if c != "mlp2048"] if args.cases == list(CASES) \
+            else args.cases
+        rows = run_contention(cases, repeats=5)
+        write_record(CONTENTION, "match beside a busy process: default threads vs 1 vs 2",
+                     rows, columns={"idle": "best of 5 interleaved rounds, seconds",
+                                    "busy": "the same with a pure-Python loop busy on one core"})
+        return
     if args.one:
         case, setting, mode, path = args.one
         result = run_case(case, setting) if mode == "time" else measure_memory(case, setting)

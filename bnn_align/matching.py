@@ -38,7 +38,7 @@ import torch
 from pyro.infer import autoguide
 from tqdm.auto import tqdm
 
-from ._checks import positive_int
+from ._checks import check_int, positive_int
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
 from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
@@ -53,22 +53,38 @@ METHODS = ("wasserstein", "mean", "activation")
 
 
 @contextlib.contextmanager
-def _torch_on_one_thread() -> Iterator[None]:
-    """Run torch's operations on the calling thread only, for the work that follows the
-    descent's matrix products.
-
-    OpenBLAS's worker threads keep spinning for a while after a product (about 0.1 s by
-    default); a torch operation split over two threads then waits for the half that shares a
-    core with a spinning worker. Building the aligned ResNet-20 x4 guide right after the
-    descent took 33 ms with torch's two threads and 16 ms with one (15 ms with two on an idle
-    machine). The setting is process-wide, so it is restored at once.
-    """
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run torch's operations (and the solver's own thread pool, which follows torch's count)
+    on ``count`` threads; the setting is process-wide, so it is restored at once."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# A match whose largest similarity product stays below this many multiply-adds runs on one
+# thread: there every step is a few small operations, each split between threads that must
+# meet at its end, so threads save little on an idle machine and cost several times over when
+# another process holds a core (a thread descheduled at a barrier stalls the step). Products
+# above it are long enough to amortise the meeting. Measurements: benchmarks/NOTES.md.
+_THREADED_PRODUCT = 2 ** 30
+
+
+def _solver_threads(num_threads: int | None, view: GaussianView, spec: PermutationSpec,
+                    sizes: Mapping[str, int]) -> int:
+    """The thread count for the descent: ``num_threads``, or chosen from the problem's size."""
+    if num_threads is not None:
+        return check_int("num_threads", num_threads)
+    largest = 0
+    for site, loc in view.loc.items():
+        for entry in spec.axes_to_perm.get(site, ()):
+            groups = entry if isinstance(entry, tuple) else (entry,)
+            for group in groups:
+                if group is not None:  # a group's similarity: n units x all of the tensor
+                    largest = max(largest, sizes[group] * loc.numel())
+    return 1 if largest < _THREADED_PRODUCT else torch.get_num_threads()
 
 
 # ------------------------------------------------------------------------------ the result --
@@ -489,6 +505,7 @@ def match(
     num_restarts: int = 1,
     num_samples: int = 16,
     batch_size: int = 512,
+    num_threads: int | None = None,
     progress: bool = False,
 ) -> Alignment:
     """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
@@ -534,6 +551,12 @@ def match(
         permutations. The lowest final objective wins.
     num_samples, batch_size : int
         Weight draws and batch size for ``"activation"``.
+    num_threads : int, optional
+        Threads for the solver's torch operations (restored afterwards). By default one
+        thread where the largest similarity product is below about 10^9 multiply-adds (a
+        ResNet-20 x4 or an MLP of width 512), where threads save little and a process
+        busy on another core slows a multi-threaded match several times, and torch's own
+        count (``torch.get_num_threads()``) above. Pass 1 on a shared machine.
     progress : bool
         Show a tqdm progress bar over sweeps.
 
@@ -560,46 +583,48 @@ def match(
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
-    rng = np.random.default_rng(seed)
+    with _torch_threads(_solver_threads(num_threads, va, spec, sizes)):
+        rng = np.random.default_rng(seed)
 
-    if method == "activation":
-        start = _activation_perms(guide_a, guide_b, va, vb, spec, sizes, data, num_samples,
-                                  seed, batch_size)
-        objective = "wasserstein"
-        max_iter, num_restarts = 0, 1
-    else:
-        objective = method
-
-    bar = tqdm(total=max_iter * num_restarts, desc=f"match ({method})", disable=not progress,
-               leave=False)
-    best = None
-    restart_costs = []
-    cost_before = None
-    gen = torch.Generator().manual_seed(seed)
-    for restart in range(num_restarts):
-        problem, constant = _problem(va, vb, objective, spec, sizes)
-        if cost_before is None:  # at the identity, with the best rotation of the factors
-            cost_before = _finite_cost(cost_at(problem, identity_perms(sizes), constant),
-                                       va, vb)
-        init_perms = start if restart == 0 else random_perms(sizes, gen)
-        if max_iter == 0:
-            cost = cost_at(problem, init_perms, constant)
-            result = Descent(dict(problem.perms), [cost], 0, True, problem.rotation_tensor(),
-                             cost)
+        if method == "activation":
+            start = _activation_perms(guide_a, guide_b, va, vb, spec, sizes, data, num_samples,
+                                      seed, batch_size)
+            objective = "wasserstein"
+            max_iter, num_restarts = 0, 1
         else:
-            result = descend(problem, constant, init_perms, max_iter, rng, bar,
-                             greedy=restart == 0 and init is None)
-        restart_costs.append(result.history[-1])
-        if best is None or result.history[-1] < best.history[-1]:
-            best = result
+            objective = method
+
+        bar = tqdm(total=max_iter * num_restarts, desc=f"match ({method})", disable=not progress,
+                   leave=False)
+        best = None
+        restart_costs = []
+        cost_before = None
+        gen = torch.Generator().manual_seed(seed)
+        for restart in range(num_restarts):
+            problem, constant = _problem(va, vb, objective, spec, sizes)
+            if cost_before is None:  # at the identity, with the best rotation of the factors
+                cost_before = _finite_cost(cost_at(problem, identity_perms(sizes), constant),
+                                           va, vb)
+            init_perms = start if restart == 0 else random_perms(sizes, gen)
+            if max_iter == 0:
+                cost = cost_at(problem, init_perms, constant)
+                result = Descent(dict(problem.perms), [cost], 0, True, problem.rotation_tensor(),
+                                 cost)
+            else:
+                result = descend(problem, constant, init_perms, max_iter, rng, bar,
+                                 greedy=restart == 0 and init is None)
+            restart_costs.append(result.history[-1])
+            if best is None or result.history[-1] < best.history[-1]:
+                best = result
     bar.close()
     perms, history, iterations, converged, rotation, _ = best
     # the working copies' memory (the scales computed from their parameters) becomes the
-    # aligned guide's instead of new memory faulted in page by page (ResNet-20 x4 and x16
-    # independent: the whole match 0.98x as long)
+    # aligned guide's instead of new memory faulted in page by page
     spare = Spare(_working_copies((va, vb), (guide_a, guide_b)))
     del va, vb, problem
-    with _torch_on_one_thread():
+    # OpenBLAS's workers (scipy's) keep spinning a while after a product, and a torch operation
+    # split over two threads then waits for the half that shares their core
+    with _torch_threads(1):
         aligned = permute_into(guide_b, perms, spec, spare)
         adapter = adapter_for(aligned)
         if rotation is not None and hasattr(adapter, "rotate_"):

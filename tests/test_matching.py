@@ -203,6 +203,41 @@ def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(mon
         torch.set_num_threads(threads)
 
 
+def test_solver_threads_one_for_small_problems_the_given_count_else(monkeypatch):
+    """Small problems run on one thread (a busy neighbour process slows a two-thread match
+    several times); large ones on torch's count; ``num_threads`` overrides both. The
+    process-wide setting is restored every time."""
+    import bnn_align.matching as matching
+
+    model = make("mlp")
+    a = make_guide("mean_field", model, seed=1, spread=0.3)
+    b = make_guide("mean_field", make("mlp"), seed=2, spread=0.3)
+    seen = []
+    descend = matching.descend
+
+    def recording_descend(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return descend(*args, **kwargs)
+
+    monkeypatch.setattr(matching, "descend", recording_descend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference = match(a, b, spec=model.spec)
+        explicit = match(a, b, spec=model.spec, num_threads=2)
+        monkeypatch.setattr(matching, "_THREADED_PRODUCT", 1)  # every problem is "large"
+        large = match(a, b, spec=model.spec)
+        assert seen == [1, 2, 2] and torch.get_num_threads() == 2
+        for other in (explicit, large):
+            assert other.cost_after == pytest.approx(reference.cost_after, rel=1e-6)
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match="num_threads must be a positive integer"):
+                match(a, b, spec=model.spec, num_threads=bad)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("kind", ["mean_field", "diagonal", "delta"])
 def test_aligned_guide_owns_its_memory_and_the_inputs_stay_as_they_were(kind):
     """The aligned guide's parameters are written into the solver's working copies where those
