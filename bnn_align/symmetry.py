@@ -74,13 +74,27 @@ class _Units:
 _FIXED_UNITS = _Units(None, (_FIXED,))
 
 
-class UnsupportedOperation(ValueError):
-    """Raised when a module contains an operation whose permutation behaviour is not known."""
+_REMEDY = ("Pass unknown='fix' to leave the units around it unpermuted, or write a "
+           "PermutationSpec by hand.")
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        # torch.fx's interpreter appends its own notes to exceptions; keep the original text
-        self.message = message
+
+class UnsupportedOperation(ValueError):
+    """Raised when a module contains an operation whose permutation behaviour is not known.
+
+    ``problem`` names the operation and why it is refused; ``remedy`` is what the caller can do
+    about it, which depends on the function the user called (``match`` re-raises with its own).
+    """
+
+    def __init__(self, problem: str, remedy: str = _REMEDY):
+        super().__init__(f"{problem}. {remedy}")
+        # torch.fx's interpreter appends its own notes to the message; keep the problem apart
+        self.problem = problem
+
+
+def check_unknown(unknown: Any) -> None:
+    """Raise ``ValueError`` unless ``unknown`` is one of :func:`spec_from_module`'s policies."""
+    if unknown not in ("error", "fix"):
+        raise ValueError(f"unknown must be 'error' or 'fix', got {unknown!r}")
 
 
 _ELEMENTWISE = {
@@ -184,9 +198,7 @@ class _Deriver(torch.fx.Interpreter):
         if self.unknown == "error":
             raise UnsupportedOperation(
                 f"spec_from_module cannot prove that permutations commute with {self.where()}: "
-                f"{why}. Pass unknown='fix' to leave the units around it unpermuted, or write a "
-                f"PermutationSpec by hand."
-            )
+                f"{why}")
         for u in inputs:
             self.fix(u)
         return _FIXED_UNITS
@@ -639,8 +651,7 @@ def spec_from_module(
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"spec_from_module needs an nn.Module, got {type(net).__name__}")
-    if unknown not in ("error", "fix"):
-        raise ValueError(f"unknown must be 'error' or 'fix', got {unknown!r}")
+    check_unknown(unknown)
     inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a sequence of tensors")
@@ -665,7 +676,7 @@ def spec_from_module(
         try:
             deriver.run(*inputs)
         except UnsupportedOperation as err:
-            raise UnsupportedOperation(err.message) from None
+            raise UnsupportedOperation(err.problem) from None
         except Exception as err:
             raise ValueError(
                 f"running {type(net).__name__} on the example input failed at "
