@@ -253,7 +253,7 @@ class BayesianNetwork(nn.Module):
             raise ValueError(f"parameter names {sorted(clash)} clash with the likelihood's sites")
         self._weight_sites = tuple(names)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self._spec: PermutationSpec | None = None
+        self._specs: dict[str, PermutationSpec] = {}  # by spec_from_module's ``unknown``
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -277,11 +277,18 @@ class BayesianNetwork(nn.Module):
     @property
     def spec(self) -> PermutationSpec:
         """The permutation spec of the network, derived once with :func:`spec_from_module`."""
-        if self._spec is None:
+        return self._derived_spec("error")
+
+    def _derived_spec(self, unknown: str) -> PermutationSpec:
+        """The spec derived with ``spec_from_module(..., unknown=unknown)``, once per policy."""
+        if unknown == "fix" and "error" in self._specs:
+            return self._specs["error"]  # nothing was refused, so nothing would be fixed
+        if unknown not in self._specs:
             from .symmetry import spec_from_module
 
-            self._spec = spec_from_module(self.net, self.example_input())
-        return self._spec
+            self._specs[unknown] = spec_from_module(self.net, self.example_input(),
+                                                    unknown=unknown)
+        return self._specs[unknown]
 
     def with_net(self, net: nn.Module) -> "BayesianNetwork":
         """The same model (prior, likelihood, input shape, spec) around another network of the

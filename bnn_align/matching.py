@@ -46,6 +46,7 @@ from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
 from .posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
 from .spec import PermutationSpec
+from .symmetry import UnsupportedOperation, check_unknown
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
@@ -191,7 +192,7 @@ class Alignment:
 
 # ------------------------------------------------------------------------------ inputs --
 def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
-                  data: Any) -> PermutationSpec:
+                  data: Any, unknown: str = "error", caller: str = "match") -> PermutationSpec:
     if spec is not None:
         if not isinstance(spec, PermutationSpec):
             raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
@@ -200,7 +201,15 @@ def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
     for label, guide in (("guide_a", guide_a), ("guide_b", guide_b)):
         model = _bayesian_model(guide, data)
         if model is not None and model.input_shape is not None:
-            specs.append((label, model.spec))
+            try:
+                specs.append((label, model._derived_spec(unknown)))
+            except UnsupportedOperation as err:
+                # the derivation's own advice names spec_from_module's argument, not ours
+                raise UnsupportedOperation(
+                    err.problem,
+                    f"Pass unknown='fix' to {caller}() to leave the units around it unpermuted, "
+                    f"or spec=spec_from_module(net, example_input, unknown='fix') or a "
+                    f"hand-written PermutationSpec.") from None
     if len(specs) == 2 and specs[0][1] != specs[1][1]:
         # same names and shapes, different wiring (e.g. a residual connection on one side):
         # no permutation makes the two comparable
@@ -403,7 +412,7 @@ _LABELS = ("guide_a", "guide_b")
 
 
 def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any,
-             objective: str | None = None
+             objective: str | None = None, unknown: str = "error", caller: str = "match"
              ) -> tuple[GaussianView, GaussianView, PermutationSpec, dict[str, int]]:
     """Checked read-only views (sharing memory with the posteriors), the spec, group sizes.
 
@@ -411,12 +420,14 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
     :func:`_finite_cost`), the values that enter it are not checked for NaN here: a sum of
     squared differences is finite only if every value is, and that pass was already made.
     Covariance factors are always checked (the rotation step factorises them first), and for
-    ``"mean"`` the scales too (not in its objective).
+    ``"mean"`` the scales too (not in its objective). ``unknown`` is checked and passed to the
+    spec's derivation, and ``caller`` (the public function) named in its error's advice.
     """
+    check_unknown(unknown)
     finite = {"wasserstein": ("covariance factor",),
               "mean": ("scale", "covariance factor")}.get(objective, FINITE_PARTS)
     va, vb = paired_views(guide_a, guide_b, _LABELS, copy=False, finite=finite)
-    spec = _resolve_spec(guide_a, guide_b, spec, data)
+    spec = _resolve_spec(guide_a, guide_b, spec, data, unknown, caller)
     return va, vb, spec, _spec_sizes(spec, va, guide_a)
 
 
@@ -447,7 +458,7 @@ def _finite_cost(cost: float, va: GaussianView, vb: GaussianView) -> float:
 
 def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None = None, *,
                    spec: PermutationSpec | None = None, method: str = "wasserstein",
-                   data: Any = None) -> float:
+                   data: Any = None, unknown: str = "error") -> float:
     """The objective :func:`match` minimises, at given permutations of ``guide_b``.
 
     Parameters
@@ -464,6 +475,8 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
         ``||mu_a - P mu_b||^2``.
     data : optional
         Inputs to trace plain modules on, as in :func:`match`.
+    unknown : {"error", "fix"}
+        As in :func:`match`.
 
     Returns
     -------
@@ -473,7 +486,8 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     ------
     ValueError
         As :func:`match`: different architectures, NaN or infinite parameters (naming the
-        site), a squared distance that overflows, a spec that does not fit.
+        site), a squared distance that overflows, a spec that does not fit or cannot be
+        derived, an invalid ``unknown``.
 
     Examples
     --------
@@ -485,7 +499,8 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     """
     if method not in ("wasserstein", "mean"):
         raise ValueError(f"method must be 'wasserstein' or 'mean', got {method!r}")
-    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method)
+    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown,
+                                   "alignment_cost")
     perms = check_perms(perms, sizes) if perms is not None else identity_perms(sizes)
     problem, constant = _problem(va, vb, method, spec, sizes)
     return _finite_cost(cost_at(problem, perms, constant), va, vb)
@@ -507,6 +522,7 @@ def match(
     batch_size: int = 512,
     num_threads: int | None = None,
     progress: bool = False,
+    unknown: str = "error",
 ) -> Alignment:
     """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
 
@@ -559,6 +575,11 @@ def match(
         count (``torch.get_num_threads()``) above. Pass 1 on a shared machine.
     progress : bool
         Show a tqdm progress bar over sweeps.
+    unknown : {"error", "fix"}
+        Passed to :func:`spec_from_module` when the spec is derived from the guides' network
+        (unused with ``spec=``): ``"error"`` refuses a network with an operation not known to
+        commute with permutations (recurrent layers, attention, ...), ``"fix"`` leaves the units
+        around it unpermuted.
 
     Returns
     -------
@@ -570,7 +591,8 @@ def match(
         Different architectures (naming the first site that differs, or, for networks with
         the same parameters, different permutation symmetries), NaN or infinite parameters
         (naming the site) or parameters whose squared distance overflows, a spec that does not
-        fit, an unknown method, ``"activation"`` without data.
+        fit or cannot be derived, an unknown method or ``unknown``, ``"activation"`` without
+        data.
     TypeError
         Unsupported posterior kinds.
     """
@@ -581,7 +603,7 @@ def match(
                  batch_size=batch_size)
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
-    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method)
+    va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown, "match")
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
     with _torch_threads(_solver_threads(num_threads, va, spec, sizes)):
         rng = np.random.default_rng(seed)

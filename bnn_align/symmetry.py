@@ -4,11 +4,12 @@ The module is traced with ``torch.fx`` and run once on an example input. Every a
 carries at most one *unit axis* (features of a linear layer, channels of a convolution), labelled
 by union-find variables. Each operation either creates a fresh variable (the output units of a
 linear or convolutional layer, which may be reordered freely), passes its input's units through
-(elementwise functions, pooling, normalisation that provably commutes with permutations), or
-unites variables that must share one permutation (the branches of a residual sum). The network's
-inputs and outputs are tied to a fixed variable that is never permuted. What is not provably safe
-is refused, with the module and operation named, or, if asked, tied to the fixed variable, which
-leaves it unpermuted. The result can therefore never change the function.
+(elementwise functions, pooling and padding of positions, normalisation that provably commutes
+with permutations), or unites variables that must share one permutation (the branches of a
+residual sum). The network's inputs and outputs are tied to a fixed variable that is never
+permuted. What is not provably safe is refused, with the module and operation named, or, if
+asked, tied to the fixed variable, which leaves it unpermuted. The result can therefore never
+change the function.
 """
 
 from __future__ import annotations
@@ -73,13 +74,27 @@ class _Units:
 _FIXED_UNITS = _Units(None, (_FIXED,))
 
 
-class UnsupportedOperation(ValueError):
-    """Raised when a module contains an operation whose permutation behaviour is not known."""
+_REMEDY = ("Pass unknown='fix' to leave the units around it unpermuted, or write a "
+           "PermutationSpec by hand.")
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        # torch.fx's interpreter appends its own notes to exceptions; keep the original text
-        self.message = message
+
+class UnsupportedOperation(ValueError):
+    """Raised when a module contains an operation whose permutation behaviour is not known.
+
+    ``problem`` names the operation and why it is refused; ``remedy`` is what the caller can do
+    about it, which depends on the function the user called (``match`` re-raises with its own).
+    """
+
+    def __init__(self, problem: str, remedy: str = _REMEDY):
+        super().__init__(f"{problem}. {remedy}")
+        # torch.fx's interpreter appends its own notes to the message; keep the problem apart
+        self.problem = problem
+
+
+def check_unknown(unknown: Any) -> None:
+    """Raise ``ValueError`` unless ``unknown`` is one of :func:`spec_from_module`'s policies."""
+    if unknown not in ("error", "fix"):
+        raise ValueError(f"unknown must be 'error' or 'fix', got {unknown!r}")
 
 
 _ELEMENTWISE = {
@@ -116,6 +131,15 @@ _POOL_MODULES = {
     nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
     nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
 }
+# Padding only adds or removes positions of each channel on its own; every mode (also a nonzero
+# constant, the same for every channel) commutes with permutations of any axis it leaves alone.
+_PAD_MODULES = (
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+)  # nn.ZeroPad*d are ConstantPad*d
+# Gate blocks packed along the hidden axis of a recurrent layer's weights
+_GATES = {nn.LSTM: 4, nn.LSTMCell: 4, nn.GRU: 3, nn.GRUCell: 3}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNEL_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -174,9 +198,7 @@ class _Deriver(torch.fx.Interpreter):
         if self.unknown == "error":
             raise UnsupportedOperation(
                 f"spec_from_module cannot prove that permutations commute with {self.where()}: "
-                f"{why}. Pass unknown='fix' to leave the units around it unpermuted, or write a "
-                f"PermutationSpec by hand."
-            )
+                f"{why}")
         for u in inputs:
             self.fix(u)
         return _FIXED_UNITS
@@ -281,6 +303,8 @@ class _Deriver(torch.fx.Interpreter):
             return self.reduce(base, in_units, first, args, kwargs)
         if base in ("cat", "concat", "concatenate", "stack"):
             return self.concatenate(base, n, args, kwargs, out)
+        if base in ("pad", "constant_pad_nd") and in_units is not None and first is not None:
+            return self.pad(in_units, first, kwargs.get("pad", args[1] if len(args) > 1 else None))
         return self.refuse("this operation is not known to commute with permutations", units)
 
     # -- functional rules ---------------------------------------------------------------------------
@@ -353,6 +377,26 @@ class _Deriver(torch.fx.Interpreter):
                                f"include the units' axis {units.axis}", [units])
         return units
 
+    def pad(self, units: _Units, x: torch.Tensor, pads: Any) -> _Units:
+        """Padding (or cropping, with negative widths) of positions: fine when neither the units'
+        axis nor the batch axis is padded."""
+        if units.axis is None:
+            return units
+        if (not isinstance(pads, (tuple, list)) or len(pads) % 2 or len(pads) > 2 * x.dim()
+                or not all(isinstance(p, int) for p in pads)):
+            return self.refuse(f"its padding {pads!r} is not a sequence of (before, after) "
+                               f"integer pairs", [units])
+        # the pairs run from the last axis backwards: (last_before, last_after, previous, ...)
+        padded = {x.dim() - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+        if units.axis in padded:
+            return self.refuse(f"it pads axis {units.axis} of a {x.dim()}-d input, which holds "
+                               f"the units (the padding {tuple(pads)} lists the last axis first)",
+                               [units])
+        if 0 in padded:
+            return self.refuse(f"it pads axis 0 of a {x.dim()}-d input, the batch axis (the "
+                               f"padding {tuple(pads)} lists the last axis first)", [units])
+        return units
+
     def reduce(self, name: str, units: _Units, x: torch.Tensor, args: tuple,
                kwargs: dict) -> _Units:
         if units.axis is None:
@@ -417,6 +461,14 @@ class _Deriver(torch.fx.Interpreter):
         if isinstance(m, nn.MultiheadAttention):
             return self.refuse("attention heads mix units across the head split",
                                self.tensor_units((node.args, node.kwargs)))
+        if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            gates = next((k for cls, k in _GATES.items() if isinstance(m, cls)), 1)
+            packed = f"the {gates} gate blocks packed in each weight and " if gates > 1 else ""
+            return self.refuse(
+                f"recurrent layers are not supported: their hidden units are permutable in "
+                f"principle, but a spec must then tie {packed}both axes of the recurrent matrix "
+                f"weight_hh, which this version does not derive",
+                self.tensor_units((node.args, node.kwargs)))
         if not isinstance(out, torch.Tensor):
             return self.refuse("it does not return a single tensor",
                                self.tensor_units((node.args, node.kwargs)))
@@ -436,6 +488,8 @@ class _Deriver(torch.fx.Interpreter):
             return self.pool(units, x, pooled)
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return self.reshape(units, tuple(x.shape), tuple(out.shape))
+        if isinstance(m, _PAD_MODULES):
+            return self.pad(units, x, m.padding)
         if isinstance(m, nn.Linear):
             if units.axis is not None and units.axis != x.dim() - 1:
                 return self.refuse("its input units are not on the last axis", [units])
@@ -577,10 +631,10 @@ def spec_from_module(
         One input batch (or the positional inputs), e.g. ``torch.randn(2, 40)``; only its shape
         matters.
     unknown : {"error", "fix"}
-        What to do with an operation whose permutation behaviour is not known (attention, custom
-        ops, indexing): ``"error"`` raises :class:`ValueError` naming the module and operation;
-        ``"fix"`` ties the units around it to the unpermuted inputs, so the spec permutes less but
-        still never changes the function.
+        What to do with an operation whose permutation behaviour is not known (attention,
+        recurrent layers, custom ops, indexing, padding of the units' axis): ``"error"`` raises
+        :class:`ValueError` naming the module and operation; ``"fix"`` ties the units around it
+        to the unpermuted inputs, so the spec permutes less but still never changes the function.
 
     Returns
     -------
@@ -597,8 +651,7 @@ def spec_from_module(
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"spec_from_module needs an nn.Module, got {type(net).__name__}")
-    if unknown not in ("error", "fix"):
-        raise ValueError(f"unknown must be 'error' or 'fix', got {unknown!r}")
+    check_unknown(unknown)
     inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a sequence of tensors")
@@ -623,7 +676,7 @@ def spec_from_module(
         try:
             deriver.run(*inputs)
         except UnsupportedOperation as err:
-            raise UnsupportedOperation(err.message) from None
+            raise UnsupportedOperation(err.problem) from None
         except Exception as err:
             raise ValueError(
                 f"running {type(net).__name__} on the example input failed at "

@@ -21,6 +21,27 @@ def _isolated_pyro():
     pyro.clear_param_store()
 
 
+class Recurrent(torch.nn.Module):
+    """``Linear -> recurrent layer -> Linear -> ReLU -> Linear -> ReLU -> Linear`` on sequences
+    ``(batch, time, 4)`` (the last step's output goes on), or on vectors ``(batch, 4)`` for a
+    cell such as ``nn.GRUCell``."""
+
+    def __init__(self, layer: type = torch.nn.LSTM):
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 6)
+        cell = issubclass(layer, torch.nn.RNNCellBase)
+        self.rnn = layer(6, 5) if cell else layer(6, 5, batch_first=True)
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3), torch.nn.ReLU(),
+            torch.nn.Linear(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.rnn(torch.relu(self.inp(x)))
+        if not isinstance(self.rnn, torch.nn.RNNCellBase):
+            h = h[0][:, -1]  # (output, state) -> the output at the last step
+        return self.head(h)
+
+
 def make_guide(kind: str, model: BayesianNetwork, *, spread: float = 0.05, seed: int = 0):
     """A guide of the given kind whose scales and factors are random (not the init values),
     so tests can tell a moved parameter from an unmoved one."""

@@ -10,11 +10,11 @@ import scipy.linalg
 import torch
 
 from bnn_align import (Alignment, BayesianNetwork, Gaussian, PermutationSpec, alignment_cost,
-                       as_gaussian, guides, match, models, permute)
+                       as_gaussian, guides, match, models, permute, spec_from_module)
 from bnn_align.posterior import model_of
 from bnn_align.permute import identity_perms, invert, random_perms
 
-from conftest import group_sizes, make_guide, permuted_noise
+from conftest import Recurrent, group_sizes, make_guide, permuted_noise
 
 
 def orthogonal(r: int, seed: int) -> torch.Tensor:
@@ -454,6 +454,29 @@ def test_bad_input_is_rejected_and_nothing_is_modified():
         match(a, huge)
     assert all(torch.equal(x, y.detach()) for x, y in zip(snapshot, a.parameters()))
     assert torch.isnan(broken.locs.__getattr__("2").weight_unconstrained).sum() == 0
+
+
+def test_unknown_reaches_the_derived_spec_and_the_advice_names_the_callers_argument():
+    model = BayesianNetwork(Recurrent(), input_shape=(5, 4))
+    a, b = make_guide("mean_field", model, spread=0.3), make_guide("mean_field", model, seed=1)
+    for name, call in (("match", match), ("alignment_cost", alignment_cost)):
+        with pytest.raises(ValueError, match=rf"'rnn' \(LSTM\): recurrent layers .* Pass "
+                                             rf"unknown='fix' to {name}\(\)") as info:
+            call(a, b)
+        assert "spec=spec_from_module(net, example_input, unknown='fix')" in str(info.value)
+        with pytest.raises(ValueError, match="unknown must be 'error' or 'fix', got 'skip'"):
+            call(a, b, unknown="skip")
+    result = match(a, b, unknown="fix")
+    fixed = spec_from_module(model.net, model.example_input(), unknown="fix")
+    assert result.spec == fixed and len(result.perms) == 2  # the head after the LSTM
+    assert result.cost_after < result.cost_before
+    assert alignment_cost(a, b, result.perms, unknown="fix") == pytest.approx(result.cost_after,
+                                                                              rel=1e-5)
+    # the spec derived with "fix" is cached apart: the default still refuses
+    with pytest.raises(ValueError, match="recurrent layers"):
+        model.spec
+    with pytest.raises(ValueError, match="recurrent layers"):
+        match(a, b)
 
 
 @pytest.mark.parametrize("method", ["wasserstein", "mean"])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnn_align import PermutationSpec, models, permute, spec_from_module
 from bnn_align.permute import random_perms
+
+from conftest import Recurrent
 
 
 def state_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -393,6 +396,118 @@ def test_fix_keeps_the_safe_groups():
     spec = spec_from_module(Mixed(), torch.randn(2, 4), unknown="fix")
     assert spec["a.weight"][0] is not None  # before the slice: still permutable
     assert spec["b.weight"][0] is None      # sliced: left alone
+
+
+@pytest.mark.parametrize("layer, gates", [
+    (nn.LSTM, "4 gate blocks"), (nn.GRU, "3 gate blocks"), (nn.RNN, None),
+    (nn.GRUCell, "3 gate blocks")])
+def test_recurrent_layers_are_refused_as_such_and_fixed_on_request(layer, gates):
+    net = Recurrent(layer)
+    x = torch.randn(3, 5, 4) if layer is not nn.GRUCell else torch.randn(3, 4)
+    with pytest.raises(ValueError) as info:
+        spec_from_module(net, x)
+    message = str(info.value)
+    assert f"module 'rnn' ({layer.__name__})" in message
+    assert "recurrent layers are not supported" in message
+    assert "both axes of the recurrent matrix weight_hh" in message
+    assert (gates in message) if gates else ("gate" not in message)
+    assert "unknown='fix'" in message
+    spec = spec_from_module(net, x, unknown="fix")
+    # the units on both sides of the recurrent layer stay put; the head after it keeps its own
+    assert spec["inp.weight"][0] is None
+    assert all(e is None for name, row in spec.axes_to_perm.items() if name.startswith("rnn.")
+               for e in row)
+    assert len(spec.groups) == 2
+    for seed in range(3):
+        assert_invariant(net, x, spec, seed=seed)
+
+
+class SamePadConv(nn.Module):
+    """A stride-2 3x3 convolution with TensorFlow's "SAME" padding of an even input: one row and
+    one column after the positions, none before (``F.pad``, or an ``nn.ZeroPad2d`` module)."""
+
+    def __init__(self, in_channels: int, out_channels: int, functional: bool):
+        super().__init__()
+        self.pad = None if functional else nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, bias=False)
+
+    def forward(self, x):
+        x = F.pad(x, (0, 1, 0, 1)) if self.pad is None else self.pad(x)
+        return self.conv(x)
+
+
+def test_resnet_with_same_padding_keeps_every_group():
+    net = models.resnet(20, width=1, norm="batch")
+    for stage, functional in (("layer2", True), ("layer3", False)):
+        block = getattr(net, stage)[0]
+        block.conv1 = SamePadConv(block.conv1.in_channels, block.conv1.out_channels, functional)
+    x = torch.randn(2, 3, 16, 16)
+    spec = assert_derived_spec_is_invariant(net, tuple(x.shape))
+    unpadded = spec_from_module(models.resnet(20, width=1, norm="batch"), x)
+    assert len(spec.groups) == len(unpadded.groups) == 12
+    # the padded streams go on into the padded convolutions
+    assert spec["layer2.0.conv1.conv.weight"][1] == spec["layer1.2.conv2.weight"][0]
+    assert spec["layer3.0.conv1.conv.weight"][1] == spec["layer2.2.conv2.weight"][0]
+
+
+class PaddedPositions(nn.Module):
+    """Every padding mode over positions: nonzero constants, reflection, replication, circular,
+    cropping by negative widths, and a pad tuple that names the channel axis with zero widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 5, 3)
+        self.constant = nn.ConstantPad1d((2, 1), 0.5)
+        self.reflect = nn.ReflectionPad1d(1)
+        self.replicate = nn.ReplicationPad1d((0, 2))
+        self.c2 = nn.Conv1d(5, 6, 3)
+        self.circular = nn.CircularPad1d(1)
+        self.c3 = nn.Conv2d(6, 4, 3)
+        self.reflect2d = nn.ReflectionPad2d((1, 0, 2, 1))
+        self.fc = nn.Linear(4 * 4 * 14, 3)
+
+    def forward(self, x):                                            # (N, 2, 9)
+        h = self.constant(torch.relu(self.c1(x)))                    # (N, 5, 10)
+        h = F.pad(h, (1, 1, 0, 0), value=-1.0)                       # (N, 5, 12)
+        h = self.reflect(self.replicate(F.pad(h, (1, 2), mode="reflect")))   # (N, 5, 19)
+        h = self.circular(torch.tanh(self.c2(h)))                    # (N, 6, 19)
+        h = F.pad(h, (-2, -1)).unsqueeze(2)                          # (N, 6, 1, 16)
+        h = F.pad(h, (0, 0, 2, 2), mode="replicate")                 # (N, 6, 5, 16)
+        h = self.reflect2d(self.c3(h))                               # (N, 4, 6, 15)
+        return self.fc(F.pad(h, (0, -1, -1, -1)).flatten(1))         # (N, 4 * 4 * 14)
+
+
+def test_every_padding_mode_over_positions_is_invariant():
+    spec = assert_derived_spec_is_invariant(PaddedPositions(), (3, 2, 9))
+    assert len(spec.groups) == 3
+    assert spec.block("fc.weight", 1) == 4 * 14
+
+
+class PadAfter(nn.Module):
+    def __init__(self, pad, conv: bool):
+        super().__init__()
+        self.a = nn.Conv1d(2, 5, 3) if conv else nn.Linear(4, 5)
+        self.pad = pad
+
+    def forward(self, x):
+        return self.pad(self.a(x)).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("pad, conv, words", [
+    (lambda h: F.pad(h, (0, 0, 1, 0)), True, ["'pad'", "pads axis 1 of a 3-d input, which "
+                                              "holds the units", "(0, 0, 1, 0)"]),
+    (lambda h: F.pad(h, (1, 1), value=0.0), False, ["pads axis 1 of a 2-d input"]),
+    (lambda h: F.pad(h, (0, 0, 0, 0, 1, 0)), True, ["pads axis 0 of a 3-d input, the batch"]),
+    (nn.ZeroPad2d(1), True, ["'pad' (ZeroPad2d)", "pads axis 1"]),
+    (nn.ReflectionPad1d(1), False, ["'pad' (ReflectionPad1d)", "pads axis 1 of a 2-d input"]),
+], ids=["channels", "features", "batch", "ZeroPad2d_channels", "ReflectionPad1d_features"])
+def test_padding_the_units_or_the_batch_is_refused(pad, conv, words):
+    x = torch.randn(3, 2, 6) if conv else torch.randn(3, 4)
+    with pytest.raises(ValueError) as info:
+        spec_from_module(PadAfter(pad, conv), x)
+    for word in words:
+        assert word in str(info.value)
+    assert spec_from_module(PadAfter(pad, conv), x, unknown="fix")["a.weight"][0] is None
 
 
 def test_untraceable_module_gives_a_clear_error():
