@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Mapping
+
+import torch
 
 
 def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None) -> int:
@@ -28,3 +30,46 @@ def positive_int(**values: Any) -> None:
     """
     for name, value in values.items():
         check_int(name, value)
+
+
+def device_of(obj: Any) -> torch.device | None:
+    """The device a posterior, model or tensor lives on, or None if it holds no tensor yet.
+
+    A tensor's own; a module's (a guide, a network, a BayesianNetwork) first parameter's, or
+    its first buffer's without parameters; a mapping's (a state dict) first tensor's; any other
+    object's ``device`` attribute (a :class:`~bnn_align.posterior.GaussianView`).
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    if isinstance(obj, torch.nn.Module):
+        first = next(obj.parameters(), None)
+        if first is None:
+            first = next(obj.buffers(), None)
+        return None if first is None else first.device
+    if isinstance(obj, Mapping):
+        return next((v.device for v in obj.values() if isinstance(v, torch.Tensor)), None)
+    device = getattr(obj, "device", None)
+    return device if isinstance(device, torch.device) else None
+
+
+def same_device(named: Mapping[str, Any]) -> torch.device | None:
+    """The one device of the named objects (see :func:`device_of`; those holding no tensor are
+    left out), or None if none holds a tensor.
+
+    Raises
+    ------
+    ValueError
+        Naming the first two objects on different devices and both devices.
+    """
+    found: tuple[str, torch.device] | None = None
+    for label, obj in named.items():
+        device = device_of(obj)
+        if device is None:
+            continue
+        if found is None:
+            found = (label, device)
+        elif device != found[1]:
+            raise ValueError(
+                f"{found[0]} is on {found[1]}, {label} on {device}: put them on one device with "
+                f".to(device) (a guide's model moves separately from the guide)")
+    return None if found is None else found[1]

@@ -49,7 +49,8 @@ class Problem:
     few units of the tensor's other axis moved since, the cache is corrected by a low-rank
     update over the moved units instead of being recomputed.
 
-    The arithmetic runs in numpy (sharing memory with the torch views), except the matrix
+    The arithmetic runs in numpy (sharing memory with the torch views on the CPU, on CPU
+    copies of tensors on another device), except the matrix
     products: every one goes through :func:`~bnn_align._gemm.product`, on torch's threads
     (see :mod:`bnn_align._gemm`).
     """
@@ -64,7 +65,9 @@ class Problem:
     def __init__(self, pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
                  spec: PermutationSpec, sizes: Mapping[str, int],
                  factor_part: Mapping[str, int] | None = None):
-        self.pairs = {site: [(a.detach().numpy(), b.detach().numpy()) for a, b in parts]
+        # on the CPU, numpy shares the tensors' memory; from another device it gets copies
+        self.pairs = {site: [(a.detach().cpu().numpy(), b.detach().cpu().numpy())
+                             for a, b in parts]
                       for site, parts in pairs.items()}
         self.spec = spec
         self.sizes = dict(sizes)

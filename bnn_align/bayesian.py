@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ._checks import positive_int
+from ._checks import device_of, positive_int, same_device
 from .spec import PermutationSpec
 
 __all__ = [
@@ -111,7 +111,9 @@ class Likelihood:
     #: names of the likelihood's own latent sites
     sites: tuple[str, ...] = ()
 
-    def sample_globals(self) -> dict[str, torch.Tensor]:
+    def sample_globals(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Sample the likelihood's own latent sites (inside a Pyro model), on ``device``, where
+        the network's weights are."""
         return {}
 
     def distribution(self, output: torch.Tensor, globals_: Mapping[str, torch.Tensor]
@@ -168,10 +170,15 @@ class Gaussian(Likelihood):
         else:
             raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
 
-    def sample_globals(self):
+    def sample_globals(self, device=None):
         if self.noise is not None:
             return {}
-        return {"obs_noise": pyro.sample("obs_noise", self.noise_prior)}
+        prior = self.noise_prior
+        if device is not None:
+            # a prior made of floats has CPU parameters: its draws, and the guide parameters
+            # initialised from them, would be on the CPU beside weights on another device
+            prior = _distribution_on(prior, device)
+        return {"obs_noise": pyro.sample("obs_noise", prior)}
 
     def distribution(self, output, globals_):
         noise = globals_.get("obs_noise", self.noise)
@@ -188,6 +195,25 @@ class Gaussian(Likelihood):
 
     def __repr__(self) -> str:
         return f"Gaussian(noise={'learned' if self.noise is None else self.noise})"
+
+
+def _distribution_on(distribution: dist.Distribution, device: torch.device
+                     ) -> dist.Distribution:
+    """``distribution`` with its parameters on ``device``: itself if they are there (or it has
+    none), else rebuilt from the parameters its ``arg_constraints`` name (as every usual prior
+    of a positive noise scale is: LogNormal, HalfNormal, Gamma, Exponential, ...)."""
+    params = {name: getattr(distribution, name) for name in distribution.arg_constraints}
+    if all(not isinstance(v, torch.Tensor) or v.device == device for v in params.values()):
+        return distribution
+    try:  # the values were validated when the prior was made
+        return type(distribution)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                     for k, v in params.items()}, validate_args=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"the {type(distribution).__name__} noise prior has its parameters on "
+            f"{next(v.device for v in params.values() if isinstance(v, torch.Tensor))} but the "
+            f"network is on {device}, and it cannot be rebuilt there ({err}): pass a "
+            f"noise_prior made on {device}") from err
 
 
 def _as_likelihood(likelihood: str | Likelihood) -> Likelihood:
@@ -266,13 +292,13 @@ class BayesianNetwork(nn.Module):
         return self._weight_sites
 
     def example_input(self, batch: int = 2) -> torch.Tensor:
-        """A zero input of shape ``(batch, *input_shape)``."""
+        """A zero input of shape ``(batch, *input_shape)``, on the network's device."""
         if self.input_shape is None:
             raise ValueError(
                 "the BayesianNetwork does not know its input shape: pass input_shape= when "
                 "building it (or call it once with data)"
             )
-        return torch.zeros(batch, *self.input_shape)
+        return torch.zeros(batch, *self.input_shape, device=device_of(self.net))
 
     @property
     def spec(self) -> PermutationSpec:
@@ -312,13 +338,19 @@ class BayesianNetwork(nn.Module):
     def evaluate(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The network output for given weights (no Pyro sites): ``f(x; weights)``.
 
-        Raises ``ValueError`` naming the shapes when ``x`` does not fit the network.
+        Raises ``ValueError`` naming the shapes when ``x`` does not fit the network, or the
+        devices when the weights are on another than ``x``.
         """
         state = dict(self.net.named_buffers())
         state.update(weights)
         try:
             return functional_call(self.net, state, (x,))
         except RuntimeError as err:
+            elsewhere = sorted({str(t.device) for t in state.values() if t.device != x.device})
+            if elsewhere:
+                raise ValueError(
+                    f"the network's weights are on {', '.join(elsewhere)} but its input x is on "
+                    f"{x.device}: put the model and its guide on one device") from err
             expected = f" (expected {(-1, *self.input_shape)})" if self.input_shape else ""
             raise ValueError(
                 f"input x of shape {tuple(x.shape)} does not fit the network{expected}: {err}"
@@ -332,7 +364,7 @@ class BayesianNetwork(nn.Module):
         num_data: int | None = None,
     ) -> torch.Tensor | None:
         weights = self.sample_weights()
-        globals_ = self.likelihood.sample_globals()
+        globals_ = self.likelihood.sample_globals(device_of(self.net))
         if x is None:
             if y is not None:
                 raise ValueError("y was given without x")
@@ -350,7 +382,7 @@ class BayesianNetwork(nn.Module):
         if num_data is not None and num_data < batch:
             raise ValueError(f"num_data={num_data} is smaller than the batch of {batch}")
         size = batch if num_data is None else int(num_data)
-        with pyro.plate("data", size, subsample=torch.arange(batch)):
+        with pyro.plate("data", size, subsample=torch.arange(batch, device=x.device)):
             pyro.sample("obs", self.likelihood.distribution(output, globals_), obs=y)
         return output
 
@@ -409,9 +441,11 @@ def fit(
         The Pyro model, called as ``model(x, y, num_data=N)`` for a :class:`BayesianNetwork` and
         ``model(x, y)`` otherwise.
     guide : pyro AutoGuide
-        Trained in place (its parameters are what ``fit`` updates).
+        Trained in place (its parameters are what ``fit`` updates), on the device of the
+        model and the guide (a guide without parameters yet gets them there).
     data : (x, y) tensors or TensorDataset
-        Training data; ``x`` of shape ``(N, *input_shape)``.
+        Training data; ``x`` of shape ``(N, *input_shape)``, on any device: each minibatch
+        is moved to the model's.
     epochs, batch_size : int
         Passes over the data and minibatch size.
     lr, lr_end : float
@@ -431,6 +465,11 @@ def fit(
     -------
     ndarray of shape (epochs,)
         Mean negative ELBO per epoch (full-data scale).
+
+    Raises
+    ------
+    ValueError
+        Naming both devices when the model and the guide are on different devices.
     """
     x, y = as_data_pair(data)
     positive_int(epochs=epochs, batch_size=batch_size, num_particles=num_particles)
@@ -438,6 +477,11 @@ def fit(
         raise ValueError(f"lr and lr_end must be positive, got {lr} and {lr_end}")
     if not isinstance(guide, nn.Module):
         raise TypeError(f"guide must be a Pyro autoguide (an nn.Module), got {type(guide).__name__}")
+    # a plain callable model holds no tensors, nor a guide before its first call: then the
+    # other one, or else the data, decides
+    device = same_device({"model": model, "guide": guide})
+    if device is None:
+        device = x.device
     n = len(x)
     batch_size = min(batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -448,7 +492,8 @@ def fit(
     history = np.zeros(epochs)
     with torch.random.fork_rng(), pyro.get_param_store().scope():
         torch.manual_seed(seed)
-        guide(x[:batch_size], y[:batch_size], **kwargs)  # creates the parameters if needed
+        # creates the parameters if needed, from the model's draws (on the model's device)
+        guide(x[:batch_size].to(device), y[:batch_size].to(device), **kwargs)
         params = [p for p in guide.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the guide has no trainable parameters")
@@ -464,8 +509,8 @@ def fit(
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
                 optimizer.zero_grad()
-                loss = elbo.differentiable_loss(scaled_model, scaled_guide, x[idx], y[idx],
-                                                **kwargs)
+                loss = elbo.differentiable_loss(scaled_model, scaled_guide, x[idx].to(device),
+                                                y[idx].to(device), **kwargs)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the ELBO became {loss.item()} at epoch {epoch}; lower lr or the "

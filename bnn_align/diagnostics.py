@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ._checks import positive_int
+from ._checks import positive_int, same_device
 from .bayesian import BayesianNetwork, Categorical
 from .matching import Alignment, match
 from .paths import Mixture, _model
@@ -82,7 +82,8 @@ def to_inference_data(
     Parameters
     ----------
     posteriors : posterior or sequence of posteriors
-        Guides, state dicts, modules or path points (``path.at(t)``) over the same network.
+        Guides, state dicts, modules or path points (``path.at(t)``) over the same network,
+        on one device (any: the draws are made there and copied to numpy).
     num_samples : int
         Draws per posterior (per chain).
     sites : sequence of str, optional
@@ -120,7 +121,7 @@ def to_inference_data(
     missing = [s for s in sites if s not in available]
     if missing:
         raise ValueError(f"unknown sites {missing}; the posteriors have {available}")
-    posterior_group = {s: np.stack([c[s].numpy() for c in chains]) for s in sites}
+    posterior_group = {s: np.stack([c[s].cpu().numpy() for c in chains]) for s in sites}
     dims = {s: _axis_dims(s, chains[0][s].shape[1:]) for s in sites}
     coords: dict[str, Any] = {"chain": list(names) if names is not None else
                               list(range(len(chains)))}
@@ -132,10 +133,11 @@ def to_inference_data(
         model = model or next((m for m in map(_model, posteriors) if m is not None), None)
         if model is None:
             raise ValueError("data= needs the model: pass model= (a BayesianNetwork)")
+        same_device({"model": model, "the posteriors": chains[0]})
         x, y = data
         groups["log_likelihood"] = {"obs": np.stack([_log_likelihood(model, c, x, y)
                                                      for c in chains])}
-        groups["observed_data"] = {"obs": y.numpy()}
+        groups["observed_data"] = {"obs": y.cpu().numpy()}
         dims["obs"] = ["point"]
         coords["point"] = np.arange(len(y))
     if names is not None and len(names) != len(chains):
@@ -149,6 +151,7 @@ def _log_likelihood(model: BayesianNetwork, draws: dict[str, torch.Tensor], x: t
     from .marginal import _Evaluator, _noise_scale
 
     outputs = _Evaluator(model, 64, 1024).outputs(draws, x, None)
+    y = y.to(outputs.device)
     if isinstance(model.likelihood, Categorical):
         logp = torch.log_softmax(outputs, -1).gather(
             -1, y.view(1, -1, 1).expand(len(outputs), -1, 1)).squeeze(-1)
@@ -158,7 +161,7 @@ def _log_likelihood(model: BayesianNetwork, draws: dict[str, torch.Tensor], x: t
             noise = noise.view(-1, *([1] * (outputs.dim() - 1)))
         logp = torch.distributions.Normal(outputs, noise).log_prob(y.unsqueeze(0))
         logp = logp.reshape(len(outputs), len(y), -1).sum(-1)
-    return logp.numpy()
+    return logp.cpu().numpy()
 
 
 # --------------------------------------------------------------------------------- R-hat --
@@ -329,7 +332,8 @@ def plot_units(alignment: Any, site: str | None = None, units: Sequence[int] = (
         for posterior in (result.guide_a, other):
             draws = _draws(posterior, num_samples, torch.Generator().manual_seed(seed))[site]
             columns = draws[:, list(units)][:, :, list(inputs)].reshape(num_samples, -1)
-            entries = {label: columns[None, :, k].numpy() for k, label in enumerate(labels)}
+            entries = {label: columns[None, :, k].cpu().numpy()
+                       for k, label in enumerate(labels)}
             data.append(_from_dict({"posterior": entries}, {}, {}))
         panels.append(data)
     if _arviz_major() >= 1:

@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from ._checks import check_int, positive_int
+from ._checks import check_int, positive_int, same_device
 from .bayesian import BayesianNetwork, Categorical, Gaussian, as_data_pair
 from .paths import Mixture, Noise, Path, interpolate
 from .posterior import POINT
@@ -220,7 +220,8 @@ class _Evaluator:
 
     def outputs(self, draws: dict[str, torch.Tensor], x: torch.Tensor,
                 buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """Network outputs for every draw and input: ``(S, N, *out)``."""
+        """Network outputs for every draw and input: ``(S, N, *out)``, on the draws' device
+        (``x`` may be elsewhere: it is moved there a batch at a time)."""
         net = self.model.net
         state = dict(net.named_buffers())
         state.update({k: v for k, v in (buffers or {}).items() if k in state})
@@ -238,12 +239,13 @@ class _Evaluator:
                 count = next(iter(w.values())).shape[0]
                 return torch.stack([single({k: v[i] for k, v in w.items()}, inputs)
                                     for i in range(count)])
-        num = next(iter(weights.values())).shape[0]
+        first = next(iter(weights.values()))
+        num, device = first.shape[0], first.device
         rows = []
         with torch.no_grad():
             for s in range(0, num, self.chunk_size):
                 chunk = {k: v[s:s + self.chunk_size] for k, v in weights.items()}
-                cols = [batched(chunk, x[b:b + self.batch_size])
+                cols = [batched(chunk, x[b:b + self.batch_size].to(device))
                         for b in range(0, len(x), self.batch_size)]
                 rows.append(torch.cat(cols, dim=1))
         return torch.cat(rows, dim=0)
@@ -334,10 +336,10 @@ def _classification_metrics(logits: torch.Tensor, y: torch.Tensor, weights: torc
     if not {"accuracy", "ece", "brier"} & set(wanted):
         return out
     rows, bins = len(weights), 15
-    correct_sum = torch.zeros(rows, dtype=torch.float64)
-    brier_sum = torch.zeros(rows, dtype=torch.float64)
-    conf_bins = torch.zeros(rows, bins, dtype=torch.float64)
-    acc_bins = torch.zeros(rows, bins, dtype=torch.float64)
+    correct_sum, brier_sum = (torch.zeros(rows, dtype=torch.float64, device=logits.device)
+                              for _ in range(2))
+    conf_bins, acc_bins = (torch.zeros(rows, bins, dtype=torch.float64, device=logits.device)
+                           for _ in range(2))
     # the model average only needs float32 (its rounding is far below the Monte-Carlo error)
     probs_all = logp_all.exp()
     weights32 = weights.float()
@@ -405,9 +407,11 @@ def marginal_loss(
     model : BayesianNetwork
         The network and likelihood the posteriors are over.
     path_or_posterior : Path or posterior
-        A path from :func:`~bnn_align.interpolate`, or a single posterior (evaluated once).
+        A path from :func:`~bnn_align.interpolate`, or a single posterior (evaluated once),
+        on ``model``'s device (any): the network runs there.
     data : (x, y) tensors or TensorDataset
-        Evaluation data; ``x`` of shape ``(N, *input_shape)``.
+        Evaluation data; ``x`` of shape ``(N, *input_shape)``, on any device (moved to the
+        model's a batch at a time).
     ts : int or sequence of float
         Number of equally spaced points in ``[0, 1]`` (11 by default) or the points themselves.
     num_samples : int
@@ -430,11 +434,14 @@ def marginal_loss(
     Returns
     -------
     LossCurve
+        Its numbers are numpy arrays and floats, whatever the device. The draws and the
+        bootstrap come from a CPU generator seeded with ``seed`` and are moved to the device,
+        so a curve on a GPU equals the CPU's up to float rounding.
 
     Raises
     ------
     ValueError
-        Inputs whose shape does not fit the network, labels out of range or of the wrong
+        The model and the posteriors on different devices (naming both), inputs whose shape does not fit the network, labels out of range or of the wrong
         shape, ``t`` outside ``[0, 1]``, non-positive counts, unknown or empty metrics,
         posteriors over a different architecture than ``model``.
     TypeError
@@ -472,6 +479,7 @@ def marginal_loss(
         if isinstance(ts, numbers.Integral) and not isinstance(ts, bool):
             ts = [0.0]
     ts = _ts(ts)
+    device = same_device({"model": model, "the posteriors": path.view0})
     _check_sites(model, path)
     # one forward on a single point: clear errors for inputs or labels that do not fit, whether
     # vmap can run the network, and how large its activations are
@@ -491,8 +499,9 @@ def marginal_loss(
     model.likelihood.check_targets(out.expand(len(y), *out.shape[1:]), y)
 
     generator = torch.Generator().manual_seed(seed)
-    weights = _bootstrap_weights(num_samples, num_bootstrap, generator)
+    weights = _bootstrap_weights(num_samples, num_bootstrap, generator).to(device)
     shared = path.noise(num_samples, generator) if common else None
+    y = y.to(device)
 
     def evaluate(t: float, noise: Noise) -> tuple[torch.Tensor, Any]:
         if path.kind == "mixture":  # each endpoint's draws with its own buffers, weighted below
@@ -528,7 +537,7 @@ def marginal_loss(
             values = _classification_metrics(outputs, y, w, metrics)
         for m in metrics:
             rows[m].append(values[m])
-    table = {m: torch.stack(v, dim=1).numpy() for m, v in rows.items()}  # (B + 1, T)
+    table = {m: torch.stack(v, dim=1).cpu().numpy() for m, v in rows.items()}  # (B + 1, T)
     se = {m: v[1:].std(axis=0, ddof=1) for m, v in table.items()}
     if num_samples == 1 and path.kind_of_view() != POINT:
         warnings.warn("num_samples=1 cannot estimate a Monte-Carlo error: the standard errors "

@@ -96,10 +96,12 @@ class Alignment:
     Attributes
     ----------
     perms : dict of str to LongTensor
-        Group -> permutation of shape ``(n_group,)``; ``permute(guide_b, perms)`` is aligned.
+        Group -> permutation of shape ``(n_group,)`` (on the CPU, whatever the posteriors'
+        device); ``permute(guide_b, perms)`` is aligned.
     aligned : object
-        A new posterior of ``guide_b``'s kind, permuted (and, for low-rank guides, with its
-        covariance factor rotated by ``rotation``, which leaves its distribution unchanged).
+        A new posterior of ``guide_b``'s kind on ``guide_b``'s device, permuted (and, for
+        low-rank guides, with its covariance factor rotated by ``rotation``, which leaves its
+        distribution unchanged).
     cost_before, cost_after : float
         The method's objective before and after: the coupled squared distance of the module
         docstring for ``"wasserstein"`` (W2^2 for diagonal Gaussians), ``||mu_a - P mu_b||^2`` for
@@ -116,7 +118,8 @@ class Alignment:
     method : str
     spec : PermutationSpec
     rotation : Tensor or None
-        The orthogonal ``R`` (``rank x rank``) aligning the covariance factors, if any.
+        The orthogonal ``R`` (``rank x rank``, on the CPU) aligning the covariance factors, if
+        any.
     restart_costs : list of float
         Final objective of every restart.
     guide_a, guide_b : object
@@ -310,16 +313,16 @@ def _activation_perms(guide_a: Any, guide_b: Any, va: GaussianView, vb: Gaussian
         raise TypeError("data must be a tensor of inputs or a tuple (x, y) of tensors")
     producers = _producers(model_a, spec, sizes)
     gen = torch.Generator().manual_seed(seed)
-    stats = {g: _CorrelationStats(sizes[g]) for g in producers}
+    stats = {g: _CorrelationStats(sizes[g], va.device) for g in producers}
     for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size]
+        batch = x[start:start + batch_size].to(va.device)
         acts_a = _expected_activations(model_a, va, producers, batch, num_samples, gen)
         acts_b = _expected_activations(model_b, vb, producers, batch, num_samples, gen)
         for g in producers:
             stats[g].update(acts_a[g], acts_b[g])
     perms = identity_perms(sizes)
     for g, s in stats.items():
-        perms[g] = assign(s.correlation().numpy())
+        perms[g] = assign(s.correlation().cpu().numpy())
     return perms
 
 
@@ -382,13 +385,11 @@ def _points_by_units(t: torch.Tensor) -> torch.Tensor:
 class _CorrelationStats:
     """Streaming Pearson correlation between the units of two activation matrices."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, device: torch.device | None = None):
         self.count = 0
-        self.sa = torch.zeros(n, dtype=torch.float64)
-        self.sb = torch.zeros(n, dtype=torch.float64)
-        self.saa = torch.zeros(n, dtype=torch.float64)
-        self.sbb = torch.zeros(n, dtype=torch.float64)
-        self.sab = torch.zeros(n, n, dtype=torch.float64)
+        self.sa, self.sb, self.saa, self.sbb = (
+            torch.zeros(n, dtype=torch.float64, device=device) for _ in range(4))
+        self.sab = torch.zeros(n, n, dtype=torch.float64, device=device)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
@@ -531,7 +532,9 @@ def match(
     guide_a, guide_b : posterior
         Pyro autoguides (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``,
         ``AutoMultivariateNormal``, ``AutoDelta``), state dicts or modules over the same
-        architecture; the two may be of different kinds. Neither is modified.
+        architecture; the two may be of different kinds. Neither is modified. Both (and the
+        guides' models) on one device, any: the assignment solver works on CPU copies of
+        their tensors (none are made for CPU tensors), and ``aligned`` is built on it.
     spec : PermutationSpec, optional
         Defaults to the spec of the guides' BayesianNetwork; pass one for your own Pyro model.
     method : {"wasserstein", "mean", "activation"}
@@ -588,7 +591,8 @@ def match(
     Raises
     ------
     ValueError
-        Different architectures (naming the first site that differs, or, for networks with
+        Posteriors on different devices (naming both), different architectures (naming the
+        first site that differs, or, for networks with
         the same parameters, different permutation symmetries), NaN or infinite parameters
         (naming the site) or parameters whose squared distance overflows, a spec that does not
         fit or cannot be derived, an unknown method or ``unknown``, ``"activation"`` without

@@ -94,7 +94,8 @@ class Path:
 
     Build it with :func:`interpolate`. Attributes ``q0``, ``q1`` are the endpoints as given,
     ``kind`` the path kind, ``view0``/``view1`` their Gaussian views (factors rank-padded and the
-    second one rotated onto the first), ``model`` the BayesianNetwork of the endpoints if known.
+    second one rotated onto the first), ``model`` the BayesianNetwork of the endpoints if known,
+    ``device`` the endpoints' device, where every posterior and draw of the path is made.
     """
 
     def __init__(self, q0: Any, q1: Any, kind: str):
@@ -112,6 +113,10 @@ class Path:
     @property
     def model(self) -> BayesianNetwork | None:
         return self.models[0] or self.models[1]
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.view0.device
 
     def view_at(self, t: float) -> GaussianView:
         """The Gaussian ``q_t`` of the Wasserstein path (linear in every part)."""
@@ -187,10 +192,13 @@ class Path:
 
     # -- sampling ----------------------------------------------------------------------------------
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Noise:
-        """Standard-normal (and uniform) draws for ``num_samples`` weights."""
+        """Standard-normal (and uniform) draws for ``num_samples`` weights, on the path's
+        device; a ``generator`` draws on its own device (see
+        :meth:`~bnn_align.posterior.GaussianView.standard_normal`)."""
         positive_int(num_samples=num_samples)
         eps, z = self.view0.standard_normal(num_samples, generator)
-        u = torch.rand(num_samples, generator=generator)
+        source = eps.device if generator is None else generator.device
+        u = torch.rand(num_samples, generator=generator, device=source).to(eps.device)
         return Noise(eps, z, u)
 
     def view0_draw(self, noise: Noise) -> dict[str, torch.Tensor]:
@@ -311,7 +319,8 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
     ----------
     q0, q1 : posterior
         Guides, state dicts or modules over the same network (e.g. ``guide_a`` and
-        ``match(guide_a, guide_b).aligned``). Not modified.
+        ``match(guide_a, guide_b).aligned``), on one device (any; the path is computed
+        there). Not modified.
     kind : {"wasserstein", "mixture"}
         See the module docstring.
 
@@ -322,7 +331,7 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
     Raises
     ------
     ValueError
-        For posteriors over different architectures (naming the first differing site), NaN
-        parameters, or an unknown kind.
+        For posteriors on different devices (naming both), over different architectures
+        (naming the first differing site), NaN parameters, or an unknown kind.
     """
     return Path(q0, q1, kind)

@@ -30,6 +30,8 @@ from pyro.poutine.messenger import _bound_partial, unwrap
 from torch import nn
 from torch.distributions import transform_to
 
+from ._checks import same_device
+
 __all__ = ["GaussianView", "as_gaussian", "model_of", "POINT", "DIAGONAL", "LOW_RANK", "FULL_RANK"]
 
 POINT, DIAGONAL, LOW_RANK, FULL_RANK = "point", "diagonal", "low_rank", "full_rank"
@@ -69,6 +71,11 @@ class GaussianView:
         return {k: v.shape for k, v in self.loc.items()}
 
     @property
+    def device(self) -> torch.device | None:
+        """Where the view's tensors live (None for a view without sites)."""
+        return next((v.device for v in self.loc.values()), None)
+
+    @property
     def num_params(self) -> int:
         """Total number of latent dimensions ``D``."""
         return sum(v.numel() for v in self.loc.values())
@@ -105,14 +112,20 @@ class GaussianView:
     def standard_normal(
         self, num_samples: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The ``(eps, z)`` a sample is made from: shapes ``(S, D)`` and ``(S, rank)`` or None."""
+        """The ``(eps, z)`` a sample is made from: shapes ``(S, D)`` and ``(S, rank)`` or None,
+        on the view's device.
+
+        A ``generator`` draws on its own device (the CPU's for ``torch.Generator()``) and the
+        draws are moved to the view's: a seed then gives the same numbers on every device.
+        """
         ref = next(iter(self.loc.values()))
+        source = ref.device if generator is None else generator.device
         eps = torch.randn(num_samples, self.num_params, generator=generator,
-                          dtype=ref.dtype, device=ref.device)
+                          dtype=ref.dtype, device=source).to(ref.device)
         z = None
         if self.factor is not None:
             z = torch.randn(num_samples, self.rank, generator=generator,
-                            dtype=ref.dtype, device=ref.device)
+                            dtype=ref.dtype, device=source).to(ref.device)
         return eps, z
 
     def transform(self, noise: tuple[torch.Tensor, torch.Tensor | None]
@@ -459,7 +472,7 @@ class _LowRankAdapter(_PackedAdapter):
         if rotation.shape != (guide.cov_factor.shape[1],) * 2:
             return  # ranks were padded to match another guide: keep this guide's own factor
         with torch.no_grad():
-            guide.cov_factor.copy_(guide.cov_factor @ rotation)
+            guide.cov_factor.copy_(guide.cov_factor @ rotation.to(guide.cov_factor.device))
 
 
 class _FullRankAdapter(_PackedAdapter):
@@ -597,6 +610,23 @@ def as_gaussian(posterior: Any, *, copy: bool = True) -> GaussianView:
     return adapter_for(posterior).view(posterior, copy=copy)
 
 
+def posterior_device(named: Mapping[str, Any]) -> torch.device | None:
+    """The one device of the named posteriors and of the models the guides among them are
+    over (see :func:`bnn_align._checks.device_of`; None if none holds a tensor).
+
+    Raises
+    ------
+    ValueError
+        Naming the first two that are on different devices, and both devices.
+    """
+    named_with_models = {}
+    for label, obj in named.items():
+        named_with_models[label] = obj
+        if isinstance(obj, autoguide.AutoGuide):
+            named_with_models[f"{label}'s model"] = model_of(obj)
+    return same_device(named_with_models)
+
+
 FINITE_PARTS = ("mean", "scale", "covariance factor")  # what may hold NaN or infinite values
 
 
@@ -612,9 +642,12 @@ def paired_views(a: Any, b: Any, labels: tuple[str, str] = ("a", "b"), *,
     Raises
     ------
     ValueError
-        Naming the first site missing on one side or whose shapes differ ("different
-        architectures"), or the first site with NaN or infinite parameters.
+        Naming both devices when the posteriors (or their models) are on different devices
+        (checked first, before any computation); naming the first site missing on one side or
+        whose shapes differ ("different architectures"), or the first site with NaN or
+        infinite parameters.
     """
+    posterior_device({labels[0]: a, labels[1]: b})
     va, vb = as_gaussian(a, copy=copy), as_gaussian(b, copy=copy)
     if isinstance(a, Mapping) and not isinstance(b, Mapping):
         va = _restrict(va, vb.sites, labels[0])
