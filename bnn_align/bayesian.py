@@ -302,8 +302,25 @@ class BayesianNetwork(nn.Module):
 
     @property
     def spec(self) -> PermutationSpec:
-        """The permutation spec of the network, derived once with :func:`spec_from_module`."""
-        return self._derived_spec("error")
+        """The permutation spec of the network, derived once with :func:`spec_from_module`.
+
+        Raises
+        ------
+        ValueError
+            The network holds an operation whose permutation behaviour is not known.
+        """
+        from .symmetry import UnsupportedOperation
+
+        try:
+            return self._derived_spec("error")
+        except UnsupportedOperation as err:
+            # the derivation's advice names spec_from_module's argument, which .spec (and
+            # permute, which reads it) does not take
+            raise UnsupportedOperation(
+                err.problem,
+                "spec_from_module(model.net, model.example_input(), unknown='fix') derives a "
+                "spec that leaves the units around it unpermuted: pass it as spec= (to permute, "
+                "match, ...), or pass unknown='fix' to match()") from None
 
     def _derived_spec(self, unknown: str) -> PermutationSpec:
         """The spec derived with ``spec_from_module(..., unknown=unknown)``, once per policy."""

@@ -472,9 +472,13 @@ def test_unknown_reaches_the_derived_spec_and_the_advice_names_the_callers_argum
     assert result.cost_after < result.cost_before
     assert alignment_cost(a, b, result.perms, unknown="fix") == pytest.approx(result.cost_after,
                                                                               rel=1e-5)
-    # the spec derived with "fix" is cached apart: the default still refuses
-    with pytest.raises(ValueError, match="recurrent layers"):
-        model.spec
+    # the spec derived with "fix" is cached apart: the default still refuses, and the advice
+    # of .spec and permute (neither takes unknown=) names what they can be given instead
+    for call in (lambda: model.spec, lambda: permute(b, result.perms)):
+        with pytest.raises(ValueError, match=r"recurrent layers") as info:
+            call()
+        assert "spec_from_module(model.net, model.example_input(), unknown='fix')" in str(
+            info.value) and "Pass unknown='fix' to leave" not in str(info.value)
     with pytest.raises(ValueError, match="recurrent layers"):
         match(a, b)
 
