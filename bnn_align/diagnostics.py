@@ -228,6 +228,14 @@ class RhatReport:
     def _pooled(values: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([v.reshape(-1) for v in values.values()])
 
+    def _separated(self, d: np.ndarray) -> float:
+        return float(np.mean(np.abs(d) > self.separation))
+
+    @staticmethod
+    def _informative(separated_after: float) -> bool:
+        # R-hat can come back to 1 only if most aligned weights' posteriors overlap
+        return separated_after <= 0.5
+
     @property
     def fraction_before(self) -> float:
         """Fraction of all weights with R-hat above the threshold before alignment."""
@@ -251,14 +259,12 @@ class RhatReport:
     @property
     def separated_before(self) -> float:
         """Fraction of all weights with ``|d| > separation`` before alignment."""
-        return float(np.mean(np.abs(self._pooled(self.standardized_diff_before))
-                             > self.separation))
+        return self._separated(self._pooled(self.standardized_diff_before))
 
     @property
     def separated_after(self) -> float:
         """The same after alignment."""
-        return float(np.mean(np.abs(self._pooled(self.standardized_diff_after))
-                             > self.separation))
+        return self._separated(self._pooled(self.standardized_diff_after))
 
     @property
     def rhat_informative(self) -> bool:
@@ -266,7 +272,7 @@ class RhatReport:
         separated. Otherwise the aligned posteriors are different distributions, R-hat stays
         high (or saturated) before and after, and ``|d|`` and the correlation of the means are
         the measures of the alignment."""
-        return self.separated_after <= 0.5
+        return self._informative(self.separated_after)
 
     def rows(self) -> list[dict]:
         """One record per site: weights, median R-hat and fraction above the threshold, median
@@ -277,18 +283,18 @@ class RhatReport:
             b, a = self.before[s].reshape(-1), self.after[s].reshape(-1)
             d_b = np.abs(self.standardized_diff_before[s].reshape(-1))
             d_a = np.abs(self.standardized_diff_after[s].reshape(-1))
-            separated_after = float(np.mean(d_a > self.separation))
+            separated_after = self._separated(d_a)
             out.append({"site": s, "weights": len(b), "median_before": float(np.median(b)),
                         "median_after": float(np.median(a)),
                         "above_before": float(np.mean(b > self.threshold)),
                         "above_after": float(np.mean(a > self.threshold)),
                         "median_abs_d_before": float(np.median(d_b)),
                         "median_abs_d_after": float(np.median(d_a)),
-                        "separated_before": float(np.mean(d_b > self.separation)),
+                        "separated_before": self._separated(d_b),
                         "separated_after": separated_after,
                         "mean_corr_before": self.mean_correlation_before[s],
                         "mean_corr_after": self.mean_correlation_after[s],
-                        "rhat_informative": separated_after <= 0.5})
+                        "rhat_informative": self._informative(separated_after)})
         return out
 
     def to_dataframe(self) -> Any:
