@@ -303,19 +303,32 @@ class RhatReport:
         return pd.DataFrame(self.rows()).set_index("site")
 
     def verdict(self) -> str:
-        """One sentence on whether R-hat is informative for this pair, and why."""
+        """Whether R-hat is informative for this pair, and why, naming the sites that differ
+        from the verdict on all weights."""
+        rows = self.rows()
+        sep = format(self.separation, "g")
         if self.rhat_informative:
-            return (f"R-hat is informative: after alignment {1 - self.separated_after:.0%} of "
-                    f"the weights have |d| <= {self.separation:g} (median |d| "
-                    f"{self.median_abs_d_after:.3g}), so the aligned posteriors should agree and "
-                    f"R-hat near 1 says they do.")
-        return (f"R-hat is uninformative here: after alignment {self.separated_after:.0%} of the "
-                f"weights have |d| > {self.separation:g} (median |d| "
-                f"{self.median_abs_d_after:.3g}). The two posteriors are different distributions "
-                f"even when aligned, so R-hat stays above {self.threshold:g} before and after, "
-                f"and saturates (about {_RHAT_CEILING_TWO_CHAINS:.2f} for two chains) where they "
-                f"do not overlap. Judge the alignment by the fall of |d| and the rise of the "
-                f"correlation of the means; keep R-hat for chains that should agree.")
+            text = (f"R-hat is informative: after alignment {1 - self.separated_after:.0%} of the "
+                    f"weights have |d| <= {sep} (median |d| {self.median_abs_d_after:.3g}), where "
+                    f"the two posteriors overlap and R-hat is not saturated, so its fall measures "
+                    f"the alignment; R-hat above {self.threshold:g} after alignment marks weights "
+                    f"whose posteriors still differ.")
+            exceptions = [r["site"] for r in rows if not r["rhat_informative"]]
+            if exceptions:
+                text += (f" Not at {', '.join(exceptions)}: most of their aligned weights have "
+                         f"|d| > {sep}, so judge them by |d| and the correlation of the means.")
+            return text
+        text = (f"R-hat is uninformative here: after alignment {self.separated_after:.0%} of the "
+                f"weights have |d| > {sep} (median |d| {self.median_abs_d_after:.3g}). The two "
+                f"posteriors are different distributions even when aligned, so R-hat stays above "
+                f"{self.threshold:g} before and after, and saturates (about "
+                f"{_RHAT_CEILING_TWO_CHAINS:.2f} for two chains) where they do not overlap. Judge "
+                f"the alignment by the fall of |d| and the rise of the correlation of the means; "
+                f"keep R-hat for chains that should agree.")
+        exceptions = [r["site"] for r in rows if r["rhat_informative"]]
+        if exceptions:
+            text += f" (R-hat is informative at {', '.join(exceptions)} only.)"
+        return text
 
     def __str__(self) -> str:
         rows = self.rows()

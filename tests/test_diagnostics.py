@@ -100,12 +100,14 @@ def test_standardized_differences_show_a_noisy_planted_alignment():
     model, a, b = planted_pair()
     sd_b = as_gaussian(b).scale
     gen = torch.Generator().manual_seed(5)
-    # noise at a tenth of each weight's own standard deviation: the aligned pair should agree
-    noisy_b = _moved(b, {s: 0.1 * sd * torch.randn(sd.shape, generator=gen)
-                             for s, sd in sd_b.items()})
+    # noise at a tenth of each weight's own standard deviation: the aligned pair should agree,
+    # except at the output bias (not permuted), moved by three standard deviations
+    shift = {s: 0.1 * sd * torch.randn(sd.shape, generator=gen) for s, sd in sd_b.items()}
+    shift["4.bias"] = 3 * sd_b["4.bias"]
+    noisy_b = _moved(b, shift)
     report = rhat_report(match(a, noisy_b), num_samples=500)
     assert report.rhat_informative
-    assert report.separated_after == 0.0 and report.median_abs_d_after < 0.1
+    assert report.separated_after == 3 / 111 and report.median_abs_d_after < 0.1  # the bias
     assert report.median_abs_d_before > 1.5 and report.separated_before > 0.5
     permuted_sites = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
     rows = {r["site"]: r for r in report.rows()}
@@ -115,8 +117,11 @@ def test_standardized_differences_show_a_noisy_planted_alignment():
         assert rows[s]["rhat_informative"], s
         assert rows[s]["median_after"] < 1.01, s  # and R-hat agrees: the posteriors overlap
     assert report.fraction_after < 0.15 and report.fraction_before > 0.5
-    assert "R-hat is informative" in str(report)
-    assert "uninformative" not in str(report)
+    assert not rows["4.bias"]["rhat_informative"]
+    assert rows["4.bias"]["median_abs_d_after"] == pytest.approx(3 / 2 ** 0.5, rel=1e-4)
+    assert report.verdict().startswith("R-hat is informative")
+    assert "Not at 4.bias:" in report.verdict()
+    assert report.verdict() in " ".join(str(report).split())
 
 
 def distinct_narrow_pair():
@@ -145,7 +150,7 @@ def test_rhat_saturates_on_distinct_narrow_posteriors_and_d_shows_the_alignment(
     assert report.fraction_before > 0.9 and report.fraction_after > 0.9
     assert not report.rhat_informative
     text = str(report)
-    assert "R-hat is uninformative here" in text
+    assert "R-hat is uninformative here" in text and "informative at" not in text
     assert "keep R-hat for chains that should agree" in text
     # where the draws cannot overlap, R-hat sits at the two-chain ceiling the report quotes
     far = np.abs(report.standardized_diff_after["2.weight"]) > 5
