@@ -170,7 +170,7 @@ def _log_likelihood(model: BayesianNetwork, draws: dict[str, torch.Tensor], x: t
 # --------------------------------------------------------------------------------- R-hat --
 # ArviZ's rank-normalized split R-hat of two chains whose draws do not overlap: every draw of one
 # chain ranks below every draw of the other, so the four half-chains' normal scores have means
-# +-sqrt(2/pi) and variance 1 - 2/pi whatever the distance, which gives sqrt(1 + 8 / (3 pi - 6)).
+# +-sqrt(2/pi) and variance 1 - 2/pi (many draws) whatever the distance: sqrt(1 + 8 / (3 pi - 6)).
 _RHAT_CEILING_TWO_CHAINS = float(np.sqrt(1 + 8 / (3 * np.pi - 6)))
 
 
@@ -180,10 +180,10 @@ class RhatReport:
     differences of their means, which show the alignment where R-hat cannot.
 
     R-hat asks whether two chains sample the same distribution. Two independently trained
-    variational posteriors are different distributions even when perfectly aligned (their means
-    differ by many of their small standard deviations), so R-hat is far above 1 after alignment
-    too, and for two chains that do not overlap it saturates (at about 1.83) however far apart
-    they are. The standardized mean difference of every weight,
+    variational posteriors are different distributions even when perfectly aligned: where their
+    means differ by more than their (often small) standard deviations, R-hat is far above 1 after
+    alignment too, and for two chains that do not overlap it saturates (at about 1.83) however
+    far apart they are. The standardized mean difference of every weight,
     ``d = (mu_a - mu_b) / sqrt(sd_a**2 + sd_b**2)``, keeps measuring the distance there, and
     the correlation of the two posteriors' means per site measures the alignment without any
     scale. R-hat is reported as informative only where most aligned weights overlap
