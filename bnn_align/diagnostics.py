@@ -5,8 +5,11 @@
   ``"0.weight_in"``) and unit coordinates, optionally with a ``log_likelihood`` group so that
   ``az.loo`` and ``az.compare`` work for posteriors.
 * :func:`rhat_report` treats two posteriors as two chains and reports R-hat per site before and
-  after alignment: the permutation-induced multimodality shows as R-hat far above 1, and its
-  removal as R-hat back near 1.
+  after alignment: for a pair that is one distribution up to a relabelling, the multimodality
+  shows as R-hat far above 1 and its removal as R-hat back near 1. Two independently trained
+  variational posteriors stay different distributions when aligned, R-hat stays high (even
+  saturated) for them, and the report says so and shows the alignment by the standardized
+  differences of the means and their correlation instead.
 * :func:`plot_units` draws a forest plot of a few units' weights from both posteriors, before
   and after alignment.
 
@@ -16,6 +19,9 @@ Only ArviZ functions that both 0.23 (Python 3.11) and 1.x provide are used: ``fr
 
 from __future__ import annotations
 
+import math
+import numbers
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,7 +32,7 @@ from ._checks import positive_int, same_device
 from .bayesian import BayesianNetwork, Categorical
 from .matching import Alignment, match
 from .paths import Mixture, _model
-from .posterior import as_gaussian, paired_views
+from .posterior import GaussianView, as_gaussian, paired_views
 
 __all__ = ["to_inference_data", "rhat_report", "RhatReport", "plot_units"]
 
@@ -165,9 +171,26 @@ def _log_likelihood(model: BayesianNetwork, draws: dict[str, torch.Tensor], x: t
 
 
 # --------------------------------------------------------------------------------- R-hat --
-@dataclass
+# ArviZ's rank-normalized split R-hat of two chains whose draws do not overlap: every draw of one
+# chain ranks below every draw of the other, so the four half-chains' normal scores have means
+# +-sqrt(2/pi) and variance 1 - 2/pi (many draws) whatever the distance: sqrt(1 + 8 / (3 pi - 6)).
+_RHAT_CEILING_TWO_CHAINS = float(np.sqrt(1 + 8 / (3 * np.pi - 6)))
+
+
+@dataclass(repr=False)
 class RhatReport:
-    """R-hat of every weight, treating two posteriors as two chains.
+    """R-hat of every weight, treating two posteriors as two chains, and the standardized
+    differences of their means, which show the alignment where R-hat cannot.
+
+    R-hat asks whether two chains sample the same distribution. Two independently trained
+    variational posteriors are different distributions even when perfectly aligned: where their
+    means differ by more than their (often small) standard deviations, R-hat is far above 1 after
+    alignment too, and for two chains that do not overlap it saturates (at about 1.83) however
+    far apart they are. The standardized mean difference of every weight,
+    ``d = (mu_a - mu_b) / sqrt(sd_a**2 + sd_b**2)``, keeps measuring the distance there, and
+    the correlation of the two posteriors' means per site measures the alignment without any
+    scale. R-hat is reported as informative only where most aligned weights overlap
+    (``|d| <= separation``), that is for posteriors that should agree.
 
     Attributes
     ----------
@@ -178,41 +201,103 @@ class RhatReport:
         R-hat above which a weight counts as not mixed (1.01 by default).
     num_samples : int
         Draws per chain.
+    standardized_diff_before, standardized_diff_after : dict of str to ndarray
+        Site -> ``d`` of every weight (site-shaped, signed), from the posteriors' means and
+        marginal standard deviations (exact, not from the draws). Where both standard
+        deviations are zero (point estimates) ``d`` is 0 for equal means and +-inf otherwise.
+    mean_correlation_before, mean_correlation_after : dict of str to float
+        Site -> Pearson correlation between the two posteriors' means over the site's weights
+        (NaN where either side's means are constant).
+    separation : float
+        ``|d|`` above which a weight's two posteriors count as separated (1 by default: the
+        means differ by more than their combined standard deviation).
     """
 
     before: dict[str, np.ndarray]
     after: dict[str, np.ndarray]
     threshold: float
     num_samples: int
+    standardized_diff_before: dict[str, np.ndarray]
+    standardized_diff_after: dict[str, np.ndarray]
+    mean_correlation_before: dict[str, float]
+    mean_correlation_after: dict[str, float]
+    separation: float = 1.0
 
     @property
     def sites(self) -> list[str]:
         return list(self.before)
 
     @staticmethod
-    def _fraction(values: dict[str, np.ndarray], threshold: float) -> float:
-        flat = np.concatenate([v.reshape(-1) for v in values.values()])
-        return float(np.mean(flat > threshold))
+    def _pooled(values: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([v.reshape(-1) for v in values.values()])
+
+    def _separated(self, d: np.ndarray) -> float:
+        return float(np.mean(np.abs(d) > self.separation))
+
+    @staticmethod
+    def _informative(separated_after: float) -> bool:
+        # R-hat can come back to 1 only if most aligned weights' posteriors overlap
+        return separated_after <= 0.5
 
     @property
     def fraction_before(self) -> float:
         """Fraction of all weights with R-hat above the threshold before alignment."""
-        return self._fraction(self.before, self.threshold)
+        return float(np.mean(self._pooled(self.before) > self.threshold))
 
     @property
     def fraction_after(self) -> float:
         """The same after alignment."""
-        return self._fraction(self.after, self.threshold)
+        return float(np.mean(self._pooled(self.after) > self.threshold))
+
+    @property
+    def median_abs_d_before(self) -> float:
+        """Median ``|d|`` over all weights before alignment."""
+        return float(np.median(np.abs(self._pooled(self.standardized_diff_before))))
+
+    @property
+    def median_abs_d_after(self) -> float:
+        """The same after alignment."""
+        return float(np.median(np.abs(self._pooled(self.standardized_diff_after))))
+
+    @property
+    def separated_before(self) -> float:
+        """Fraction of all weights with ``|d| > separation`` before alignment."""
+        return self._separated(self._pooled(self.standardized_diff_before))
+
+    @property
+    def separated_after(self) -> float:
+        """The same after alignment."""
+        return self._separated(self._pooled(self.standardized_diff_after))
+
+    @property
+    def rhat_informative(self) -> bool:
+        """Whether R-hat can tell anything here: at most half of all aligned weights are
+        separated. Otherwise the aligned posteriors are different distributions, R-hat stays
+        high (or saturated) before and after, and ``|d|`` and the correlation of the means are
+        the measures of the alignment."""
+        return self._informative(self.separated_after)
 
     def rows(self) -> list[dict]:
-        """One record per site: weights, median R-hat and fraction above the threshold."""
+        """One record per site: weights, median R-hat and fraction above the threshold, median
+        ``|d|``, fraction separated and correlation of the means (each before and after), and
+        whether R-hat is informative for the site."""
         out = []
         for s in self.sites:
             b, a = self.before[s].reshape(-1), self.after[s].reshape(-1)
+            d_b = np.abs(self.standardized_diff_before[s].reshape(-1))
+            d_a = np.abs(self.standardized_diff_after[s].reshape(-1))
+            separated_after = self._separated(d_a)
             out.append({"site": s, "weights": len(b), "median_before": float(np.median(b)),
                         "median_after": float(np.median(a)),
                         "above_before": float(np.mean(b > self.threshold)),
-                        "above_after": float(np.mean(a > self.threshold))})
+                        "above_after": float(np.mean(a > self.threshold)),
+                        "median_abs_d_before": float(np.median(d_b)),
+                        "median_abs_d_after": float(np.median(d_a)),
+                        "separated_before": self._separated(d_b),
+                        "separated_after": separated_after,
+                        "mean_corr_before": self.mean_correlation_before[s],
+                        "mean_corr_after": self.mean_correlation_after[s],
+                        "rhat_informative": self._informative(separated_after)})
         return out
 
     def to_dataframe(self) -> Any:
@@ -220,17 +305,103 @@ class RhatReport:
 
         return pd.DataFrame(self.rows()).set_index("site")
 
+    def verdict(self) -> str:
+        """Whether R-hat is informative for this pair, and why, naming the sites that differ
+        from the verdict on all weights."""
+        rows = self.rows()
+        sep = format(self.separation, "g")
+        if self.rhat_informative:
+            text = (f"R-hat is informative: after alignment {1 - self.separated_after:.0%} of the "
+                    f"weights have |d| <= {sep} (median |d| {self.median_abs_d_after:.3g}), where "
+                    f"the two posteriors overlap and R-hat is not saturated, so its fall measures "
+                    f"the alignment; R-hat above {self.threshold:g} after alignment marks weights "
+                    f"whose posteriors still differ.")
+            exceptions = [r["site"] for r in rows if not r["rhat_informative"]]
+            if exceptions:
+                text += (f" Not at {', '.join(exceptions)}: most of their aligned weights have "
+                         f"|d| > {sep}, so judge them by |d| and the correlation of the means.")
+            return text
+        text = (f"R-hat is uninformative here: after alignment {self.separated_after:.0%} of the "
+                f"weights have |d| > {sep} (median |d| {self.median_abs_d_after:.3g}). The two "
+                f"posteriors are different distributions even when aligned, so R-hat stays above "
+                f"{self.threshold:g} before and after, and saturates (about "
+                f"{_RHAT_CEILING_TWO_CHAINS:.2f} for two chains) where they do not overlap. Judge "
+                f"the alignment by the fall of |d| and the rise of the correlation of the means; "
+                f"keep R-hat for chains that should agree.")
+        exceptions = [r["site"] for r in rows if r["rhat_informative"]]
+        if exceptions:
+            text += f" (R-hat is informative at {', '.join(exceptions)} only.)"
+        return text
+
     def __str__(self) -> str:
+        rows = self.rows()
         head = (f"{'site':<28}{'weights':>9}{'R-hat before':>14}{'after':>9}"
                 f"{'> ' + format(self.threshold, 'g') + ' before':>16}{'after':>9}")
-        lines = [head, "-" * len(head)]
-        for r in self.rows():
+        lines = ["R-hat, the two posteriors as two chains:", head, "-" * len(head)]
+        for r in rows:
             lines.append(f"{r['site']:<28}{r['weights']:>9}{r['median_before']:>14.3f}"
                          f"{r['median_after']:>9.3f}{r['above_before']:>16.1%}"
                          f"{r['above_after']:>9.1%}")
         lines.append(f"{'all weights':<28}{'':>9}{'':>14}{'':>9}{self.fraction_before:>16.1%}"
                      f"{self.fraction_after:>9.1%}")
+        head = (f"{'site':<28}{'|d| before':>11}{'after':>9}"
+                f"{'> ' + format(self.separation, 'g') + ' before':>13}{'after':>9}"
+                f"{'corr before':>13}{'after':>9}{'R-hat':>15}")
+        lines += ["", "Standardized mean differences d = (mu_a - mu_b) / sqrt(sd_a^2 + sd_b^2):",
+                  f"median |d|, fraction of |d| > {self.separation:g}, correlation of the means",
+                  head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r['site']:<28}{r['median_abs_d_before']:>11.3g}"
+                         f"{r['median_abs_d_after']:>9.3g}{r['separated_before']:>13.1%}"
+                         f"{r['separated_after']:>9.1%}{r['mean_corr_before']:>13.3f}"
+                         f"{r['mean_corr_after']:>9.3f}"
+                         f"{'informative' if r['rhat_informative'] else 'uninformative':>15}")
+        lines.append(f"{'all weights':<28}{self.median_abs_d_before:>11.3g}"
+                     f"{self.median_abs_d_after:>9.3g}{self.separated_before:>13.1%}"
+                     f"{self.separated_after:>9.1%}")
+        lines += ["", *textwrap.wrap(self.verdict(), width=len(head))]
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"RhatReport(sites={self.sites}, num_samples={self.num_samples}, "
+                f"fraction_before={self.fraction_before:.3f}, "
+                f"fraction_after={self.fraction_after:.3f}, "
+                f"median_abs_d_before={self.median_abs_d_before:.3g}, "
+                f"median_abs_d_after={self.median_abs_d_after:.3g}, "
+                f"rhat_informative={self.rhat_informative})")
+
+
+def _standardized_differences(view_a: GaussianView, view_b: GaussianView,
+                              sites: Sequence[str]) -> dict[str, np.ndarray]:
+    """``(mu_a - mu_b) / sqrt(sd_a**2 + sd_b**2)`` per weight, in float64."""
+    sd_a, sd_b = view_a.stddev(), view_b.stddev()
+    out = {}
+    for s in sites:
+        diff = _float64(view_a.loc[s]) - _float64(view_b.loc[s])
+        spread = np.hypot(_float64(sd_a[s]), _float64(sd_b[s]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = diff / spread
+        # two point estimates: equal means agree, any other difference is infinitely many sds
+        point = spread == 0
+        d[point] = np.where(diff[point] == 0, 0.0, np.copysign(np.inf, diff[point]))
+        out[s] = d
+    return out
+
+
+def _mean_correlations(view_a: GaussianView, view_b: GaussianView, sites: Sequence[str]
+                       ) -> dict[str, float]:
+    out = {}
+    for s in sites:
+        x = _float64(view_a.loc[s]).reshape(-1)
+        y = _float64(view_b.loc[s]).reshape(-1)
+        x, y = x - x.mean(), y - y.mean()
+        norm = np.sqrt((x @ x) * (y @ y))
+        out[s] = float(x @ y / norm) if norm > 0 else float("nan")
+    return out
+
+
+def _float64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def _alignment(target: Any, method: str, seed: int) -> Alignment:
@@ -252,9 +423,10 @@ def _rhat(idata: Any) -> dict[str, np.ndarray]:
 
 
 def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] | None = None,
-                seed: int = 0, threshold: float = 1.01, method: str = "wasserstein"
-                ) -> RhatReport:
-    """R-hat per site with the two posteriors as two chains, before and after alignment.
+                seed: int = 0, threshold: float = 1.01, method: str = "wasserstein",
+                separation: float = 1.0) -> RhatReport:
+    """R-hat per site with the two posteriors as two chains, before and after alignment, and
+    the standardized differences of their means, which show the alignment where R-hat cannot.
 
     Parameters
     ----------
@@ -269,16 +441,44 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
         Seed of the draws (the same draws of ``guide_a`` are used before and after).
     threshold : float
         R-hat above which a weight counts as not mixed.
+    separation : float
+        ``|d|`` above which a weight's two posteriors count as separated, and the bound under
+        which most aligned weights must stay for R-hat to count as informative.
 
     Returns
     -------
     RhatReport
+        ``print(report)`` shows both tables and whether R-hat is informative;
+        ``report.to_dataframe()`` has one row per site.
+
+    Notes
+    -----
+    R-hat is the right check for a pair that should be one distribution once aligned (a
+    posterior and a relabelled copy of it, two MCMC runs): it is near 1 after alignment. Two
+    independently trained variational posteriors are narrow and their aligned means still
+    differ by many standard deviations, so they are different distributions: R-hat is high
+    before and after, and saturated where the draws do not overlap, so its fractions cannot
+    show the alignment. The report says so (``report.rhat_informative`` is False when more
+    than half of the aligned weights have ``|d| > separation``); per weight,
+    ``d = (mu_a - mu_b) / sqrt(sd_a**2 + sd_b**2)`` and the correlation of the means per site
+    then show what the alignment did.
     """
+    if (isinstance(separation, bool) or not isinstance(separation, numbers.Real)
+            or not 0 < separation < math.inf):
+        raise ValueError(f"separation must be a positive finite number, got {separation!r}")
     result = _alignment(alignment, method, seed)
     a = result.guide_a
-    before = to_inference_data([a, result.guide_b], num_samples, sites, seed)
-    after = to_inference_data([a, result.aligned], num_samples, sites, seed)
-    return RhatReport(_rhat(before), _rhat(after), threshold, num_samples)
+    before = _rhat(to_inference_data([a, result.guide_b], num_samples, sites, seed))
+    after = _rhat(to_inference_data([a, result.aligned], num_samples, sites, seed))
+    view_a, view_b = paired_views(a, result.guide_b, ("guide_a", "guide_b"), copy=False)
+    _, view_aligned = paired_views(a, result.aligned, ("guide_a", "aligned guide_b"),
+                                   copy=False)
+    reported = list(before)
+    return RhatReport(before, after, threshold, num_samples,
+                      _standardized_differences(view_a, view_b, reported),
+                      _standardized_differences(view_a, view_aligned, reported),
+                      _mean_correlations(view_a, view_b, reported),
+                      _mean_correlations(view_a, view_aligned, reported), float(separation))
 
 
 # ------------------------------------------------------------------------------ forest plot --
