@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Mapping
 
@@ -21,6 +22,15 @@ def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None) -
             or (high is not None and value > high)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """``value`` as a ``float`` if it is a positive finite real number (not a bool), else
+    ``ValueError`` naming ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not 0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def positive_int(**values: Any) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ._checks import device_of, positive_int, same_device
+from ._checks import check_positive_float, device_of, positive_int, same_device
 from .spec import PermutationSpec
 
 __all__ = [
@@ -48,9 +48,7 @@ class NormalPrior(Prior):
     """Isotropic ``Normal(0, scale)`` on every weight and bias (the default, ``scale=1``)."""
 
     def __init__(self, scale: float = 1.0):
-        if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"prior scale must be a positive finite number, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = check_positive_float("prior scale", scale)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> dist.Distribution:
         return dist.Normal(torch.zeros_like(tensor), torch.full_like(tensor, self.scale))
@@ -68,10 +66,8 @@ class FanInPrior(Prior):
     """
 
     def __init__(self, gain: float = 1.0, bias_scale: float = 1.0):
-        for label, v in (("gain", gain), ("bias_scale", bias_scale)):
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"FanInPrior {label} must be a positive finite number, got {v!r}")
-        self.gain, self.bias_scale = float(gain), float(bias_scale)
+        self.gain = check_positive_float("FanInPrior gain", gain)
+        self.bias_scale = check_positive_float("FanInPrior bias_scale", bias_scale)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> dist.Distribution:
         if tensor.dim() <= 1:
@@ -490,8 +486,9 @@ def fit(
     """
     x, y = as_data_pair(data)
     positive_int(epochs=epochs, batch_size=batch_size, num_particles=num_particles)
-    if not (lr > 0 and (lr_end is None or lr_end > 0)):
-        raise ValueError(f"lr and lr_end must be positive, got {lr} and {lr_end}")
+    check_positive_float("lr", lr)
+    if lr_end is not None:
+        check_positive_float("lr_end", lr_end)
     if not isinstance(guide, nn.Module):
         raise TypeError(f"guide must be a Pyro autoguide (an nn.Module), got {type(guide).__name__}")
     # a plain callable model holds no tensors, nor a guide before its first call: then the

@@ -19,8 +19,6 @@ Only ArviZ functions that both 0.23 (Python 3.11) and 1.x provide are used: ``fr
 
 from __future__ import annotations
 
-import math
-import numbers
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ._checks import positive_int, same_device
+from ._checks import check_positive_float, positive_int, same_device
 from .bayesian import BayesianNetwork, Categorical
 from .matching import Alignment, match
 from .paths import Mixture, _model
@@ -463,9 +461,7 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
     ``d = (mu_a - mu_b) / sqrt(sd_a**2 + sd_b**2)`` and the correlation of the means per site
     then show what the alignment did.
     """
-    if (isinstance(separation, bool) or not isinstance(separation, numbers.Real)
-            or not 0 < separation < math.inf):
-        raise ValueError(f"separation must be a positive finite number, got {separation!r}")
+    check_positive_float("separation", separation)
     result = _alignment(alignment, method, seed)
     a = result.guide_a
     before = _rhat(to_inference_data([a, result.guide_b], num_samples, sites, seed))

@@ -12,7 +12,7 @@ import pyro
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 
-from ._checks import positive_int
+from ._checks import check_positive_float, positive_int
 from .bayesian import BayesianNetwork
 
 __all__ = ["mean_field", "diagonal", "low_rank", "full_rank", "delta"]
@@ -26,9 +26,7 @@ def _init_fn(model: BayesianNetwork):
 
 
 def _check_scale(init_scale: float) -> float:
-    if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-        raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
-    return float(init_scale)
+    return check_positive_float("init_scale", init_scale)
 
 
 def _ready(guide: autoguide.AutoGuide) -> autoguide.AutoGuide:

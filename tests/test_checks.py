@@ -27,3 +27,20 @@ def test_every_builder_refuses_bools_and_non_positive_values_by_name(build, name
                                              rf"(a positive integer|an integer in)"):
             build(bad)
     build(np.int64(2))  # numpy integers are integers
+
+
+def test_every_positive_number_argument_refuses_bools_infinities_and_non_positive_values():
+    from bnn_align import BayesianNetwork, FanInPrior, NormalPrior, fit, guides
+
+    model = BayesianNetwork(models.mlp(2, [4], 2), input_shape=(2,))
+    guide = guides.mean_field(model)
+    data_pair = (torch.zeros(4, 2), torch.zeros(4).long())
+    cases = [(lambda v: NormalPrior(v), "prior scale"),
+             (lambda v: FanInPrior(gain=v), "FanInPrior gain"),
+             (lambda v: guides.mean_field(model, init_scale=v), "init_scale"),
+             (lambda v: fit(model, guide, data_pair, epochs=1, lr=v, progress=False), "lr")]
+    for build, name in cases:
+        for bad in (0, -1.0, True, float("inf"), float("nan"), "1"):
+            with pytest.raises(ValueError, match=f"{name} must be a positive finite number"):
+                build(bad)
+    assert NormalPrior(np.float32(0.5)).scale == 0.5  # numpy reals are reals
