@@ -38,7 +38,7 @@ import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path as FilePath
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -266,7 +266,8 @@ class Curve(BasePath):
 
     def _train(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                lr: float, lr_end: float | None, num_samples: int, clip_norm: float | None,
-               seed: int, progress: bool) -> None:
+               seed: int, progress: bool,
+               callback: Callable[[int, "Curve"], Any] | None = None) -> None:
         model = self.model
         prior = prior_terms(model)
         n = len(x)
@@ -287,7 +288,6 @@ class Curve(BasePath):
             net = model.net
         fixed_state = dict(net.named_buffers())
         params = self._trainable()
-        history = np.zeros(epochs)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for p in params:
@@ -335,13 +335,14 @@ class Curve(BasePath):
                         optimizer.step()
                         schedule.step()
                         total_loss += loss.item()
-                    history[epoch] = total_loss / steps_per_epoch
-                    bar.set_postfix(loss=f"{history[epoch]:.4g}")
+                    self.history = np.append(self.history, total_loss / steps_per_epoch)
+                    bar.set_postfix(loss=f"{self.history[-1]:.4g}")
+                    self._statistics.clear()  # the bends moved
+                    if callback is not None:
+                        callback(epoch + 1, self)
             finally:
                 for p in params:
                     p.requires_grad_(False)
-        self.history = np.concatenate([self.history, history])
-        self._statistics.clear()
 
     # -- the plane through the endpoints and the first bend --------------------------------------
     def _plane(self) -> dict[str, Any]:
@@ -457,7 +458,7 @@ class Curve(BasePath):
         levels = np.linspace(low, max(top, low + 1e-6), 21)
         filled = ax.contourf(a, b, nll, levels=levels, cmap="viridis", extend="max")
         fig.colorbar(filled, ax=ax, label="predictive NLL")
-        ax.plot([0.0, 1.0], [0.0, 0.0], ls="--", color="white", lw=1.5, label="linear path")
+        ax.plot([0.0, 1.0], [0.0, 0.0], ls="--", color="tab:cyan", lw=1.5, label="linear path")
         ax.plot(curve_xy[:, 0], curve_xy[:, 1], color="tab:red", lw=2, label=f"{self.kind} curve")
         ax.plot([0.0, 1.0], [0.0, 0.0], "o", color="black", ms=6)
         ax.plot([plane["bend"][0] / length], [plane["bend"][1] / length], "x", color="tab:red",
@@ -624,6 +625,7 @@ def fit_curve(
     clip_norm: float | None = 10.0,
     seed: int = 0,
     progress: bool = True,
+    callback: Callable[[int, Curve], Any] | None = None,
 ) -> Curve:
     """Learn a curve from ``q0`` to ``q1`` whose every point is a good posterior.
 
@@ -669,6 +671,9 @@ def fit_curve(
         restored.
     progress : bool
         Show a tqdm progress bar.
+    callback : callable, optional
+        Called as ``callback(epochs_done, curve)`` after every epoch, e.g. to record the
+        barrier along training (``marginal_loss`` leaves the training's random numbers alone).
 
     Returns
     -------
@@ -706,6 +711,6 @@ def fit_curve(
     if epochs:
         curve._train(x, y, epochs=epochs, batch_size=batch_size, lr=lr, lr_end=lr_end,
                      num_samples=num_samples, clip_norm=clip_norm, seed=seed,
-                     progress=progress)
+                     progress=progress, callback=callback)
     curve.seconds = time.perf_counter() - started
     return curve

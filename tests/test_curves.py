@@ -288,6 +288,19 @@ def test_seeded_leaves_the_global_rng_and_the_endpoints_alone():
     assert torch.equal(torch.rand(3), after_rng)
     assert_views_equal(first.bends[0], second.bends[0])
     assert_views_equal(as_gaussian(q0), before)
+    # a callback after every epoch may evaluate the curve without changing its training
+    seen = []
+
+    def record(epochs_done, curve):
+        nll = marginal_loss(model, curve, small_data(), ts=3, num_samples=4).values["nll"]
+        seen.append((epochs_done, len(curve.history), nll[1]))
+
+    third = fit_curve(model, q0, q1, small_data(), epochs=2, batch_size=16, seed=2,
+                      progress=False, callback=record)
+    assert [s[:2] for s in seen] == [(1, 1), (2, 2)] and seen[0][2] != seen[1][2]
+    fourth = fit_curve(model, q0, q1, small_data(), epochs=2, batch_size=16, seed=2,
+                       progress=False)
+    assert_views_equal(third.bends[0], fourth.bends[0])
 
 
 def test_bad_input_gives_clear_errors():
