@@ -15,7 +15,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from bnn_align import (BayesianNetwork, Curve, as_gaussian, fit, fit_curve, guides,
-                       interpolate, marginal_loss, models)
+                       interpolate, marginal_loss, models, to_inference_data)
 from bnn_align._elbo import PriorTerms, negative_elbo, prior_terms
 
 from conftest import make_guide
@@ -86,6 +86,9 @@ def test_the_curve_is_made_of_posteriors_of_the_endpoints_kind(kind):
     assert_views_equal(as_gaussian(middle), curve.view_at(0.3), exact=False)
     if kind == "low_rank":
         assert middle.cov_factor.shape == q0.cov_factor.shape
+    if kind == "mean_field":  # ArviZ takes points of a curve like any posterior
+        idata = to_inference_data([middle, curve.at(1.0)], num_samples=4, sites=["0.weight"])
+        assert idata.posterior["0.weight"].shape == (2, 4, 6, 4)
     # the path protocol: draws at many t with common random numbers
     draws = curve.sample([0.0, 0.3, 1.0], 5, torch.Generator().manual_seed(0))
     assert draws["0.weight"].shape == (3, 5, 6, 4)
