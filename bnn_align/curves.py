@@ -696,18 +696,18 @@ def fit_curve(
     x, y = as_data_pair(data)
     check_int("epochs", epochs, low=0)
     positive_int(batch_size=batch_size, num_samples=num_samples)
-    for name, value in (("lr", lr), ("lr_end", lr_end)):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+    for name, value, optional in (("lr", lr, False), ("lr_end", lr_end, True)):
+        if not ((optional and value is None)
+                or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and value > 0)):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if lr is None:
-        raise ValueError("lr must be a positive number, got None")
     prior_terms(model)  # a likelihood the objective cannot handle fails before any work
     _check_inputs(model, x)
     curve = Curve(model, q0, q1, kind=kind, bends=bends, recompute_bn=recompute_bn,
                   bn_inputs=x, bn_batch_size=batch_size, seed=seed)
     with torch.no_grad():  # clear errors for inputs or labels that do not fit
-        out = model.evaluate(curve.view0.loc, x[:2])
-    model.likelihood.check_targets(out, y[:2])
+        out = model.evaluate(curve.view0.loc, x[:1])
+    model.likelihood.check_targets(out.expand(len(y), *out.shape[1:]), y)
     if epochs:
         curve._train(x, y, epochs=epochs, batch_size=batch_size, lr=lr, lr_end=lr_end,
                      num_samples=num_samples, clip_norm=clip_norm, seed=seed,

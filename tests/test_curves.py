@@ -335,7 +335,9 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="lr must be a positive number"):
         fit_curve(model, q0, q1, data, lr=0)
     with pytest.raises(ValueError, match=r"labels y must lie in \[0, 2\]"):
-        fit_curve(model, q0, q1, (data[0], data[1] + 3))
+        fit_curve(model, q0, q1, (data[0], torch.cat([data[1][:-1], torch.tensor([3])])))
+    with pytest.raises(ValueError, match="lr_end must be a positive number"):
+        fit_curve(model, q0, q1, data, lr_end=-1.0)
     with pytest.raises(ValueError, match="learned observation noise"):
         noisy = BayesianNetwork(models.mlp(4, [6, 5], 3), likelihood=_learned_noise(),
                                 input_shape=(4,))
