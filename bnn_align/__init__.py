@@ -12,6 +12,7 @@ with warnings.catch_warnings():
 
 from . import diagnostics, guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
+from .curves import Curve, fit_curve
 from .diagnostics import to_inference_data
 from .marginal import Barrier, LossCurve, marginal_loss
 from .matching import Alignment, alignment_cost, match
@@ -24,8 +25,8 @@ from .symmetry import spec_from_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alignment", "Barrier", "BayesianNetwork", "Categorical", "FanInPrior", "Gaussian",
+    "Alignment", "Barrier", "BayesianNetwork", "Categorical", "Curve", "FanInPrior", "Gaussian",
     "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "alignment_cost",
-    "as_gaussian", "fit", "diagnostics", "guides", "interpolate", "marginal_loss", "match",
-    "permute", "spec_from_module", "to_inference_data",
+    "as_gaussian", "fit", "fit_curve", "diagnostics", "guides", "interpolate", "marginal_loss",
+    "match", "permute", "spec_from_module", "to_inference_data",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -83,3 +84,24 @@ def same_device(named: Mapping[str, Any]) -> torch.device | None:
                 f"{found[0]} is on {found[1]}, {label} on {device}: put them on one device with "
                 f".to(device) (a guide's model moves separately from the guide)")
     return None if found is None else found[1]
+
+
+def load_saved(path: str | Path, name: str, fmt: str) -> dict:
+    """The dict a ``save`` method wrote with ``torch.save`` (plain tensors and numbers, so it is
+    read with ``weights_only=True`` and no code runs), checked to carry ``format == fmt``.
+
+    ``name`` is what was saved (``"Alignment"``); a foreign file gets a ValueError saying what
+    was expected. Errors of the operating system (missing file, permissions) propagate.
+    """
+    expected = f"a file written by {name}.save (format {fmt!r})"
+    try:
+        state = torch.load(Path(path), weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch's unpickler raises many kinds for a foreign file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a saved bnn_align {name}; expected {expected}. "
+                         f"torch.load could not read it: {reason[:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{path} does not hold a saved bnn_align {name}; expected {expected}")
+    return state

@@ -1,12 +1,12 @@
 """Monte-Carlo predictive losses along a path, and the marginalized loss barrier.
 
-:func:`marginal_loss` evaluates, at every ``t`` of a :class:`~bnn_align.paths.Path`, the
-predictive performance of the posterior ``q_t``: weights for all Monte-Carlo samples are drawn at
-once (with common random numbers along the path) and the network is evaluated for all of them in
-one batched call (``torch.func.functional_call`` under ``vmap``, chunked so memory stays
-bounded). Each value carries a Monte-Carlo standard error from a bootstrap over the posterior
-draws; the same resampled draws are used at every ``t``, so the standard error of a barrier
-accounts for the correlation that common random numbers create.
+:func:`marginal_loss` evaluates, at every ``t`` of a path (any
+:class:`~bnn_align.paths.BasePath`), the predictive performance of the posterior ``q_t``: weights
+for all Monte-Carlo samples are drawn at once (with common random numbers along the path) and the
+network is evaluated for all of them in one batched call (``torch.func.functional_call`` under
+``vmap``, chunked so memory stays bounded). Each value carries a Monte-Carlo standard error from
+a bootstrap over the posterior draws; the same resampled draws are used at every ``t``, so the
+standard error of a barrier accounts for the correlation that common random numbers create.
 
 Classification metrics (``Categorical`` likelihood): ``"nll"``, the predictive negative
 log-likelihood of the Bayesian model average ``-mean_i log mean_s p(y_i | x_i, theta_s)``;
@@ -27,12 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ._checks import check_int, positive_int, same_device
+from ._elbo import forward_draws
 from .bayesian import BayesianNetwork, Categorical, Gaussian, as_data_pair
-from .paths import Mixture, Noise, Path, interpolate
+from .paths import BasePath, Mixture, Noise, interpolate
 from .posterior import POINT
 
 __all__ = ["marginal_loss", "LossCurve", "Barrier", "CLASSIFICATION", "REGRESSION"]
@@ -80,7 +80,8 @@ class LossCurve:
     replicates : dict of str to ndarray of shape (B, T)
         Metric -> bootstrap replicates (the same resampled draws at every ``t``).
     kind : str
-        Path kind (``"wasserstein"``, ``"mixture"`` or ``"posterior"`` for a single one).
+        Path kind (``"wasserstein"``, ``"mixture"``, a curve's ``"bezier"`` or
+        ``"polychain"``, or ``"posterior"`` for a single one).
     num_samples, num_points : int
         Posterior draws per ``t`` and test points.
     common : bool
@@ -228,17 +229,7 @@ class _Evaluator:
         # buffers that are sites of state-dict posteriors: deterministic, the same in every draw
         state.update({k: v[0] for k, v in draws.items() if k in state})
         weights = {k: v for k, v in draws.items() if k in self.weight_sites}
-
-        def single(w: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-            return functional_call(net, {**state, **w}, (inputs,))
-
-        if self.vectorized:
-            batched = vmap(single, in_dims=(0, None))
-        else:
-            def batched(w, inputs):
-                count = next(iter(w.values())).shape[0]
-                return torch.stack([single({k: v[i] for k, v in w.items()}, inputs)
-                                    for i in range(count)])
+        batched = forward_draws(net, state, self.vectorized)
         first = next(iter(weights.values()))
         num, device = first.shape[0], first.device
         rows = []
@@ -406,9 +397,10 @@ def marginal_loss(
     ----------
     model : BayesianNetwork
         The network and likelihood the posteriors are over.
-    path_or_posterior : Path or posterior
-        A path from :func:`~bnn_align.interpolate`, or a single posterior (evaluated once),
-        on ``model``'s device (any): the network runs there.
+    path_or_posterior : path or posterior
+        A path from :func:`~bnn_align.interpolate` or :func:`~bnn_align.fit_curve` (any
+        :class:`~bnn_align.paths.BasePath`), or a single posterior (evaluated once), on
+        ``model``'s device (any): the network runs there.
     data : (x, y) tensors or TensorDataset
         Evaluation data; ``x`` of shape ``(N, *input_shape)``, on any device (moved to the
         model's a batch at a time).
@@ -472,7 +464,7 @@ def marginal_loss(
     _check_inputs(model, x)
     if isinstance(path_or_posterior, Mixture):  # one point of a mixture path
         path_or_posterior, ts = path_or_posterior.path, [path_or_posterior.t]
-    if isinstance(path_or_posterior, Path):
+    if isinstance(path_or_posterior, BasePath):
         path, kind = path_or_posterior, path_or_posterior.kind
     else:
         path, kind = interpolate(path_or_posterior, path_or_posterior), "posterior"
@@ -578,7 +570,7 @@ def _check_inputs(model: BayesianNetwork, x: torch.Tensor) -> None:
                          f"{('N', *model.input_shape)}")
 
 
-def _check_sites(model: BayesianNetwork, path: Path) -> None:
+def _check_sites(model: BayesianNetwork, path: BasePath) -> None:
     expected = {name: p.shape for name, p in model.net.named_parameters()}
     for site, shape in expected.items():
         if site not in path.view0.loc:

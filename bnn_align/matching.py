@@ -38,7 +38,7 @@ import torch
 from pyro.infer import autoguide
 from tqdm.auto import tqdm
 
-from ._checks import check_int, positive_int
+from ._checks import check_int, load_saved, positive_int
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
 from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
@@ -162,19 +162,7 @@ class Alignment:
     @classmethod
     def load(cls, path: str | Path, aligned: Any = None) -> "Alignment":
         """Load a saved alignment; ``aligned`` is None unless given (use :meth:`apply`)."""
-        expected = ("a file written by Alignment.save (torch.save of plain tensors and "
-                    "numbers, format 'bnn_align.Alignment/1')")
-        try:
-            state = torch.load(Path(path), weights_only=True)  # plain data: no code is run
-        except OSError:
-            raise  # missing file, a directory, no permission: the OS's message says it
-        except Exception as err:  # torch's unpickler raises many kinds for a foreign file
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path} is not a saved bnn_align Alignment; expected {expected}. "
-                             f"torch.load could not read it: {reason[:200]}") from None
-        if not isinstance(state, dict) or state.get("format") != "bnn_align.Alignment/1":
-            raise ValueError(f"{path} does not hold a saved bnn_align Alignment; expected "
-                             f"{expected}")
+        state = load_saved(path, "Alignment", "bnn_align.Alignment/1")
         return cls(
             perms=state["perms"], aligned=aligned, cost_before=state["cost_before"],
             cost_after=state["cost_after"], history=state["history"],

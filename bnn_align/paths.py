@@ -16,6 +16,9 @@
 
 Common random numbers: a path draws one set of standard-normal numbers and reuses it at every
 ``t``, so differences along the path are not drowned in Monte-Carlo noise.
+
+:class:`BasePath` is what every path provides (the learned curves of :mod:`bnn_align.curves`
+too): :func:`~bnn_align.marginal_loss` and the rest use only that.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .bayesian import BayesianNetwork
 from .posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView,
                         from_gaussian, model_of, paired_views)
 
-__all__ = ["interpolate", "Path", "Noise", "Mixture", "KINDS"]
+__all__ = ["interpolate", "BasePath", "Path", "Noise", "Mixture", "KINDS"]
 
 KINDS = ("wasserstein", "mixture")
 
@@ -89,19 +92,33 @@ def _procrustes(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
     return (u @ vh).to(w1.dtype)
 
 
-class Path:
-    """A path ``t -> q_t`` between two posteriors over the same network.
+class BasePath:
+    """A path ``t -> q_t`` between two posteriors over the same network: what
+    :func:`~bnn_align.marginal_loss`, :func:`~bnn_align.to_inference_data` and the plots use.
 
-    Build it with :func:`interpolate`. Attributes ``q0``, ``q1`` are the endpoints as given,
-    ``kind`` the path kind, ``view0``/``view1`` their Gaussian views (factors rank-padded and the
-    second one rotated onto the first), ``model`` the BayesianNetwork of the endpoints if known,
-    ``device`` the endpoints' device, where every posterior and draw of the path is made.
+    A path draws weights at ``t`` from standard-normal noise shared by every ``t`` (common
+    random numbers) and says which buffers (BatchNorm statistics) go with them. Subclasses
+    (:class:`Path`, :class:`~bnn_align.curves.Curve`) implement :meth:`view_at`, and may
+    override :meth:`draw`, :meth:`buffers_at` and :meth:`at`.
+
+    Attributes
+    ----------
+    q0, q1 : posterior
+        The endpoints as given.
+    kind : str
+        The path's kind (``"wasserstein"``, ``"mixture"``, ``"bezier"``, ...).
+    view0, view1 : GaussianView
+        The endpoints' views, factors rank-padded and the second one's rotated onto the first's.
+    models : tuple
+        The endpoints' BayesianNetworks (None where not known).
+    device : torch.device
+        The endpoints' device, where every posterior and draw of the path is made.
     """
 
-    def __init__(self, q0: Any, q1: Any, kind: str):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.q0, self.q1, self.kind = q0, q1, kind
+    kind: str = ""
+
+    def __init__(self, q0: Any, q1: Any):
+        self.q0, self.q1 = q0, q1
         v0, v1 = paired_views(q0, q1, ("q0", "q1"))
         self.view0, self.view1 = _align_factors(v0, v1)
         self.models = (_model(q0), _model(q1))
@@ -119,20 +136,8 @@ class Path:
         return self.view0.device
 
     def view_at(self, t: float) -> GaussianView:
-        """The Gaussian ``q_t`` of the Wasserstein path (linear in every part)."""
-        t = _check_t(t)
-        if self.kind != "wasserstein":
-            raise ValueError("a mixture is not Gaussian: use path.at(t).sample or path.draw")
-        v0, v1 = self.view0, self.view1
-
-        def lerp(part: str, site: str, x: torch.Tensor) -> torch.Tensor:
-            other = {"loc": v1.loc, "scale": v1.scale, "factor": v1.factor or {}}[part][site]
-            return torch.lerp(x, other, t)
-
-        return GaussianView(self.kind_of_view(), {s: lerp("loc", s, v) for s, v in v0.loc.items()},
-                            {s: lerp("scale", s, v) for s, v in v0.scale.items()},
-                            None if v0.factor is None else
-                            {s: lerp("factor", s, v) for s, v in v0.factor.items()})
+        """The Gaussian ``q_t``."""
+        raise NotImplementedError
 
     def kind_of_view(self) -> str:
         kinds = {self.view0.kind, self.view1.kind}
@@ -143,15 +148,16 @@ class Path:
         return FULL_RANK if kinds == {FULL_RANK} else LOW_RANK
 
     def at(self, t: float) -> Any:
-        """The posterior at ``t``: a new guide (or state dict) of the endpoints' kind, or a
-        :class:`Mixture` for the mixture path."""
+        """The posterior at ``t``: a new guide (or state dict) of the endpoints' kind; the
+        endpoints themselves at ``t = 0`` and ``1``."""
         t = _check_t(t)
-        if self.kind == "mixture":
-            return Mixture(self, t)
         if t == 0.0:
             return self.q0
         if t == 1.0:
             return self.q1
+        return self._posterior_at(t)
+
+    def _posterior_at(self, t: float) -> Any:
         view = self.view_at(t)
         model = self._model_at(t)
         for template in (self.q0, self.q1):
@@ -211,13 +217,7 @@ class Path:
 
     def draw(self, t: float, noise: Noise) -> dict[str, torch.Tensor]:
         """Weights of ``q_t`` for given noise: site -> ``(S, *site_shape)``."""
-        t = _check_t(t)
-        if self.kind == "wasserstein":
-            return self.view_at(t).transform((noise.eps, noise.z))
-        first, second = self.view0_draw(noise), self.view1_draw(noise)
-        pick = noise.u < t  # component 1 with probability t
-        return {s: torch.where(pick.view(-1, *([1] * (v.dim() - 1))), second[s], v)
-                for s, v in first.items()}
+        return self.view_at(t).transform((noise.eps, noise.z))
 
     def sample(self, ts: Sequence[float] | np.ndarray | torch.Tensor, num_samples: int,
                generator: torch.Generator | None = None, *, common: bool = True
@@ -235,8 +235,55 @@ class Path:
         return {s: torch.stack([d[s] for d in draws]) for s in draws[0]}
 
     def __repr__(self) -> str:
-        return (f"Path(kind={self.kind!r}, q0={type(self.q0).__name__}, "
+        return (f"{type(self).__name__}(kind={self.kind!r}, q0={type(self.q0).__name__}, "
                 f"q1={type(self.q1).__name__}, sites={len(self.view0.sites)})")
+
+
+class Path(BasePath):
+    """The Wasserstein or mixture path between two posteriors over the same network.
+
+    Build it with :func:`interpolate`. Attributes as :class:`BasePath`; ``model`` is the
+    BayesianNetwork of the endpoints if known.
+    """
+
+    def __init__(self, q0: Any, q1: Any, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        super().__init__(q0, q1)
+
+    def view_at(self, t: float) -> GaussianView:
+        """The Gaussian ``q_t`` of the Wasserstein path (linear in every part)."""
+        t = _check_t(t)
+        if self.kind != "wasserstein":
+            raise ValueError("a mixture is not Gaussian: use path.at(t).sample or path.draw")
+        v0, v1 = self.view0, self.view1
+
+        def lerp(part: str, site: str, x: torch.Tensor) -> torch.Tensor:
+            other = {"loc": v1.loc, "scale": v1.scale, "factor": v1.factor or {}}[part][site]
+            return torch.lerp(x, other, t)
+
+        return GaussianView(self.kind_of_view(), {s: lerp("loc", s, v) for s, v in v0.loc.items()},
+                            {s: lerp("scale", s, v) for s, v in v0.scale.items()},
+                            None if v0.factor is None else
+                            {s: lerp("factor", s, v) for s, v in v0.factor.items()})
+
+    def at(self, t: float) -> Any:
+        """The posterior at ``t``: a new guide (or state dict) of the endpoints' kind, or a
+        :class:`Mixture` for the mixture path."""
+        if self.kind == "mixture":
+            return Mixture(self, _check_t(t))
+        return super().at(t)
+
+    def draw(self, t: float, noise: Noise) -> dict[str, torch.Tensor]:
+        """Weights of ``q_t`` for given noise: site -> ``(S, *site_shape)``."""
+        t = _check_t(t)
+        if self.kind == "wasserstein":
+            return self.view_at(t).transform((noise.eps, noise.z))
+        first, second = self.view0_draw(noise), self.view1_draw(noise)
+        pick = noise.u < t  # component 1 with probability t
+        return {s: torch.where(pick.view(-1, *([1] * (v.dim() - 1))), second[s], v)
+                for s, v in first.items()}
 
 
 def _model(q: Any) -> BayesianNetwork | None:

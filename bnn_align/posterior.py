@@ -136,11 +136,16 @@ class GaussianView:
         theta = loc + scale * eps
         if factor is not None and z is not None:
             theta = theta + z @ factor.T
-        out, pos = {}, 0
-        for name, value in self.loc.items():
-            out[name] = theta[:, pos:pos + value.numel()].reshape(-1, *value.shape)
-            pos += value.numel()
-        return out
+        return split_flat(theta, self.shapes, dim=1)
+
+    @classmethod
+    def from_flat(cls, kind: str, shapes: Mapping[str, torch.Size], loc: torch.Tensor,
+                  scale: torch.Tensor, factor: torch.Tensor | None = None) -> "GaussianView":
+        """The inverse of :meth:`flat`: a view from packed ``(D,)``, ``(D,)`` and ``(D, rank)``
+        tensors, split into sites of the given shapes (in order). The parts are views of the
+        packed tensors (gradients flow through)."""
+        return cls(kind, split_flat(loc, shapes), split_flat(scale, shapes),
+                   None if factor is None else split_flat(factor, shapes))
 
     def map(self, fn: Callable[[str, str, torch.Tensor], torch.Tensor]) -> "GaussianView":
         """A new view with ``fn(part, site, tensor)`` applied to every tensor.
@@ -160,6 +165,19 @@ class GaussianView:
 
 
 # ------------------------------------------------------------------------------ helpers --
+def split_flat(flat: torch.Tensor, shapes: Mapping[str, torch.Size], dim: int = 0
+               ) -> dict[str, torch.Tensor]:
+    """Undo the packing of site tensors along axis ``dim``: ``flat`` has ``D`` entries there,
+    and every site gets its slice with that axis reshaped to the site's shape (views)."""
+    out, pos = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        part = flat.narrow(dim, pos, size)
+        out[name] = part.reshape((*flat.shape[:dim], *shape, *flat.shape[dim + 1:]))  # 0-d too
+        pos += size
+    return out
+
+
 def model_of(guide: nn.Module) -> Any:
     """The model a Pyro autoguide was built over, with Pyro's handler wrappers removed."""
     return unwrap(guide.model)
@@ -404,8 +422,7 @@ class _PackedAdapter(_GuideAdapter):
 
     def split(self, guide, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         # (D, *extra) -> {site: (*site_shape, *extra)}, as views of ``flat``
-        return {name: flat[sl].reshape(tuple(shape) + tuple(flat.shape[1:]))  # 0-d sites too
-                for name, (sl, shape) in self.layout(guide).items()}
+        return split_flat(flat, guide._unconstrained_shapes)
 
     def join(self, guide, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([parts[name].reshape(sl.stop - sl.start, *parts[name].shape[len(shape):])
