@@ -26,7 +26,7 @@ from ..paths import interpolate
 from .cache import Cache
 from .steps import ROW_KEY, Step
 
-__all__ = ["execute", "row_fields", "one_thread"]
+__all__ = ["execute", "load_trained", "row_fields", "one_thread"]
 
 
 def row_fields(metrics: tuple[str, ...] | list[str]) -> list[str]:
@@ -107,8 +107,9 @@ def _untrained(settings, seed: int) -> tuple[BayesianNetwork, Any, DataSplit]:
     return model, guide, split
 
 
-def _trained(step: Step, cache: Cache) -> tuple[BayesianNetwork, Any, DataSplit, float]:
-    """(model, guide, data, training seconds) of a finished train step, from the cache."""
+def load_trained(step: Step, cache: Cache) -> tuple[BayesianNetwork, Any, DataSplit, float]:
+    """(model, guide, data, training seconds) of a finished train step, from the cache
+    (raises ``FileNotFoundError`` or ``CorruptEntry`` when it is not there)."""
     model, guide, split = _untrained(step.settings, step.settings["seed"])
     state = cache.load(step)
     guide.load_state_dict(state["guide"])
@@ -130,8 +131,8 @@ def _train(step: Step, device: str) -> dict[str, Any]:
 
 def _match(step: Step, cache: Cache) -> dict[str, Any]:
     s = step.settings
-    _, q0, split, _ = _trained(step.inputs[0], cache)
-    _, q1, _, _ = _trained(step.inputs[1], cache)
+    _, q0, split, _ = load_trained(step.inputs[0], cache)
+    _, q1, _, _ = load_trained(step.inputs[1], cache)
     data = split.x_train[:s["activation_points"]] if s["method"] == "activation" else None
     alignment = match(q0, q1, method=s["method"], seed=s["seed"], data=data)
     return {"perms": alignment.perms, "aligned": alignment.aligned.state_dict(),
@@ -141,8 +142,8 @@ def _match(step: Step, cache: Cache) -> dict[str, Any]:
 
 def _evaluate(step: Step, cache: Cache) -> dict[str, Any]:
     s = step.settings
-    model, q0, split, seconds0 = _trained(step.inputs[0], cache)
-    _, q1, _, seconds1 = _trained(step.inputs[1], cache)
+    model, q0, split, seconds0 = load_trained(step.inputs[0], cache)
+    _, q1, _, seconds1 = load_trained(step.inputs[1], cache)
     other, perms, match_seconds = q1, None, 0.0
     if s["method"] != "naive":
         found = cache.load(step.inputs[2])

@@ -107,8 +107,9 @@ def read_results(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results table at {path}")
-    frame = (pd.read_parquet(path) if path.suffix == ".parquet"
-             else pd.read_csv(path, float_precision="round_trip"))
+    # pandas 3 parses floats exactly by default; before, only when asked to
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, **exact)
     missing = [k for k in ROW_KEY if k not in frame.columns and k != "path"]
     if missing:
         raise ValueError(f"{path} is not a study results table: no column {missing[0]!r}")
