@@ -112,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _study(args: argparse.Namespace) -> int:
     from . import sweep
 
+    if args.serial and args.address is not None:
+        raise SystemExit("bnn-align study: --serial runs without Ray; drop --address")
     try:
         study = sweep.load_study(args.config)
         only = [sweep.parse_filter(text) for text in args.only]

@@ -20,7 +20,7 @@ from .. import guides
 from ..bayesian import BayesianNetwork, fit
 from ..data import DataSplit, digits, mnist1d
 from ..marginal import marginal_loss
-from ..matching import alignment_cost, match
+from ..matching import _torch_on_one_thread, alignment_cost, match
 from ..models import mlp, resnet
 from ..paths import interpolate
 from .cache import Cache
@@ -46,13 +46,8 @@ def _short(metric: str) -> str:
 def one_thread() -> Iterator[None]:
     """torch and numpy's BLAS on one thread (the numbers depend on the thread count); both
     restored afterwards, and torch's global RNG state too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with _blas_on_one_thread(), torch.random.fork_rng():
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with _torch_on_one_thread(), _blas_on_one_thread(), torch.random.fork_rng():
+        yield
 
 
 def _blas_on_one_thread():

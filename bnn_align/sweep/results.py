@@ -102,7 +102,11 @@ def read_results(path: str | os.PathLike):
     Tables written before studies had several path kinds have no ``path`` column: their rows
     are of the Wasserstein path, and get ``path = "wasserstein"``.
     """
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("study results tables need pandas and pyarrow: pip install "
+                          "'bnn_align[sweep]'") from None
 
     path = Path(path)
     if not path.exists():

@@ -141,7 +141,7 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     if todo:
         executor = _Serial(cache) if serial else _Ray(cache, address, gpu_share, progress)
         try:
-            _schedule(todo, done, executor, finished, summary, progress)
+            _schedule(todo, len(done), executor, finished, summary, progress)
         finally:
             executor.close()
     summary.rows = len(table)
@@ -149,19 +149,21 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     return summary
 
 
-def _schedule(todo: list[Step], done: set[str], executor, finished, summary: RunSummary,
+def _schedule(todo: list[Step], cached: int, executor, finished, summary: RunSummary,
               progress: bool) -> None:
+    """Run ``todo`` (inputs before the steps using them; inputs not in it are done)."""
     from tqdm.auto import tqdm
 
     order = {step.key: i for i, step in enumerate(todo)}
-    waiting = {s.key: {i.key for i in s.inputs if i.key not in done} for s in todo}
+    waiting = {s.key: {i.key for i in s.inputs if i.key in order} for s in todo}
     dependents: dict[str, list[Step]] = collections.defaultdict(list)
     for step in todo:
         for source in step.inputs:
             dependents[source.key].append(step)
     ready = [s for s in todo if not waiting[s.key]]
     running: dict[str, Step] = {}
-    bar = tqdm(total=len(todo), desc="study", unit="step", disable=not progress)
+    bar = tqdm(total=cached + len(todo), initial=cached, desc="study", unit="step",
+               disable=not progress)
     try:
         while ready or running:
             ready.sort(key=lambda s: (_PRIORITY[s.kind], order[s.key]), reverse=True)
@@ -231,7 +233,11 @@ class _Ray:
     GPUs); at most as many in flight as the cluster has CPUs."""
 
     def __init__(self, cache: Cache, address: str | None, gpu_share: float, progress: bool):
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("running a study on Ray needs the ray package: pip install "
+                              "'bnn_align[sweep]' (or run serially)") from None
 
         self.ray, self.cache = ray, cache
         self.started_here = not ray.is_initialized()
