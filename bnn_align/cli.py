@@ -126,6 +126,8 @@ def _study(args: argparse.Namespace) -> int:
         print("bnn-align study: interrupted; run the same command again to resume",
               file=sys.stderr)
         return 130
+    except (ImportError, ValueError) as error:  # a filter matching nothing, a foreign table
+        raise SystemExit(f"bnn-align study: {error}")
     if not args.dry_run:
         print(summary)
     return 1 if summary.failed else 0

@@ -133,6 +133,13 @@ def test_filters():
             parse_filter(bad)
 
 
+def test_a_filter_that_matches_nothing_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="matches no row"):
+        main(["study", str(tiny_study(tmp_path)), "--out", str(tmp_path / "out"), "--serial",
+              "--only", "width>16"])
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- the cache --
 def test_a_corrupt_or_truncated_entry_is_detected_and_recomputed(tmp_path):
     study = load_study(tiny_study(tmp_path))

@@ -103,7 +103,10 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     """
     started = time.perf_counter()
     out = Path(out)
+    only = list(only)
     steps = expand(study, only)
+    if not steps:
+        raise ValueError(f"--only {' / '.join(map(str, only))} matches no row of the study")
     cache = Cache(out / "cache")
     table = ResultsTable(out / f"{study.name}.csv", row_fields(study.metrics))
     summary = RunSummary(total=len(steps), results=table.csv_path)
