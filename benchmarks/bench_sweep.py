@@ -73,6 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
+    load_before = os.getloadavg()  # other users of the machine show here
     folder = Path(tempfile.mkdtemp(prefix="bench_sweep-"))
     study = load_study(study_file(folder, args.epochs))
     from bnn_align.sweep.execute import _data
@@ -116,7 +117,7 @@ def main() -> None:
           f"{100 * rows[-1]['overhead']:.1f} %")
     write_record(RESULTS / "sweep.json", __doc__.split("\n")[0], rows,
                  ray_startup_seconds=startup, ray_init_seconds=init, cpus=args.cpus, epochs=args.epochs,
-                 load_average_after=os.getloadavg())
+                 load_average_before=load_before, load_average_after=os.getloadavg())
 
 
 if __name__ == "__main__":
