@@ -1,17 +1,18 @@
 """Does a change to ``match`` change the study's results? Re-match every cached study pair.
 
-The reproduction study (``study_barrier.py``) evaluates barriers of guides aligned by
+The reproduction study (``studies/barrier.toml``) evaluates barriers of guides aligned by
 ``match``; evaluating takes hours, matching two minutes. If a change to the solver leaves every
 permutation of the study's 144 matches (mean and W2, three pairs per cell) as it was, the
 study's aligned rows stand; otherwise those rows must be recomputed. Run it before and after
-the change, single-threaded (thread count changes float rounding):
+the change (each match on one thread, as in the study: the thread count changes float rounding):
 
-    OMP_NUM_THREADS=1 python benchmarks/check_study_matches.py --save before.pt
+    python benchmarks/check_study_matches.py --save before.pt
     # ... change the solver ...
-    OMP_NUM_THREADS=1 python benchmarks/check_study_matches.py --compare before.pt
+    python benchmarks/check_study_matches.py --compare before.pt
 
-It needs the trained guides in ``benchmarks/results/study_cache`` (made by the study) and
-reports the pairs whose permutations or objective differ, and the total matching time.
+It needs the trained guides in the step cache of the study's output folder (``--out``, the
+folder given to ``bnn-align study studies/barrier.toml --out ...``) and reports the pairs whose
+permutations or objective differ, and the total matching time.
 """
 
 from __future__ import annotations
@@ -19,44 +20,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyro
 import torch
 
-import study_barrier as study
 from bnn_align import match
+from bnn_align.sweep import Cache, expand, load_study
+from bnn_align.sweep.execute import load_trained, one_thread
 
-CACHE = Path(__file__).parent / "results" / "study_cache"
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "barrier.toml"
 
 
-def match_all(cache: Path) -> dict[tuple, dict]:
-    """(cell, pair, method) -> permutations, final objective and seconds of every study match."""
-    out = {}
-    for cell in study.grid(quick=False):
-        split = study.load_data(cell)
-        epochs = study.epochs_for(cell, quick=False)
-        for pair in range(3):
-            paths = [study.cache_path(cell, s, cache, epochs) for s in (2 * pair, 2 * pair + 1)]
-            if not all(p.exists() for p in paths):
-                raise FileNotFoundError(f"{paths[0].parent} lacks the guides of {cell.key}: "
-                                        f"run study_barrier.py first")
-            _, q0, _ = study.trained(cell, split, 2 * pair, cache, epochs, False)
-            _, q1, _ = study.trained(cell, split, 2 * pair + 1, cache, epochs, False)
-            for method in ("mean", "wasserstein"):
-                result = match(q0, q1, method=method, seed=pair)
-                out[cell.key, pair, method] = {"perms": result.perms,
-                                               "cost": result.cost_after,
-                                               "seconds": result.seconds}
-            pyro.clear_param_store()
-    return out
+def match_all(out: Path) -> dict[str, dict]:
+    """match label -> permutations, final objective and seconds of every mean and W2 match."""
+    cache = Cache(out / "cache")
+    found = {}
+    for step in expand(load_study(STUDY)):
+        if step.kind != "match" or step.settings["method"] not in ("mean", "wasserstein"):
+            continue
+        missing = [s.label for s in step.inputs if not cache.valid(s)]
+        if missing:
+            raise FileNotFoundError(f"{cache.root} lacks {missing[0]}: run "
+                                    f"bnn-align study {STUDY} --out {out} first")
+        with one_thread():
+            _, q0, _, _ = load_trained(step.inputs[0], cache)
+            _, q1, _, _ = load_trained(step.inputs[1], cache)
+            result = match(q0, q1, method=step.settings["method"], seed=step.settings["seed"])
+        found[step.label] = {"perms": result.perms, "cost": result.cost_after,
+                             "seconds": result.seconds}
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--save", type=Path, help="write this run's matches here")
     parser.add_argument("--compare", type=Path, help="compare with matches saved earlier")
-    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--out", type=Path, default=Path("study-output"),
+                        help="the study's output folder (study-output)")
     args = parser.parse_args()
-    now = match_all(args.cache)
+    now = match_all(args.out)
     print(f"{len(now)} matches, {sum(r['seconds'] for r in now.values()):.1f} s of matching")
     if args.save:
         torch.save(now, args.save)

@@ -58,6 +58,39 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--out", type=Path, default=Path("demo-output"),
                              help="folder for the plot and the JSON record")
     demo_parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
+
+    study_parser = commands.add_parser(
+        "study", help="run a study declared in a TOML file (resumable; local or on Ray)",
+        description="Expand a study (TOML) into train -> match -> evaluate steps and run those "
+                    "not in the cache as Ray tasks, one core each (a local Ray on this "
+                    "machine's cores unless --address is given); rows stream into "
+                    "OUT/<name>.csv and .parquet. See bnn_align.sweep.")
+    study_parser.add_argument("config", type=Path, help="the study file, e.g. studies/barrier.toml")
+    study_parser.add_argument("--address", default=None,
+                              help="Ray cluster to use: 'auto' or ray://host:port")
+    study_parser.add_argument("--out", type=Path, default=Path("study-output"),
+                              help="folder of the results table and the step cache "
+                                   "(study-output)")
+    study_parser.add_argument("--only", action="append", default=[], metavar="FILTER",
+                              help="run only matching rows, e.g. 'width<=256' or "
+                                   "'digits-mlp64-*,pair=0' (conditions FIELD OP VALUE or a "
+                                   "cell-key glob, comma = and; repeat the flag for or)")
+    study_parser.add_argument("--dry-run", action="store_true",
+                              help="list the steps and which are cached; run nothing")
+    study_parser.add_argument("--serial", action="store_true",
+                              help="run the steps in this process, one at a time, without Ray")
+    study_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    report_parser = commands.add_parser(
+        "report", help="markdown tables and plots of a study's results table",
+        description="Summarise a results table (CSV or Parquet) over seed pairs: write "
+                    "<stem>.md and the barrier plots.")
+    report_parser.add_argument("results", type=Path, help="the results table")
+    report_parser.add_argument("--out", type=Path, default=None,
+                               help="folder to write to (default: the table's folder)")
+    report_parser.add_argument("--compare", type=Path, default=None, metavar="REFERENCE",
+                               help="also compare every row with the same row of REFERENCE "
+                                    "(exit 1 if any differs beyond float rounding)")
     return parser
 
 
@@ -77,7 +110,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo(dataset=args.dataset, width=args.width, depth=args.depth, epochs=args.epochs,
              guide=args.guide, rank=args.rank, samples=args.samples, points=args.points,
              seed=args.seed, out=args.out, quiet=args.quiet)
+    elif args.command == "study":
+        return _study(args)
+    elif args.command == "report":
+        return _report(args)
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    if args.serial and args.address is not None:
+        raise SystemExit("bnn-align study: --serial runs without Ray; drop --address")
+    try:
+        study = sweep.load_study(args.config)
+        only = [sweep.parse_filter(text) for text in args.only]
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"bnn-align study: {error}")
+    try:
+        summary = sweep.run(study, args.out, only=only, address=args.address,
+                            serial=args.serial, dry_run=args.dry_run, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("bnn-align study: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except (ImportError, ValueError) as error:  # a filter matching nothing, a foreign table
+        raise SystemExit(f"bnn-align study: {error}")
+    if not args.dry_run:
+        print(summary)
+    return 1 if summary.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    try:
+        written = sweep.write_report(args.results, args.out)
+        differ = 0
+        if args.compare is not None:
+            rows = sweep.compare_results(args.results, args.compare)
+            differ = int((~rows["agrees"]).sum())
+            print(f"{len(rows)} rows compared with {args.compare}: {len(rows) - differ} agree "
+                  f"(largest relative difference {rows['max_rel_diff'].max():.3g}), "
+                  f"{differ} differ or are missing there")
+            for r in rows[~rows["agrees"]].to_dict("records"):
+                print("  " + " ".join(str(r[k]) for k in sweep.steps.ROW_KEY)
+                      + f": {r['worst_column']} rel. diff {r['max_rel_diff']:.3g}")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"bnn-align report: {error}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if differ else 0
 
 
 def demo(*, dataset: str = "mnist1d", width: int = 512, depth: int = 2,

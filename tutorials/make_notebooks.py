@@ -116,7 +116,7 @@ Along the naive path the model average's loss climbs far above the straight line
 endpoints (and the accuracy collapses towards chance in the middle); along the aligned path it
 stays much closer to the line. Most of the barrier was only a relabelling of hidden units. Not
 all of it: on MNIST-1D more than a tenth of a nat remains after alignment, many
-standard errors above zero (the reproduction study in `benchmarks/study_barrier.py` finds the
+standard errors above zero (the reproduction study in `studies/barrier.toml` finds the
 same over many pairs and widths, while on scikit-learn's digits it falls to about 0.01).
 
 `curve.to_json()` gives the numbers for the record; `bnn-align demo` runs the same loop from the
@@ -214,7 +214,7 @@ standard deviations and the covariance factor, which carries correlations betwee
 the means alone do not see; that lowers the full objective by less than one percent, and the
 barriers the two leave are within a standard error or so of each other. One pair of networks
 cannot settle which objective is better; the reproduction study in
-`benchmarks/study_barrier.py` compares mean and W2 matching for mean-field and low-rank guides
+`studies/barrier.toml` compares mean and W2 matching for mean-field and low-rank guides
 over several pairs and widths.
 """),
 ]

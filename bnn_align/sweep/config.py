@@ -1,0 +1,217 @@
+"""A study declared in TOML: the grid of cells and the settings of every step.
+
+A study file (see ``studies/barrier.toml``) has top-level settings, a ``[train]`` and an
+``[evaluate]`` table, and one or more ``[[grid]]`` blocks; each block is the product of its
+``datasets x archs x widths x guides`` and runs its own ``methods`` (default: the top-level
+``methods``). A cell listed by several blocks runs the union of their methods. Every key is
+checked before anything runs: an unknown key, value or an empty grid raises ``ValueError``
+naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the sweep extra installs tomli there
+    import tomli as tomllib
+
+from ..marginal import CLASSIFICATION
+from ..paths import KINDS as PATH_KINDS
+
+__all__ = ["Cell", "Study", "load_study", "parse_study", "DATASETS", "GUIDES", "METHODS"]
+
+DATASETS = ("mnist1d", "digits")
+GUIDES = ("mean-field", "low-rank")
+# "naive" evaluates the path to the unaligned second posterior; the others are match methods
+METHODS = ("naive", "mean", "wasserstein", "activation")
+_RESNET = re.compile(r"resnet(\d+)$")
+
+_TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "grid"}
+_TRAIN_DEFAULTS = {"epochs": None, "batch_size": 128, "lr": 1e-2, "lr_end": 1e-3, "rank": 10,
+                   "init_scale": 1e-3}
+_EVALUATE_DEFAULTS = {"samples": 64, "points": 11, "activation_points": 1000}
+_GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods"}
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One network and posterior family of the grid; every cell has ``pairs`` seed pairs."""
+
+    dataset: str
+    arch: str    # "mlp" (two hidden layers of ``width``) or "resnet<depth>" (width multiplier)
+    width: int
+    guide: str
+
+    @property
+    def key(self) -> str:
+        """``dataset-archwidth-guide``, e.g. ``digits-mlp64-mean-field``."""
+        return f"{self.dataset}-{self.arch}{self.width}-{self.guide}"
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study: its cells with their methods and the settings of every step kind.
+
+    Attributes
+    ----------
+    name : str
+        Stem of the results files (``<name>.csv``, ``<name>.parquet``, ``<name>.md``).
+    pairs : int
+        Independent pairs of posteriors per cell; pair ``p`` trains seeds ``2p`` and ``2p + 1``.
+    cells : dict of Cell to tuple of str
+        Every cell and the methods it runs, in the order of ``METHODS``.
+    paths, metrics : tuple of str
+        Path kinds (``bnn_align.paths.KINDS``) and metrics of ``marginal_loss``.
+    train : dict
+        ``epochs`` (dataset -> int), ``batch_size``, ``lr``, ``lr_end``, ``rank`` (of low-rank
+        guides), ``init_scale``.
+    evaluate : dict
+        ``samples`` (posterior draws per point), ``points`` (along the path),
+        ``activation_points`` (training inputs of ``"activation"`` matching).
+    """
+
+    name: str
+    pairs: int
+    cells: dict[Cell, tuple[str, ...]]
+    paths: tuple[str, ...]
+    metrics: tuple[str, ...]
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file (TOML).
+
+    Raises
+    ------
+    ValueError
+        For TOML that does not parse, or any key or value :func:`parse_study` rejects; the
+        message names the file and the key.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return parse_study(raw, default_name=path.stem)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study:
+    """Validate the parsed TOML of a study (a mapping, not modified) and return the Study."""
+    _known(raw, _TOP_KEYS, "")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"name must be a file-name stem (letters, digits, _ . -), got {name!r}")
+    pairs = _positive(raw.get("pairs", 3), "pairs")
+    methods = _choices(raw.get("methods", ["naive", "mean", "wasserstein"]), METHODS, "methods")
+    paths = _choices(raw.get("paths", ["wasserstein"]), PATH_KINDS, "paths")
+    metrics = _choices(raw.get("metrics", ["nll", "accuracy"]), CLASSIFICATION, "metrics")
+    if "nll" not in metrics:
+        raise ValueError(f"metrics must include 'nll' (the study's barrier), got {list(metrics)}")
+    cells = _cells(raw.get("grid"), methods)
+    datasets = sorted({c.dataset for c in cells})
+    train = _section(raw, "train", _TRAIN_DEFAULTS)
+    train["epochs"] = _epochs(train["epochs"], datasets)
+    for key in ("batch_size", "rank"):
+        _positive(train[key], f"train.{key}")
+    for key in ("lr", "lr_end", "init_scale"):
+        if isinstance(train[key], bool) or not isinstance(train[key], (int, float)) \
+                or not train[key] > 0:
+            raise ValueError(f"train.{key} must be a positive number, got {train[key]!r}")
+        train[key] = float(train[key])
+    evaluate = _section(raw, "evaluate", _EVALUATE_DEFAULTS)
+    for key in ("samples", "points", "activation_points"):
+        _positive(evaluate[key], f"evaluate.{key}")
+    if evaluate["points"] < 2:
+        raise ValueError(f"evaluate.points must be at least 2 (the two endpoints), "
+                         f"got {evaluate['points']}")
+    return Study(name=name, pairs=pairs, cells=cells, paths=paths, metrics=metrics,
+                 train=train, evaluate=evaluate)
+
+
+def _known(table: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{where or 'the study'} must be a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key {where + '.' if where else ''}{unknown[0]!s}; "
+                         f"expected one of {sorted(allowed)}")
+
+
+def _positive(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _choices(values: Any, allowed: tuple[str, ...], key: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{key} must be a non-empty list, got {values!r}")
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"{key}: unknown {unknown[0]!r}; choose from {list(allowed)}")
+    return tuple(v for v in allowed if v in values)  # canonical order, no repeats
+
+
+def _section(raw: Mapping[str, Any], name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    table = raw.get(name, {})
+    _known(table, set(defaults), name)
+    return {**defaults, **table}
+
+
+def _arch(value: Any, key: str) -> str:
+    match = _RESNET.match(value) if isinstance(value, str) else None
+    if value == "mlp" or (match and int(match[1]) >= 8 and (int(match[1]) - 2) % 6 == 0):
+        return value
+    raise ValueError(f"{key}: unknown architecture {value!r}; expected 'mlp' or "
+                     f"'resnet<depth>' with depth 6n + 2 (8, 14, 20, ...)")
+
+
+def _cells(grid: Any, methods: tuple[str, ...]) -> dict[Cell, tuple[str, ...]]:
+    if grid is None or (isinstance(grid, list) and not grid):
+        raise ValueError("grid is empty: add at least one [[grid]] block")
+    if not isinstance(grid, list):
+        raise ValueError(f"grid must be an array of tables ([[grid]]), got {type(grid).__name__}")
+    found: dict[Cell, set[str]] = {}
+    for i, block in enumerate(grid):
+        where = f"grid[{i}]"
+        _known(block, _GRID_KEYS, where)
+        for key in ("datasets", "archs", "widths", "guides"):
+            if key not in block:
+                raise ValueError(f"{where}.{key} is missing")
+            if not isinstance(block[key], list) or not block[key]:
+                raise ValueError(f"{where}.{key} must be a non-empty list, got {block[key]!r}")
+        datasets = _choices(block["datasets"], DATASETS, f"{where}.datasets")
+        guides = _choices(block["guides"], GUIDES, f"{where}.guides")
+        archs = [_arch(a, f"{where}.archs") for a in block["archs"]]
+        widths = [_positive(w, f"{where}.widths") for w in block["widths"]]
+        block_methods = _choices(block.get("methods", list(methods)), METHODS,
+                                 f"{where}.methods")
+        for d in datasets:
+            for a in archs:
+                for w in widths:
+                    for g in guides:
+                        found.setdefault(Cell(d, a, w, g), set()).update(block_methods)
+    return {cell: tuple(m for m in METHODS if m in ms) for cell, ms in found.items()}
+
+
+def _epochs(value: Any, datasets: list[str]) -> dict[str, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {d: _positive(value, "train.epochs") for d in datasets}
+    if isinstance(value, Mapping):
+        _known(value, set(DATASETS), "train.epochs")
+        missing = [d for d in datasets if d not in value]
+        if missing:
+            raise ValueError(f"train.epochs has no entry for dataset {missing[0]!r}")
+        return {d: _positive(value[d], f"train.epochs.{d}") for d in datasets}
+    raise ValueError(f"train.epochs must be an integer or a table dataset -> integer, "
+                     f"got {value!r}")

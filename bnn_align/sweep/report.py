@@ -1,0 +1,230 @@
+"""A results table as the study's markdown tables and plots.
+
+Every (cell, method, path) is summarised over its pairs: the mean of each barrier, its spread
+(the standard deviation over pairs) and the mean Monte-Carlo standard error; the endpoints'
+mean test accuracy; the mean matching objectives at the method's permutations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import DATASETS, METHODS
+
+__all__ = ["summarise", "markdown", "plot", "write_report"]
+
+LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation"}
+COLORS = {"naive": "tab:red", "mean": "tab:orange", "wasserstein": "tab:blue",
+          "activation": "tab:green"}
+_STYLES = {"mean-field": "-", "low-rank": "--"}
+
+
+def summarise(frame) -> list[dict[str, Any]]:
+    """One entry per (dataset, arch, width, guide, method, path) of a results DataFrame (see
+    :func:`~bnn_align.sweep.read_results`): ``pairs``, ``test_acc``, ``train_seconds`` (per
+    guide), ``<metric>_mean``, ``<metric>_spread``, ``<metric>_mc_se`` for every barrier column
+    ``<metric>_barrier``, and ``w2_cost``, ``mean_cost``. Ordered by dataset, arch, guide,
+    width, method."""
+    metrics = _metrics(frame)
+    groups: dict[tuple, list[dict]] = {}
+    for r in frame.to_dict("records"):
+        groups.setdefault((r["dataset"], r["arch"], int(r["width"]), r["guide"], r["method"],
+                           r["path"]), []).append(r)
+    out = []
+    for (dataset, arch, width, guide, method, path), rs in sorted(groups.items(), key=_order):
+        entry = {"dataset": dataset, "arch": arch, "width": width, "guide": guide,
+                 "method": method, "path": path, "pairs": len(rs),
+                 "train_seconds": float(np.mean([r["train_seconds"] for r in rs])) / 2}
+        if "acc_t0" in frame.columns:
+            entry["test_acc"] = float(np.mean([(r["acc_t0"] + r["acc_t1"]) / 2 for r in rs]))
+        for key in metrics:
+            values = np.array([r[f"{key}_barrier"] for r in rs])
+            entry[f"{key}_mean"] = float(values.mean())
+            entry[f"{key}_spread"] = float(values.std(ddof=1)) if len(rs) > 1 else 0.0
+            entry[f"{key}_mc_se"] = float(np.mean([r[f"{key}_se"] for r in rs]))
+        for key in ("w2_cost", "mean_cost"):
+            entry[key] = float(np.mean([r[key] for r in rs]))
+        out.append(entry)
+    return out
+
+
+def _metrics(frame) -> list[str]:
+    found = [c[:-len("_barrier")] for c in frame.columns if c.endswith("_barrier")]
+    return sorted(found, key=lambda m: (m != "nll", m != "acc", m))
+
+
+def _order(item):
+    (dataset, arch, width, guide, method, path), _ = item
+    return (dataset, arch, guide, width, METHODS.index(method), path)
+
+
+def _network(arch: str, width: int) -> str:
+    return f"MLP {width}x2" if arch == "mlp" else f"ResNet-{arch[len('resnet'):]} x{width}"
+
+
+def markdown(summary: list[dict[str, Any]]) -> str:
+    """The NLL barriers (with test accuracy and the W2 rows' Monte-Carlo s.e.), one table per
+    other metric (accuracy: the largest drop below the line between the endpoints), and the
+    matching objectives; a set of tables per path kind when there are several."""
+    paths = sorted({s["path"] for s in summary})
+    parts = []
+    for path in paths:
+        rows = [s for s in summary if s["path"] == path]
+        text = _tables(rows)
+        parts.append(text if len(paths) == 1 else f"### Path: {path}\n\n{text}")
+    return "\n\n".join(parts)
+
+
+def _tables(summary: list[dict[str, Any]]) -> str:
+    cells: dict[tuple, dict] = {}
+    for s in summary:
+        cells.setdefault((s["dataset"], s["arch"], s["width"], s["guide"]), {})[s["method"]] = s
+    methods = [m for m in METHODS if any(m in by for by in cells.values())]
+    head = " | ".join(LABELS[m] for m in methods)
+    metrics = [k[:-len("_mean")] for k in summary[0] if k.endswith("_mean")]
+    acc = "test_acc" in summary[0]
+    lines = ["NLL barrier (nats): mean ± spread (standard deviation) over independent pairs; "
+             "MC s.e.: the typical Monte-Carlo standard error of one aligned (W2) barrier.", "",
+             f"| data | network | guide | {'test acc | ' if acc else ''}{head} | MC s.e. |",
+             _rule(4 + acc + len(methods))]
+    for (dataset, arch, width, guide), by_method in cells.items():
+        test = np.mean([s["test_acc"] for s in by_method.values()]) if acc else None
+        se = by_method.get("wasserstein", {}).get("nll_mc_se", math.nan)
+        lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
+                     + (f"{test:.3f} | " if acc else "") + _row(by_method, methods, "nll")
+                     + f" | {se:.3f} |")
+    for metric in metrics[1:]:
+        what = ("Accuracy barrier (largest drop below the line between the endpoints)"
+                if metric == "acc" else f"{metric} barrier")
+        lines += ["", f"{what}: mean ± spread over pairs.", "",
+                  f"| data | network | guide | {head} |", _rule(3 + len(methods))]
+        for (dataset, arch, width, guide), by_method in cells.items():
+            lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
+                         + _row(by_method, methods, metric) + " |")
+    lines += ["", "Matching objectives at each method's permutations (mean over pairs): the "
+              "W2 objective (coupled squared distance) and the squared distance of the means.",
+              "", "| data | network | guide | W2 obj.: mean | W2 obj.: W2 | "
+              "mean obj.: mean | mean obj.: W2 |", _rule(7)]
+    for (dataset, arch, width, guide), by_method in cells.items():
+        if "mean" not in by_method or "wasserstein" not in by_method:
+            continue
+        m, w = by_method["mean"], by_method["wasserstein"]
+        lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | {m['w2_cost']:.1f} | "
+                     f"{w['w2_cost']:.1f} | {m['mean_cost']:.1f} | {w['mean_cost']:.1f} |")
+    return "\n".join(lines)
+
+
+def _rule(columns: int) -> str:
+    return "|" + "---|" * columns
+
+
+def _row(by_method: dict, methods: list[str], key: str) -> str:
+    return " | ".join("" if m not in by_method else
+                      f"{by_method[m][key + '_mean']:.3f} ± {by_method[m][key + '_spread']:.3f}"
+                      for m in methods)
+
+
+def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll") -> None:
+    """Barriers against width, one row of panels per dataset: an MLP panel per guide, one
+    panel per ResNet with both guides (solid mean-field, dashed low-rank). Error bars are the
+    spread over pairs; the log axis is floored at 1e-3 (barriers are >= 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [s for s in summary if s["path"] == min(s["path"] for s in summary)]
+    rows = []
+    for dataset in [d for d in DATASETS if any(s["dataset"] == d for s in summary)]:
+        here = [s for s in summary if s["dataset"] == dataset]
+        panels = []
+        for arch in sorted({s["arch"] for s in here}, key=lambda a: (a != "mlp", a)):
+            guides = [g for g in _STYLES if any((s["arch"], s["guide"]) == (arch, g)
+                                                 for s in here)]
+            panels += [(dataset, arch, g) for g in guides] if arch == "mlp" else \
+                [(dataset, arch, None)]
+        rows.append(panels)
+    ncols = max(len(r) for r in rows)
+    if all(len(r) == ncols for r in rows):
+        ncols += 1  # a free panel for the legend
+    floor = 1e-3
+    ylabel = "NLL barrier (nats)" if key == "nll" else f"{'accuracy' if key == 'acc' else key} barrier"
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4 * ncols, 3.3 * len(rows)),
+                             squeeze=False)
+    for ax_row, panels in zip(axes, rows):
+        for ax in ax_row[len(panels):]:
+            ax.axis("off")
+        for ax, (dataset, arch, guide) in zip(ax_row, panels):
+            _panel(ax, summary, dataset, arch, guide, key, floor, ylabel)
+    handles = [plt.Line2D([], [], color=c, marker="o", label=LABELS[m])
+               for m, c in COLORS.items() if any(s["method"] == m for s in summary)]
+    handles += [plt.Line2D([], [], color="gray", linestyle=style, label=g)
+                for g, style in _STYLES.items()]
+    free = max((i for i, r in enumerate(rows) if len(r) < ncols))
+    axes[free][-1].legend(handles=handles, loc="center", title="matching; guide")
+    pairs = max(s["pairs"] for s in summary)
+    fig.suptitle(f"{ylabel} after alignment; error bars: spread over {pairs} pairs of seeds",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
+    widths = set()
+    for method, color in COLORS.items():
+        for g, style in _STYLES.items():
+            if guide is not None and g != guide:
+                continue
+            pts = sorted((s["width"], s[f"{key}_mean"], s[f"{key}_spread"]) for s in summary
+                         if (s["dataset"], s["arch"], s["guide"], s["method"]) ==
+                         (dataset, arch, g, method))
+            if not pts:
+                continue
+            w, m, e = map(np.array, zip(*pts))
+            widths.update(w.tolist())
+            lower = np.minimum(e, np.maximum(m, floor) - floor)  # keep bars on the axis
+            ax.errorbar(w, np.maximum(m, floor), yerr=(lower, e), marker="o", ms=4, capsize=2,
+                        color=color, linestyle=style, label=f"{LABELS[method]} ({g})")
+    ax.set_xscale("log", base=2)
+    if arch != "mlp":
+        ax.set_xlim(min(widths) * 0.8, max(widths) * 1.25)
+        ax.set_xticks(sorted(widths), [f"x{w}" for w in sorted(widths)])
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 5)
+    ax.set_xlabel("hidden width (2 layers)" if arch == "mlp" else "width multiplier")
+    ax.set_ylabel(ylabel)
+    network = "MLP" if arch == "mlp" else f"ResNet-{arch[len('resnet'):]}"
+    if dataset == "mnist1d" and arch != "mlp":
+        network += " (1-D)"
+    ax.set_title(f"{dataset}, {network}" + (f", {guide}" if guide else ", both guides"),
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+
+
+def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None
+                 ) -> list[Path]:
+    """Write ``<stem>.md`` (the tables), ``<stem>.png`` (NLL barriers) and, with accuracy,
+    ``<stem>_accuracy.png`` for the results table ``<stem>.csv`` (or ``.parquet``) into ``out``
+    (default: the table's folder); returns the paths written."""
+    from .results import read_results
+
+    results = Path(results)
+    frame = read_results(results)
+    if frame.empty:
+        raise ValueError(f"{results} has no rows to report")
+    out = Path(out) if out is not None else results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(frame)
+    written = [out / f"{results.stem}.md", out / f"{results.stem}.png"]
+    written[0].write_text(markdown(summary) + "\n")
+    plot(summary, written[1], "nll")
+    if "acc_barrier" in frame.columns:
+        written.append(out / f"{results.stem}_accuracy.png")
+        plot(summary, written[-1], "acc")
+    return written

@@ -1,0 +1,286 @@
+"""Run a study's steps: as Ray tasks (one core each) or serially in this process.
+
+The driver (this process) schedules: a step is submitted once its inputs are done, at most as
+many at a time as the cluster has CPUs, evaluations and matches before trainings so rows arrive
+early. Each task reads its inputs from the cache folder and writes its own entry there, and
+returns only a small summary (a results row, or its run time), so posteriors never travel
+through Ray's object store; on a cluster the output folder must therefore be on a file system
+every node sees, and bnn_align must be installed on every node. A task whose worker dies is
+retried by Ray; since entries are written atomically, a retried step starts from scratch.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .cache import Cache, CorruptEntry
+from .config import Study
+from .execute import execute, row_fields
+from .results import ResultsTable
+from .select import RowFilter
+from .steps import KINDS, Step, expand
+
+__all__ = ["run", "RunSummary", "GPU_SHARE"]
+
+# the share of a GPU a training task asks for where the cluster has GPUs
+GPU_SHARE = 0.25
+_PRIORITY = {"evaluate": 0, "match": 1, "train": 2}
+
+
+@dataclass
+class RunSummary:
+    """What a call of :func:`run` did.
+
+    Attributes
+    ----------
+    total : int
+        Steps of the (filtered) study.
+    cached : int
+        Steps found done in the cache (valid checksum).
+    ran : dict of str to int
+        Steps run, by kind (in a dry run: the steps that would run).
+    failed : list of (str, str)
+        Label and error of every step that failed; the steps depending on them did not run.
+    rows_added, rows : int
+        Rows written by this call, and rows in the table.
+    results : Path
+        The results CSV (the Parquet copy is beside it).
+    seconds : float
+    """
+
+    total: int = 0
+    cached: int = 0
+    ran: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    rows_added: int = 0
+    rows: int = 0
+    results: Path = Path()
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        ran = ", ".join(f"{kind} {n}" for kind, n in self.ran.items())
+        text = (f"{sum(self.ran.values())} of {self.total} steps run ({ran}), {self.cached} "
+                f"cached; {self.rows_added} rows added, {self.rows} in {self.results}")
+        if self.failed:
+            text += f"; {len(self.failed)} failed:\n" + "\n".join(
+                f"  {label}: {error}" for label, error in self.failed)
+        return text
+
+
+def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
+        address: str | None = None, serial: bool = False, dry_run: bool = False,
+        progress: bool = True, echo: Callable[[str], Any] = print,
+        gpu_share: float = GPU_SHARE) -> RunSummary:
+    """Run every step of ``study`` that is not in the cache of ``out``; rows go to
+    ``out/<study.name>.csv`` (and ``.parquet``) as they finish.
+
+    Parameters
+    ----------
+    study : Study
+        From :func:`load_study`.
+    out : path
+        Output folder: the results table and the step cache (``out/cache``).
+    only : iterable of RowFilter
+        Run only the rows passing one of these filters (and the steps they need).
+    address : str, optional
+        Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``). By default a Ray
+        already initialised in this process is used, or a local one started on all cores
+        (and stopped at the end).
+    serial : bool
+        Run every step in this process, one after another, without Ray.
+    dry_run : bool
+        Only report (through ``echo``) every step, whether it is cached, and the totals.
+    progress : bool
+        Show a progress bar: steps done / to do and the kinds of the running steps.
+    echo : callable
+        Where the dry run's lines go.
+    gpu_share : float
+        Share of a GPU a training task asks Ray for, where the cluster has GPUs.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    only = list(only)
+    steps = expand(study, only)
+    if not steps:
+        raise ValueError(f"--only {' / '.join(map(str, only))} matches no row of the study")
+    cache = Cache(out / "cache")
+    table = ResultsTable(out / f"{study.name}.csv", row_fields(study.metrics))
+    summary = RunSummary(total=len(steps), results=table.csv_path)
+    done = {step.key for step in steps if cache.valid(step)}
+    todo = [step for step in steps if step.key not in done]
+    summary.cached = len(done)
+    if dry_run:
+        for step in steps:
+            echo(f"{'cached' if step.key in done else 'run':<7}{step.label}")
+        counts = collections.Counter(step.kind for step in todo)
+        summary.ran = {kind: counts[kind] for kind in KINDS}
+        summary.rows = len(table)
+        echo(f"{len(steps)} steps: {len(done)} cached, {len(todo)} to run ("
+             + ", ".join(f"{k} {summary.ran[k]}" for k in KINDS) + ")")
+        return summary
+    replaced = table.retain({s.row_key(): s.key for s in steps if s.kind == "evaluate"})
+    if replaced:
+        echo(f"{replaced} rows of {table.csv_path} were computed with other settings: "
+             f"their steps run again")
+    for step in steps:
+        # a run stopped between a step's cache entry and its row leaves the row to write here
+        if step.kind == "evaluate" and step.key in done and step.row_key() not in table:
+            try:
+                summary.rows_added += table.add(cache.load(step)["row"])
+            except CorruptEntry:
+                done.discard(step.key)
+                todo.append(step)
+                summary.cached -= 1
+
+    def finished(step: Step, result: dict[str, Any]) -> None:
+        summary.ran[step.kind] += 1
+        if step.kind == "evaluate":
+            summary.rows_added += table.add(result["row"])
+
+    if todo:
+        executor = _Serial(cache) if serial else _Ray(cache, address, gpu_share, progress)
+        try:
+            _schedule(todo, len(done), executor, finished, summary, progress)
+        finally:
+            executor.close()
+    summary.rows = len(table)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _schedule(todo: list[Step], cached: int, executor, finished, summary: RunSummary,
+              progress: bool) -> None:
+    """Run ``todo`` (inputs before the steps using them; inputs not in it are done)."""
+    from tqdm.auto import tqdm
+
+    order = {step.key: i for i, step in enumerate(todo)}
+    waiting = {s.key: {i.key for i in s.inputs if i.key in order} for s in todo}
+    dependents: dict[str, list[Step]] = collections.defaultdict(list)
+    for step in todo:
+        for source in step.inputs:
+            dependents[source.key].append(step)
+    ready = [s for s in todo if not waiting[s.key]]
+    running: dict[str, Step] = {}
+    bar = tqdm(total=cached + len(todo), initial=cached, desc="study", unit="step",
+               disable=not progress)
+    try:
+        while ready or running:
+            ready.sort(key=lambda s: (_PRIORITY[s.kind], order[s.key]), reverse=True)
+            while ready and len(running) < executor.capacity():
+                step = ready.pop()
+                executor.submit(step)
+                running[step.key] = step
+            kinds = collections.Counter(s.kind for s in running.values())
+            bar.set_postfix_str("running " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+            step_key, result, error = executor.wait()
+            step = running.pop(step_key)
+            bar.update(1)
+            if error is not None:
+                summary.failed.append((step.label, error))
+                bar.total -= _drop(step, dependents, waiting)
+                bar.refresh()
+                continue
+            finished(step, result)
+            for dependent in dependents[step.key]:
+                waiting[dependent.key].discard(step.key)
+                if not waiting[dependent.key]:
+                    ready.append(dependent)
+    finally:
+        bar.close()
+
+
+def _drop(failed: Step, dependents: dict[str, list[Step]], waiting: dict[str, set]) -> int:
+    """Mark the steps depending on a failed step as never ready; returns how many."""
+    dropped, stack = set(), [failed]
+    while stack:
+        for dependent in dependents[stack.pop().key]:
+            if dependent.key not in dropped:
+                dropped.add(dependent.key)
+                waiting[dependent.key].add(failed.key)
+                stack.append(dependent)
+    return len(dropped)
+
+
+class _Serial:
+    """Steps run in this process when waited for, one at a time."""
+
+    def __init__(self, cache: Cache):
+        self.cache, self.queue = cache, collections.deque()
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def capacity(self) -> int:
+        return 1
+
+    def submit(self, step: Step) -> None:
+        self.queue.append(step)
+
+    def wait(self) -> tuple[str, Any, str | None]:
+        step = self.queue.popleft()
+        try:
+            return step.key, execute(step, self.cache, self.device), None
+        except Exception as error:  # a failed step is reported, the others go on
+            return step.key, None, f"{type(error).__name__}: {error}"
+
+    def close(self) -> None:
+        pass
+
+
+class _Ray:
+    """Steps run as Ray tasks (one CPU each; training asks for a GPU share where there are
+    GPUs); at most as many in flight as the cluster has CPUs."""
+
+    def __init__(self, cache: Cache, address: str | None, gpu_share: float, progress: bool):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("running a study on Ray needs the ray package: pip install "
+                              "'bnn_align[sweep]' (or run serially)") from None
+
+        self.ray, self.cache = ray, cache
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            options: dict[str, Any] = {"log_to_driver": progress}
+            if address is None:
+                options["include_dashboard"] = False
+            ray.init(address=address, **options)
+        self.gpu_share = gpu_share if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self.task = ray.remote(_ray_task)
+        self.running: dict[Any, str] = {}
+
+    def capacity(self) -> int:
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
+    def submit(self, step: Step) -> None:
+        gpus = self.gpu_share if step.kind == "train" else 0
+        ref = self.task.options(num_cpus=1, num_gpus=gpus, max_retries=3,
+                                name=step.label).remote(step, str(self.cache.root))
+        self.running[ref] = step.key
+
+    def wait(self) -> tuple[str, Any, str | None]:
+        [ref], _ = self.ray.wait(list(self.running), num_returns=1)
+        key = self.running.pop(ref)
+        try:
+            return key, self.ray.get(ref), None
+        except self.ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None) or error
+            return key, None, f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
+        else:
+            for ref in self.running:
+                self.ray.cancel(ref)
+
+
+def _ray_task(step: Step, cache_root: str) -> dict[str, Any]:
+    import ray
+
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    return execute(step, Cache(cache_root), device)

@@ -1,0 +1,118 @@
+"""A study as a graph of steps: train a posterior -> match a pair -> evaluate a path.
+
+Every step has a cache key: a hash of its kind, its settings, its inputs' keys and the package
+version. A step's result depends on nothing else, so a step whose key is cached is done, and a
+changed setting changes the keys of exactly the steps that depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .config import Cell, Study
+from .select import RowFilter
+
+__all__ = ["Step", "expand", "ROW_KEY", "KINDS"]
+
+KINDS = ("train", "match", "evaluate")
+# the fields that name one result row (one evaluated path)
+ROW_KEY = ("dataset", "arch", "width", "guide", "pair", "method", "path")
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One unit of work of a study.
+
+    Attributes
+    ----------
+    kind : {"train", "match", "evaluate"}
+    settings : mapping
+        Everything the step's result depends on besides its inputs (JSON-serialisable).
+    inputs : tuple of Step
+        Train: none; match: the two trained posteriors; evaluate: the two trained posteriors
+        and, unless the method is ``"naive"``, the match.
+    label : str
+        Readable name, e.g. ``train digits-mlp64-mean-field seed 0``.
+    key : str
+        Hex digest of kind, settings, the inputs' keys and ``bnn_align.__version__``.
+    """
+
+    kind: str
+    settings: Mapping[str, Any]
+    inputs: tuple["Step", ...] = ()
+    label: str = ""
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        from .. import __version__
+
+        blob = json.dumps({"kind": self.kind, "settings": dict(self.settings),
+                           "inputs": [step.key for step in self.inputs],
+                           "version": __version__}, sort_keys=True)
+        object.__setattr__(self, "key", hashlib.sha256(blob.encode()).hexdigest()[:24])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Step) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def row_key(self) -> tuple:
+        """The result row's key (evaluate steps only)."""
+        return tuple(self.settings[k] for k in ROW_KEY)
+
+
+def expand(study: Study, only: Iterable[RowFilter] = ()) -> list[Step]:
+    """Every step of the study whose row passes one of the filters ``only`` (all rows when
+    there are none), with the steps those rows need; inputs come before the steps using them.
+    """
+    only = list(only)
+    trains: dict[tuple[Cell, int], Step] = {}
+    matches: dict[tuple[Cell, int, str], Step] = {}
+    evaluates: list[Step] = []
+    for cell, methods in sorted(study.cells.items()):
+        for pair in range(study.pairs):
+            for method in methods:
+                for path in study.paths:
+                    row = {"dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
+                           "guide": cell.guide, "pair": pair, "method": method, "path": path}
+                    if only and not any(f.matches(row, cell.key) for f in only):
+                        continue
+                    a = _train(study, cell, 2 * pair, trains)
+                    b = _train(study, cell, 2 * pair + 1, trains)
+                    inputs: tuple[Step, ...] = (a, b)
+                    if method != "naive":
+                        inputs += (_match(study, cell, pair, method, a, b, matches),)
+                    settings = {**row, "samples": study.evaluate["samples"],
+                                "points": study.evaluate["points"],
+                                "metrics": list(study.metrics)}
+                    evaluates.append(Step("evaluate", settings, inputs,
+                                          f"evaluate {cell.key} pair {pair} {method} {path}-path"))
+    return [*trains.values(), *matches.values(), *evaluates]
+
+
+def _train(study: Study, cell: Cell, seed: int, trains: dict) -> Step:
+    if (cell, seed) not in trains:
+        t = study.train
+        settings = {"dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
+                    "guide": cell.guide, "seed": seed, "epochs": t["epochs"][cell.dataset],
+                    "batch_size": t["batch_size"], "lr": t["lr"], "lr_end": t["lr_end"],
+                    "init_scale": t["init_scale"]}
+        if cell.guide == "low-rank":
+            settings["rank"] = t["rank"]
+        trains[cell, seed] = Step("train", settings, (), f"train {cell.key} seed {seed}")
+    return trains[cell, seed]
+
+
+def _match(study: Study, cell: Cell, pair: int, method: str, a: Step, b: Step,
+           matches: dict) -> Step:
+    if (cell, pair, method) not in matches:
+        settings: dict[str, Any] = {"method": method, "seed": pair}
+        if method == "activation":
+            settings["activation_points"] = study.evaluate["activation_points"]
+        matches[cell, pair, method] = Step("match", settings, (a, b),
+                                           f"match {cell.key} pair {pair} {method}")
+    return matches[cell, pair, method]
