@@ -15,8 +15,8 @@ from bnn_align import (Alignment, BayesianNetwork, alignment_cost, fit, guides, 
 from bnn_align.data import digits
 from bnn_align.learned import VALIDATION_FRACTION, _Sinkhorn, _split, _StraightThrough
 from bnn_align.matching import _prepare
-from bnn_align.permute import invert, permute_tensors, random_perms
-from bnn_align.posterior import model_of
+from bnn_align.permute import identity_perms, invert, permute_tensors, random_perms
+from bnn_align.posterior import GaussianView, model_of
 
 from conftest import group_sizes, make_guide
 
@@ -168,10 +168,13 @@ def test_the_straight_through_gradient_reaches_the_continuous_copy():
     guide_b = make_guide("low_rank", model, spread=0.3, seed=2)
     va, vb, spec, sizes = _prepare(guide_a, guide_b, None, None)
     start = random_perms(sizes, torch.Generator().manual_seed(4))
-    ste = _StraightThrough(vb, start, spec, sizes, max_iter=100, seed=0, threads=1)
+    initial = GaussianView(vb.kind, *(permute_tensors(part, start, spec)
+                                      for part in (vb.loc, vb.scale, vb.factor)))
+    ste = _StraightThrough(vb, initial, identity_perms(sizes), spec, sizes, max_iter=100,
+                           seed=0, threads=1)
     for p in ste.params:
         p.requires_grad_(True)
-    # the copy is the start's permutation of guide_b, so it projects onto that permutation
+    # the stand-in is a permutation of guide_b, so it projects onto that permutation
     view = ste.view()
     assert all(torch.equal(ste.perms[g], start[g]) for g in start)
     expected = permute_tensors(vb.loc, start, spec)
