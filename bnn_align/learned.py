@@ -318,8 +318,11 @@ def learned_match(method: str, guide_a: Any, guide_b: Any, data: Any, *,
                                                    for s, f in view_b.factor.items()})
             view_b = GaussianView(view_b.kind, view_b.loc, view_b.scale,
                                   {s: f @ rotation for s, f in view_b.factor.items()})
-        moved = None if buffers_b is None else relaxation.apply(buffers_b)
-        state = {**fixed_state, **(lerp_buffers(buffers_a, moved, t) or {})}
+        # BatchNorm statistics follow the permutation without a gradient (batch_norm takes
+        # none through them)
+        with torch.no_grad():
+            moved = None if buffers_b is None else relaxation.apply(buffers_b)
+            state = {**fixed_state, **(lerp_buffers(buffers_a, moved, t) or {})}
         return negative_elbo(model, lerp_views(va, view_b, t, family), xb, yb,
                              va.standard_normal(1), num_data=num_data, prior=prior,
                              forward=forward_draws(net, state, vectorized=False))

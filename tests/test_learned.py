@@ -64,13 +64,29 @@ def trained_pair():
 
 
 # ------------------------------------------------------------------------------ behaviour --
+def batchnorm_resnet() -> BayesianNetwork:
+    """A residual network whose BatchNorm statistics are buffers the permutations move."""
+    net = models.resnet(8, 1, 3, in_channels=1, dim=1, norm="batch", base_channels=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, buffer in net.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=gen))
+            elif name.endswith("running_var"):
+                buffer.copy_(1 + torch.rand(buffer.shape, generator=gen))
+    return BayesianNetwork(net, input_shape=(1, 10))
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["mean_field", "low_rank", "delta"])
-def test_a_planted_permutation_is_kept(method, kind):
-    model = small_model()
+@pytest.mark.parametrize("kind, arch", [("mean_field", "mlp"), ("low_rank", "mlp"),
+                                        ("delta", "mlp"), ("mean_field", "resnet")])
+def test_a_planted_permutation_is_kept(method, kind, arch):
+    model = small_model() if arch == "mlp" else batchnorm_resnet()
     guide_a = make_guide(kind, model, spread=0.3)
     guide_b, truth = planted(guide_a, model)
-    result = match(guide_a, guide_b, method=method, data=small_data(), epochs=2, batch_size=16)
+    x, y = small_data()
+    data = (x, y) if arch == "mlp" else (torch.randn(60, 1, 10), y)
+    result = match(guide_a, guide_b, method=method, data=data, epochs=2, batch_size=16)
     for g, p in truth.items():
         assert torch.equal(result.perms[g], p), g
     # the learned permutations themselves are the planted ones (the validation barrier is
