@@ -26,19 +26,19 @@ and the starts) lives in ``_descent``; this module turns posteriors into its arr
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from pyro.infer import autoguide
 from tqdm.auto import tqdm
 
-from ._checks import check_int, load_saved, positive_int
+from ._checks import load_saved, positive_int
+from ._threads import thread_count, torch_threads
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
 from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
@@ -53,31 +53,11 @@ __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 METHODS = ("wasserstein", "mean", "activation")
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Run torch's operations (and the solver's own thread pool, which follows torch's count)
-    on ``count`` threads; the setting is process-wide, so it is restored at once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-# A match whose largest similarity product stays below this many multiply-adds runs on one
-# thread: there every step is a few small operations, each split between threads that must
-# meet at its end, so threads save little on an idle machine and cost several times over when
-# another process holds a core (a thread descheduled at a barrier stalls the step). Products
-# above it are long enough to amortise the meeting. Measurements: benchmarks/NOTES.md.
-_THREADED_PRODUCT = 2 ** 30
-
-
 def _solver_threads(num_threads: int | None, view: GaussianView, spec: PermutationSpec,
                     sizes: Mapping[str, int]) -> int:
     """The thread count for the descent: ``num_threads``, or chosen from the problem's size."""
     if num_threads is not None:
-        return check_int("num_threads", num_threads)
+        return thread_count(num_threads, 0)
     largest = 0
     for site, loc in view.loc.items():
         for entry in spec.axes_to_perm.get(site, ()):
@@ -85,7 +65,7 @@ def _solver_threads(num_threads: int | None, view: GaussianView, spec: Permutati
             for group in groups:
                 if group is not None:  # a group's similarity: n units x all of the tensor
                     largest = max(largest, sizes[group] * loc.numel())
-    return 1 if largest < _THREADED_PRODUCT else torch.get_num_threads()
+    return thread_count(None, largest)
 
 
 # ------------------------------------------------------------------------------ the result --
@@ -597,7 +577,7 @@ def match(
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown, "match")
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
-    with _torch_threads(_solver_threads(num_threads, va, spec, sizes)):
+    with torch_threads(_solver_threads(num_threads, va, spec, sizes)):
         rng = np.random.default_rng(seed)
 
         if method == "activation":
@@ -638,7 +618,7 @@ def match(
     del va, vb, problem
     # OpenBLAS's workers (scipy's) keep spinning a while after a product, and a torch operation
     # split over two threads then waits for the half that shares their core
-    with _torch_threads(1):
+    with torch_threads(1):
         aligned = permute_into(guide_b, perms, spec, spare)
         adapter = adapter_for(aligned)
         if rotation is not None and hasattr(adapter, "rotate_"):

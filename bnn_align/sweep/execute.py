@@ -20,7 +20,8 @@ from .. import guides
 from ..bayesian import BayesianNetwork, fit
 from ..data import DataSplit, digits, mnist1d
 from ..marginal import marginal_loss
-from ..matching import _torch_threads, alignment_cost, match
+from .._threads import torch_threads
+from ..matching import alignment_cost, match
 from ..models import mlp, resnet
 from ..paths import interpolate
 from .cache import Cache
@@ -46,7 +47,7 @@ def _short(metric: str) -> str:
 def one_thread() -> Iterator[None]:
     """torch and numpy's BLAS on one thread (the numbers depend on the thread count); both
     restored afterwards, and torch's global RNG state too."""
-    with _torch_threads(1), _blas_on_one_thread(), torch.random.fork_rng():
+    with torch_threads(1), _blas_on_one_thread(), torch.random.fork_rng():
         yield
 
 
