@@ -47,6 +47,10 @@ class ResultsTable:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def step_keys(self) -> set[str]:
+        """The keys of the evaluate steps that computed the rows (rows without one: none)."""
+        return {r["step"] for r in self._rows if r.get("step")}
+
     def retain(self, current: Mapping[tuple, str]) -> int:
         """Drop the rows whose key is in ``current`` (row key -> step key) with another step
         key: rows of settings that have changed since. Returns how many were dropped."""

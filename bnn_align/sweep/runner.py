@@ -110,12 +110,18 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     cache = Cache(out / "cache")
     table = ResultsTable(out / f"{study.name}.csv", row_fields(study.metrics))
     summary = RunSummary(total=len(steps), results=table.csv_path)
-    done = {step.key for step in steps if cache.valid(step)}
-    todo = [step for step in steps if step.key not in done]
+    # a row computed by this very step is a finished evaluation even without its cache entry,
+    # so a study resumed on another machine from its committed table runs only the missing
+    # rows and the steps they need
+    recorded = table.step_keys()
+    done = {step.key for step in steps if step.key in recorded or cache.valid(step)}
+    todo = _needed(steps, done)
     summary.cached = len(done)
     if dry_run:
-        for step in steps:
-            echo(f"{'cached' if step.key in done else 'run':<7}{step.label}")
+        running = {step.key for step in todo}
+        for step in steps:  # "not needed": every row that uses it is in the table
+            state = "cached" if step.key in done else "run" if step.key in running else "unused"
+            echo(f"{state:<7}{step.label}")
         counts = collections.Counter(step.kind for step in todo)
         summary.ran = {kind: counts[kind] for kind in KINDS}
         summary.rows = len(table)
@@ -150,6 +156,20 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     summary.rows = len(table)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _needed(steps: list[Step], done: set[str]) -> list[Step]:
+    """The steps not ``done`` that an unfinished evaluation needs (itself and its inputs,
+    transitively), in the order of ``steps``."""
+    needed: set[str] = set()
+    stack = [s for s in steps if s.kind == "evaluate" and s.key not in done]
+    while stack:
+        step = stack.pop()
+        if step.key in needed or step.key in done:
+            continue
+        needed.add(step.key)
+        stack.extend(step.inputs)
+    return [s for s in steps if s.key in needed]
 
 
 def _schedule(todo: list[Step], cached: int, executor, finished, summary: RunSummary,
