@@ -22,6 +22,7 @@ else:  # the sweep extra installs tomli there
     import tomli as tomllib
 
 from ..marginal import CLASSIFICATION
+from ..curves import KINDS as CURVE_KINDS
 from ..paths import KINDS as PATH_KINDS
 
 __all__ = ["Cell", "Study", "load_study", "parse_study", "DATASETS", "GUIDES", "METHODS"]
@@ -32,10 +33,15 @@ GUIDES = ("mean-field", "low-rank")
 METHODS = ("naive", "mean", "wasserstein", "activation")
 _RESNET = re.compile(r"resnet(\d+)$")
 
-_TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "grid"}
+_TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "curve",
+             "grid"}
 _TRAIN_DEFAULTS = {"epochs": None, "batch_size": 128, "lr": 1e-2, "lr_end": 1e-3, "rank": 10,
                    "init_scale": 1e-3}
 _EVALUATE_DEFAULTS = {"samples": 64, "points": 11, "activation_points": 1000}
+# curves between the endpoints (paths "bezier", "polychain"): fit_curve's settings, and the
+# training epochs after which the curve is also evaluated (rows with path "bezier@E")
+_CURVE_DEFAULTS = {"epochs": 20, "bends": 1, "lr": 1e-2, "lr_end": 1e-3, "samples": 1,
+                   "checkpoints": []}
 _GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods"}
 
 
@@ -67,13 +73,18 @@ class Study:
     cells : dict of Cell to tuple of str
         Every cell and the methods it runs, in the order of ``METHODS``.
     paths, metrics : tuple of str
-        Path kinds (``bnn_align.paths.KINDS``) and metrics of ``marginal_loss``.
+        Path kinds (``bnn_align.paths.KINDS`` and the learned curves of
+        ``bnn_align.curves.KINDS``) and metrics of ``marginal_loss``.
     train : dict
         ``epochs`` (dataset -> int), ``batch_size``, ``lr``, ``lr_end``, ``rank`` (of low-rank
         guides), ``init_scale``.
     evaluate : dict
         ``samples`` (posterior draws per point), ``points`` (along the path),
         ``activation_points`` (training inputs of ``"activation"`` matching).
+    curve : dict
+        For curve paths: ``epochs``, ``bends``, ``lr``, ``lr_end``, ``samples`` (weight draws
+        per step) of :func:`~bnn_align.fit_curve`, and ``checkpoints``: earlier epochs after
+        which the curve is also evaluated, as path ``"<kind>@<epochs>"``.
     """
 
     name: str
@@ -83,6 +94,7 @@ class Study:
     metrics: tuple[str, ...]
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
+    curve: dict[str, Any] = field(default_factory=lambda: dict(_CURVE_DEFAULTS))
 
 
 def load_study(path: str | Path) -> Study:
@@ -113,7 +125,7 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
         raise ValueError(f"name must be a file-name stem (letters, digits, _ . -), got {name!r}")
     pairs = _positive(raw.get("pairs", 3), "pairs")
     methods = _choices(raw.get("methods", ["naive", "mean", "wasserstein"]), METHODS, "methods")
-    paths = _choices(raw.get("paths", ["wasserstein"]), PATH_KINDS, "paths")
+    paths = _choices(raw.get("paths", ["wasserstein"]), PATH_KINDS + CURVE_KINDS, "paths")
     metrics = _choices(raw.get("metrics", ["nll", "accuracy"]), CLASSIFICATION, "metrics")
     if "nll" not in metrics:
         raise ValueError(f"metrics must include 'nll' (the study's barrier), got {list(metrics)}")
@@ -134,8 +146,23 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     if evaluate["points"] < 2:
         raise ValueError(f"evaluate.points must be at least 2 (the two endpoints), "
                          f"got {evaluate['points']}")
+    curve = _section(raw, "curve", _CURVE_DEFAULTS)
+    for key in ("epochs", "bends", "samples"):
+        _positive(curve[key], f"curve.{key}")
+    for key in ("lr", "lr_end"):
+        if isinstance(curve[key], bool) or not isinstance(curve[key], (int, float)) \
+                or not curve[key] > 0:
+            raise ValueError(f"curve.{key} must be a positive number, got {curve[key]!r}")
+        curve[key] = float(curve[key])
+    checkpoints = curve["checkpoints"]
+    if not isinstance(checkpoints, list) or any(
+            isinstance(e, bool) or not isinstance(e, int) or not 1 <= e < curve["epochs"]
+            for e in checkpoints):
+        raise ValueError(f"curve.checkpoints must be a list of epochs in 1..{curve['epochs'] - 1} "
+                         f"(the last, curve.epochs, is always evaluated), got {checkpoints!r}")
+    curve["checkpoints"] = sorted(set(checkpoints))
     return Study(name=name, pairs=pairs, cells=cells, paths=paths, metrics=metrics,
-                 train=train, evaluate=evaluate)
+                 train=train, evaluate=evaluate, curve=curve)
 
 
 def _known(table: Any, allowed: set[str], where: str) -> None:

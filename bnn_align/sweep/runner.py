@@ -28,7 +28,7 @@ __all__ = ["run", "RunSummary", "GPU_SHARE"]
 
 # the share of a GPU a training task asks for where the cluster has GPUs
 GPU_SHARE = 0.25
-_PRIORITY = {"evaluate": 0, "match": 1, "train": 2}
+_PRIORITY = {"evaluate": 0, "curve": 1, "match": 2, "train": 3}
 
 
 @dataclass
@@ -277,7 +277,7 @@ class _Ray:
         return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
     def submit(self, step: Step) -> None:
-        gpus = self.gpu_share if step.kind == "train" else 0
+        gpus = self.gpu_share if step.kind in ("train", "curve") else 0
         ref = self.task.options(num_cpus=1, num_gpus=gpus, max_retries=3,
                                 name=step.label).remote(step, str(self.cache.root))
         self.running[ref] = step.key
