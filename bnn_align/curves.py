@@ -38,7 +38,7 @@ import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path as FilePath
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -478,28 +478,27 @@ class Curve(BasePath):
         return (weights @ coords).numpy() / plane["length"]
 
     # -- saving ----------------------------------------------------------------------------------
-    def save(self, path: str | FilePath) -> None:
-        """Save the endpoints, bends, settings and training history (``torch.save`` of plain
-        tensors); :meth:`load` rebuilds the curve exactly."""
-        torch.save({
+    def state_dict(self) -> dict[str, Any]:
+        """The endpoints, bends, settings and training history as plain tensors and numbers
+        (what :meth:`save` writes); :meth:`from_state_dict` rebuilds the curve exactly."""
+        return {
             "format": _FORMAT, "kind": self.kind, "num_bends": self.num_bends,
             "recompute_bn": self.recompute_bn, "seed": self.seed,
             "bn_batch_size": self._bn_batch_size,
             "bn_inputs": None if self._bn_inputs is None else self._bn_inputs.clone(),
             "endpoints": [_endpoint_record(self.q0), _endpoint_record(self.q1)],
             "buffers": list(self._buffers),
-            "bends": {"loc": self._bend_loc, "scale": self._bend_scale,
-                      "factor": self._bend_factor},
+            "bends": {"loc": _cloned(self._bend_loc), "scale": _cloned(self._bend_scale),
+                      "factor": _cloned(self._bend_factor)},
             "history": self.history.tolist(),
-        }, FilePath(path))
+        }
 
     @classmethod
-    def load(cls, path: str | FilePath, *, model: BayesianNetwork) -> "Curve":
-        """Load a curve saved with :meth:`save`; its endpoints are rebuilt over ``model`` (guides
+    def from_state_dict(cls, state: Mapping[str, Any], *, model: BayesianNetwork) -> "Curve":
+        """The curve of a :meth:`state_dict`; its endpoints are rebuilt over ``model`` (guides
         as the base class of the saved kind: ``AutoNormal``, ``AutoDiagonalNormal``,
         ``AutoLowRankMultivariateNormal``, ``AutoDelta``; modules as copies of
         ``model.net``)."""
-        state = load_saved(path, "Curve", _FORMAT)
         if not isinstance(model, BayesianNetwork):
             raise TypeError(f"model must be a BayesianNetwork, got {type(model).__name__}")
         q0, q1 = (_rebuild_endpoint(record, model) for record in state["endpoints"])
@@ -513,10 +512,24 @@ class Curve(BasePath):
         curve.history = np.asarray(state["history"], dtype=float)
         return curve
 
+    def save(self, path: str | FilePath) -> None:
+        """Save :meth:`state_dict` with ``torch.save``; :meth:`load` rebuilds the curve exactly."""
+        torch.save(self.state_dict(), FilePath(path))
+
+    @classmethod
+    def load(cls, path: str | FilePath, *, model: BayesianNetwork) -> "Curve":
+        """Load a curve saved with :meth:`save` (see :meth:`from_state_dict`)."""
+        return cls.from_state_dict(load_saved(path, "Curve", _FORMAT), model=model)
+
     def __repr__(self) -> str:
         return (f"Curve(kind={self.kind!r}, bends={self.num_bends}, family={self.family!r}, "
                 f"q0={type(self.q0).__name__}, q1={type(self.q1).__name__}, "
                 f"sites={len(self.view0.sites)}, epochs={len(self.history)})")
+
+
+def _cloned(t: torch.Tensor | None) -> torch.Tensor | None:
+    # a snapshot: the bends keep training after a state_dict taken from a callback
+    return None if t is None else t.detach().clone()
 
 
 class _PlaneRow(BasePath):
