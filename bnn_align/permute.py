@@ -335,6 +335,46 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
         and covariance-factor rows moved together; a full-rank guide is re-factorised so it stays
         a valid ``AutoMultivariateNormal``. A guide whose model has permuted buffers (BatchNorm
         statistics) gets a permuted copy of the model; otherwise it shares the original model.
+
+    Raises
+    ------
+    ValueError
+        No ``spec`` for an object that is not (a guide over) a BayesianNetwork; a spec that
+        does not fit the object's tensors; ``perms`` missing a group of the spec or naming an
+        unknown one, or a value of the wrong length or that is not a permutation.
+    TypeError
+        An unsupported object, ``perms`` that is not a mapping, non-integer permutations.
+
+    Examples
+    --------
+    Permuting the hidden units of a network leaves its function unchanged:
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> net = models.mlp(4, [8], 3)
+    >>> spec = ba.spec_from_module(net, torch.zeros(1, 4))
+    >>> perm = torch.randperm(8)
+    >>> permuted = ba.permute(net, {"P_0": perm}, spec)
+    >>> torch.equal(permuted[0].weight, net[0].weight[perm])       # rows of the first layer
+    True
+    >>> torch.equal(permuted[2].weight, net[2].weight[:, perm])    # columns of the second
+    True
+    >>> x = torch.randn(5, 4)
+    >>> torch.allclose(permuted(x), net(x), atol=1e-6)
+    True
+
+    A guide over a BayesianNetwork carries its spec:
+
+    >>> guide = guides.mean_field(ba.BayesianNetwork(net, input_shape=(4,)))
+    >>> moved = ba.permute(guide, {"P_0": perm})
+    >>> torch.equal(ba.as_gaussian(moved).loc["0.bias"], ba.as_gaussian(guide).loc["0.bias"][perm])
+    True
+    >>> ba.permute(net, {"P_0": torch.arange(7)}, spec)
+    Traceback (most recent call last):
+        ...
+    ValueError: permutation of group 'P_0' must have shape (8,), got (7,)
     """
     return permute_into(obj, perms, spec, None)
 
