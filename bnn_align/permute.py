@@ -157,12 +157,12 @@ def take(array: np.ndarray, gathers: Mapping[int, np.ndarray],
 
     The indices must be in range (positions of a permutation, or some of them): they are not
     checked. Gathering along an inner axis of a large array reads every row's items in a
-    shuffled order, which defeats the hardware prefetcher: along the inputs of a 1024 x 1024 x
-    3 x 3 kernel ``np.take`` took 12 ms, six times a plain copy. So arrays above 1 MB are
-    gathered a block of rows at a time: the rows (gathered along the first axis, if it is
+    shuffled order, which defeats the hardware prefetcher: ``np.take`` along the inputs of a
+    large convolution kernel took several times as long as a plain copy. So arrays above 1 MB
+    are gathered a block of rows at a time: the rows (gathered along the first axis, if it is
     permuted) are first copied in order into a buffer that stays in the core's cache, and the
-    inner axes are gathered from there (12 -> 5 ms at 1024 channels, 2.2-2.5 -> 1.3-1.6 ms at
-    512, 0.55 -> 0.41 ms at 256, from memory not in the cache).
+    inner axes are gathered from there, which more than halved the time for the largest
+    kernels (measurements: ``benchmarks/NOTES.md``).
     """
     if not gathers:
         if out is None:
@@ -240,9 +240,8 @@ def _numpy_gatherable(tensor: Any) -> bool:
     """Whether a torch tensor can be gathered by :func:`take`: on the CPU, of a dtype numpy
     has, and not recording a graph for autograd (so the result is the same).
 
-    :func:`take` was faster than ``index_select`` from 9 MB up (permuting a ResNet-20 x16
-    guide: 172 -> 121 ms; numpy's plain ``take`` had been twice as fast as ``index_select``
-    above 32 MB already) and the same below (ResNet-20 x4)."""
+    :func:`take` was faster than ``index_select`` on large tensors and as fast on small ones
+    (measurements: ``benchmarks/NOTES.md``)."""
     return (isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
             and tensor.dtype in _NUMPY_DTYPES and not tensor.is_conj() and not tensor.is_neg()
             and not (tensor.requires_grad and torch.is_grad_enabled()))

@@ -302,7 +302,8 @@ def _copy_modules(modules: list[nn.Module], memo: dict[int, Any],
     attributes that need no deep copy taken directly: deepcopy's pickling protocol
     (``__reduce_ex__``, a ``PyroModule.__getstate__`` that walks every parameter below the
     module, ``__setstate__``) and its handling of the dozen empty hook and state containers of
-    every module were 70 % of cloning a ResNet-20 guide (one module per site-name prefix).
+    every module were most of the time of cloning a guide with many modules (one per
+    site-name prefix, as a ResNet's; ``benchmarks/NOTES.md``).
     ``leave_out``: attributes of the root not to copy (it gets none of them)."""
     root = modules[0]
     fresh = [module for module in modules if id(module) not in memo]
