@@ -119,7 +119,7 @@ class Alignment:
     >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,)))
     >>> result = ba.match(guide_a, guide_b)
     >>> result
-    Alignment(method='wasserstein', cost_before=..., cost_after=..., iterations=..., perms=[P_0(16)])
+    Alignment(method='wasserstein', cost_before=..., perms=[P_0(16)])
     >>> folder = tempfile.TemporaryDirectory()
     >>> result.save(Path(folder.name) / "alignment.pt")
     >>> loaded = ba.Alignment.load(Path(folder.name) / "alignment.pt")
