@@ -98,6 +98,32 @@ class Curve(BasePath):
         Mean training objective per epoch (full-data scale).
     seconds : float
         Wall time of :func:`fit_curve`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> curve = ba.fit_curve(model, guide_a, guide_b, (x, y), bends=2, epochs=1, progress=False)
+    >>> curve
+    Curve(kind='bezier', bends=2, family='diagonal', q0=AutoNormal, ..., epochs=1)
+    >>> curve.coefficients(0.5)                    # Bernstein polynomials of degree 3
+    [0.125, 0.375, 0.375, 0.125]
+    >>> len(curve.bends), curve.bends[0].kind
+    (2, 'diagonal')
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> curve.save(Path(folder.name) / "curve.pt")
+    >>> loaded = ba.Curve.load(Path(folder.name) / "curve.pt", model=model)
+    >>> torch.equal(loaded.view_at(0.3).loc["0.weight"], curve.view_at(0.3).loc["0.weight"])
+    True
+    >>> folder.cleanup()
     """
 
     def __init__(self, model: BayesianNetwork, q0: Any, q1: Any, *, kind: str = "bezier",
@@ -702,6 +728,40 @@ def fit_curve(
     TypeError
         A model that is not a BayesianNetwork, data that is not an ``(x, y)`` pair,
         unsupported posteriors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+
+    Untrained, the curve is the Wasserstein path:
+
+    >>> untrained = ba.fit_curve(model, guide_a, guide_b, (x, y), epochs=0)
+    >>> straight = ba.interpolate(guide_a, guide_b)
+    >>> torch.allclose(untrained.view_at(0.3).loc["0.weight"],
+    ...                straight.view_at(0.3).loc["0.weight"])
+    True
+
+    Training moves the bend; the ends stay the endpoints:
+
+    >>> curve = ba.fit_curve(model, guide_a, guide_b, (x, y), epochs=2, batch_size=32,
+    ...                      progress=False)
+    >>> curve.history.shape
+    (2,)
+    >>> torch.equal(curve.bends[0].loc["0.weight"], untrained.bends[0].loc["0.weight"])
+    False
+    >>> type(curve.at(0.5)).__name__, curve.at(0.0) is guide_a
+    ('AutoNormal', True)
+    >>> ba.fit_curve(model, guide_a, guide_b, (x, y), bends=0)
+    Traceback (most recent call last):
+        ...
+    ValueError: bends must be a positive integer, got 0
     """
     started = time.perf_counter()
     if not isinstance(model, BayesianNetwork):

@@ -47,7 +47,17 @@ _GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods"}
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One network and posterior family of the grid; every cell has ``pairs`` seed pairs."""
+    """One network and posterior family of the grid; every cell has ``pairs`` seed pairs.
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> cell = sweep.Cell("digits", "mlp", 64, "mean-field")
+    >>> cell.key
+    'digits-mlp64-mean-field'
+    >>> cell == sweep.Cell("digits", "mlp", 64, "mean-field")   # a value: usable as a key
+    True
+    """
 
     dataset: str
     arch: str    # "mlp" (two hidden layers of ``width``) or "resnet<depth>" (width multiplier)
@@ -85,6 +95,19 @@ class Study:
         For curve paths: ``epochs``, ``bends``, ``lr``, ``lr_end``, ``samples`` (weight draws
         per step) of :func:`~bnn_align.fit_curve`, and ``checkpoints``: earlier epochs after
         which the curve is also evaluated, as path ``"<kind>@<epochs>"``.
+
+    Examples
+    --------
+    Made by :func:`parse_study` or :func:`load_study`, with every default filled in:
+
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"pairs": 2, "train": {"epochs": 5},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8, 16], "guides": ["mean-field"]}]})
+    >>> study.name, study.pairs, study.paths, study.metrics
+    ('study', 2, ('wasserstein',), ('nll', 'accuracy'))
+    >>> study.train["epochs"], study.evaluate["samples"]
+    ({'digits': 5}, 64)
     """
 
     name: str
@@ -100,11 +123,47 @@ class Study:
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file (TOML).
 
+    Parameters
+    ----------
+    path : str or Path
+        The study file (see ``studies/barrier.toml``); its stem is the study's default name.
+
+    Returns
+    -------
+    Study
+
     Raises
     ------
     ValueError
         For TOML that does not parse, or any key or value :func:`parse_study` rejects; the
         message names the file and the key.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from bnn_align import sweep
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = Path(folder.name) / "tiny.toml"
+    >>> _ = path.write_text('''
+    ... pairs = 1
+    ... [train]
+    ... epochs = 1
+    ... [[grid]]
+    ... datasets = ["digits"]
+    ... archs = ["mlp"]
+    ... widths = [8, 16]
+    ... guides = ["mean-field"]
+    ... ''')
+    >>> study = sweep.load_study(path)
+    >>> study.name, [cell.key for cell in study.cells]
+    ('tiny', ['digits-mlp8-mean-field', 'digits-mlp16-mean-field'])
+    >>> _ = path.write_text(path.read_text().replace("pairs = 1", "pairs = 0"))
+    >>> sweep.load_study(path)
+    Traceback (most recent call last):
+        ...
+    ValueError: ...tiny.toml: pairs must be a positive integer, got 0
+    >>> folder.cleanup()
     """
     path = Path(path)
     try:
@@ -118,7 +177,45 @@ def load_study(path: str | Path) -> Study:
 
 
 def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study:
-    """Validate the parsed TOML of a study (a mapping, not modified) and return the Study."""
+    """Validate the parsed TOML of a study (a mapping, not modified) and return the Study.
+
+    Parameters
+    ----------
+    raw : mapping
+        The study's settings as :func:`load_study` reads them from TOML: top-level ``name``,
+        ``pairs``, ``methods``, ``paths``, ``metrics``, the tables ``train`` and ``evaluate``
+        and a list ``grid`` of blocks (see the module docstring).
+    default_name : str
+        The name when ``raw`` has none.
+
+    Returns
+    -------
+    Study
+        Every default filled in; cells in the order of the grid.
+
+    Raises
+    ------
+    ValueError
+        Naming the key: an unknown key, a value of the wrong type or out of range, an unknown
+        dataset, architecture, guide, method, path kind or metric, an empty grid, metrics
+        without ``"nll"``.
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"name": "tiny", "pairs": 2, "train": {"epochs": 1},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8, 16], "guides": ["mean-field"]}]})
+    >>> [cell.key for cell in study.cells]
+    ['digits-mlp8-mean-field', 'digits-mlp16-mean-field']
+    >>> study.cells[sweep.Cell("digits", "mlp", 8, "mean-field")]      # the default methods
+    ('naive', 'mean', 'wasserstein')
+    >>> sweep.parse_study({"samples": 3, "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                    "widths": [8, 16], "guides": ["mean-field"]}]})
+    Traceback (most recent call last):
+        ...
+    ValueError: unknown key samples; expected one of ['evaluate', 'grid', 'methods', ...]
+    """
     _known(raw, _TOP_KEYS, "")
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):

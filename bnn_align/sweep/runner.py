@@ -50,6 +50,20 @@ class RunSummary:
     results : Path
         The results CSV (the Parquet copy is beside it).
     seconds : float
+
+    Examples
+    --------
+    What a dry run would do:
+
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"pairs": 2, "train": {"epochs": 1},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8], "guides": ["mean-field"]}]})
+    >>> summary = sweep.run(study, "unused-folder", dry_run=True, echo=lambda line: None)
+    >>> summary.total, summary.cached, summary.ran
+    (14, 0, {'train': 4, 'match': 4, 'evaluate': 6})
+    >>> summary.results.name
+    'study.csv'
     """
 
     total: int = 0
@@ -100,6 +114,47 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
         Where the dry run's lines go.
     gpu_share : float
         Share of a GPU a training task asks Ray for, where the cluster has GPUs.
+
+    Returns
+    -------
+    RunSummary
+        ``print(summary)`` tells what ran, what was cached and what failed; a failed step
+        does not stop the others (only the steps that need it).
+
+    Raises
+    ------
+    ValueError
+        Filters ``only`` that match no row; a results table of ``out`` with other columns.
+    ImportError
+        Ray is not installed (unless ``serial`` or ``dry_run``).
+
+    Examples
+    --------
+    A tiny study run serially (no Ray), then again: everything is cached the second time.
+
+    >>> import tempfile
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({
+    ...     "name": "tiny", "pairs": 1, "methods": ["naive", "wasserstein"],
+    ...     "train": {"epochs": 1}, "evaluate": {"samples": 4, "points": 3},
+    ...     "grid": [{"datasets": ["digits"], "archs": ["mlp"], "widths": [8],
+    ...               "guides": ["mean-field"]}]})
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> sweep.run(study, folder.name, dry_run=True)
+    run    train digits-mlp8-mean-field seed 0
+    run    train digits-mlp8-mean-field seed 1
+    run    match digits-mlp8-mean-field pair 0 wasserstein
+    run    evaluate digits-mlp8-mean-field pair 0 naive wasserstein-path
+    run    evaluate digits-mlp8-mean-field pair 0 wasserstein wasserstein-path
+    5 steps: 0 cached, 5 to run (train 2, match 1, evaluate 2)
+    RunSummary(total=5, cached=0, ...)
+    >>> print(sweep.run(study, folder.name, serial=True, progress=False))
+    5 of 5 steps run (train 2, match 1, evaluate 2), 0 cached; 2 rows added, 2 in .../tiny.csv
+    >>> print(sweep.run(study, folder.name, serial=True, progress=False))
+    0 of 5 steps run (train 0, match 0, evaluate 0), 5 cached; 0 rows added, 2 in .../tiny.csv
+    >>> sweep.read_results(f"{folder.name}/tiny.csv")["method"].tolist()
+    ['naive', 'wasserstein']
+    >>> folder.cleanup()
     """
     started = time.perf_counter()
     out = Path(out)

@@ -41,6 +41,20 @@ class Step:
         Readable name, e.g. ``train digits-mlp64-mean-field seed 0``.
     key : str
         Hex digest of kind, settings, the inputs' keys and ``bnn_align.__version__``.
+
+    Examples
+    --------
+    Steps are equal when their keys are, and a key changes with anything upstream:
+
+    >>> from bnn_align import sweep
+    >>> seed0 = sweep.Step("train", {"seed": 0}, label="train seed 0")
+    >>> seed0 == sweep.Step("train", {"seed": 0}), seed0 == sweep.Step("train", {"seed": 1})
+    (True, False)
+    >>> len(seed0.key)
+    24
+    >>> paired = sweep.Step("match", {"method": "mean"}, (seed0,))
+    >>> paired == sweep.Step("match", {"method": "mean"}, (sweep.Step("train", {"seed": 1}),))
+    False
     """
 
     kind: str
@@ -71,6 +85,40 @@ class Step:
 def expand(study: Study, only: Iterable[RowFilter] = ()) -> list[Step]:
     """Every step of the study whose row passes one of the filters ``only`` (all rows when
     there are none), with the steps those rows need; inputs come before the steps using them.
+
+    Parameters
+    ----------
+    study : Study
+        From :func:`load_study` or :func:`parse_study`.
+    only : iterable of RowFilter
+        From :func:`parse_filter`; a row is kept when any of them matches it.
+
+    Returns
+    -------
+    list of Step
+        The train steps, then the matches, then the evaluations (one per result row); each
+        step once, however many rows need it.
+
+    Examples
+    --------
+    Two cells, two pairs, three methods: 8 trainings, 8 matches (not for ``"naive"``) and
+    12 evaluations.
+
+    >>> import collections
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"pairs": 2, "train": {"epochs": 1},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8, 16], "guides": ["mean-field"]}]})
+    >>> collections.Counter(step.kind for step in sweep.expand(study))
+    Counter({'evaluate': 12, 'train': 8, 'match': 8})
+    >>> only = [sweep.parse_filter("width=8,pair=0,method!=mean")]
+    >>> for step in sweep.expand(study, only):
+    ...     print(step.label)
+    train digits-mlp8-mean-field seed 0
+    train digits-mlp8-mean-field seed 1
+    match digits-mlp8-mean-field pair 0 wasserstein
+    evaluate digits-mlp8-mean-field pair 0 naive wasserstein-path
+    evaluate digits-mlp8-mean-field pair 0 wasserstein wasserstein-path
     """
     only = list(only)
     trains: dict[tuple[Cell, int], Step] = {}
