@@ -214,7 +214,7 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     ...                    "widths": [8, 16], "guides": ["mean-field"]}]})
     Traceback (most recent call last):
         ...
-    ValueError: unknown key samples; expected one of ['evaluate', 'grid', 'methods', ...]
+    ValueError: unknown key samples; expected one of ['curve', 'evaluate', 'grid', ...]
     """
     _known(raw, _TOP_KEYS, "")
     name = raw.get("name", default_name)

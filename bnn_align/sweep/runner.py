@@ -61,7 +61,7 @@ class RunSummary:
     ...                                      "widths": [8], "guides": ["mean-field"]}]})
     >>> summary = sweep.run(study, "unused-folder", dry_run=True, echo=lambda line: None)
     >>> summary.total, summary.cached, summary.ran
-    (14, 0, {'train': 4, 'match': 4, 'evaluate': 6})
+    (14, 0, {'train': 4, 'match': 4, 'curve': 0, 'evaluate': 6})
     >>> summary.results.name
     'study.csv'
     """
@@ -146,12 +146,12 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     run    match digits-mlp8-mean-field pair 0 wasserstein
     run    evaluate digits-mlp8-mean-field pair 0 naive wasserstein-path
     run    evaluate digits-mlp8-mean-field pair 0 wasserstein wasserstein-path
-    5 steps: 0 cached, 5 to run (train 2, match 1, evaluate 2)
+    5 steps: 0 cached, 5 to run (train 2, match 1, curve 0, evaluate 2)
     RunSummary(total=5, cached=0, ...)
     >>> print(sweep.run(study, folder.name, serial=True, progress=False))
-    5 of 5 steps run (train 2, match 1, evaluate 2), 0 cached; 2 rows added, 2 in .../tiny.csv
+    5 of 5 steps run (train 2, match 1, curve 0, evaluate 2), 0 cached; 2 rows added, 2 in .../tiny.csv
     >>> print(sweep.run(study, folder.name, serial=True, progress=False))
-    0 of 5 steps run (train 0, match 0, evaluate 0), 5 cached; 0 rows added, 2 in .../tiny.csv
+    0 of 5 steps run (train 0, match 0, curve 0, evaluate 0), 5 cached; 0 rows added, 2 in .../tiny.csv
     >>> sweep.read_results(f"{folder.name}/tiny.csv")["method"].tolist()
     ['naive', 'wasserstein']
     >>> folder.cleanup()
