@@ -1,18 +1,22 @@
-"""The network for many weight draws at once, and the negative ELBO of a Gaussian posterior.
+"""The network for many weight draws at once, the negative ELBO of a Gaussian posterior, and
+the loop that trains tensors on it along a path.
 
-Both need only the model and a :class:`~bnn_align.posterior.GaussianView`, so they sit low in the
+All need only the model and a :class:`~bnn_align.posterior.GaussianView`, so they sit low in the
 package: :mod:`bnn_align.marginal` evaluates paths with :func:`forward_draws`, and training
 objectives over posteriors that are functions of other tensors (the bends of a curve, a relaxed
-permutation of a guide) differentiate :func:`negative_elbo`.
+permutation of a guide) differentiate :func:`negative_elbo` in :func:`minimise_along_path`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
 
 from .bayesian import BayesianNetwork
 from .posterior import FULL_RANK, POINT, GaussianView
@@ -162,3 +166,84 @@ def _kl(view: GaussianView, draws: Mapping[str, torch.Tensor], prior: PriorTerms
     log_p = sum(prior.dists[k].log_prob(v).reshape(len(v), -1).sum(-1)
                 for k, v in draws.items())
     return (log_q - log_p).mean()
+
+
+def minimise_along_path(params: Sequence[torch.Tensor],
+                        loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+                        x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+                        lr: float, lr_end: float | None, clip_norm: float | None, seed: int,
+                        progress: bool, desc: str, objective: str,
+                        on_epoch: Callable[[int, float], Any] | None = None) -> np.ndarray:
+    """Adam on ``E_{t ~ U[0, 1]} [loss(x_batch, y_batch, t)]`` over ``params``, one ``t`` per
+    minibatch: the training loop of :func:`~bnn_align.fit_curve` and the learned matchings.
+
+    Every epoch visits the data in a new random order; a step draws ``t``, then calls ``loss``
+    (which draws its own noise from torch's global generator). The learning rate decays
+    exponentially from ``lr`` to ``lr_end`` at the last step (``None``: constant) and gradients
+    are clipped to norm ``clip_norm`` (``None``: not), as :func:`~bnn_align.fit` does. Runs with
+    torch's global generator seeded by ``seed`` and restores its state afterwards; ``params``
+    require gradients only during the loop.
+
+    Parameters
+    ----------
+    params : sequence of Tensor
+        Leaf tensors to train, in place.
+    loss : callable
+        ``loss(x_batch, y_batch, t)``: a differentiable scalar.
+    x, y : Tensor
+        Training data ``(N, *input_shape)`` and targets ``(N, ...)``.
+    desc, objective : str
+        The progress bar's label, and the objective's name in the error for a non-finite value
+        (e.g. ``"the curve's objective"``).
+    on_epoch : callable, optional
+        Called as ``on_epoch(epoch, mean_loss)`` after every epoch (``epoch`` from 0).
+
+    Returns
+    -------
+    ndarray of shape (epochs,)
+        The mean loss of every epoch.
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss is not finite, naming the epoch.
+    """
+    n = len(x)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    gamma = (lr_end / lr) ** (1.0 / max(total - 1, 1)) if lr_end is not None else 1.0
+    history = np.zeros(epochs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            optimizer = torch.optim.Adam(params, lr=lr)
+            schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+            bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+            for epoch in bar:
+                order = torch.randperm(n)
+                total_loss = 0.0
+                for start in range(0, n, batch_size):
+                    idx = order[start:start + batch_size]
+                    t = float(torch.rand(()))
+                    optimizer.zero_grad()
+                    value = loss(x[idx], y[idx], t)
+                    if not torch.isfinite(value):
+                        raise FloatingPointError(f"{objective} became {value.item()} at epoch "
+                                                 f"{epoch}; lower lr")
+                    value.backward()
+                    if clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                    optimizer.step()
+                    schedule.step()
+                    total_loss += value.item()
+                history[epoch] = total_loss / steps_per_epoch
+                bar.set_postfix(loss=f"{history[epoch]:.4g}")
+                if on_epoch is not None:
+                    on_epoch(epoch, history[epoch])
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    return history

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from . import guides
 from ._checks import check_int, load_saved, positive_int
-from ._elbo import forward_draws, negative_elbo, prior_terms
+from ._elbo import forward_draws, minimise_along_path, negative_elbo, prior_terms
 from .bayesian import BayesianNetwork, as_data_pair
 from .marginal import _check_inputs, _check_sites, marginal_loss
 from .paths import BasePath, _check_t, _rank_of, _with_buffers
@@ -297,10 +297,6 @@ class Curve(BasePath):
         model = self.model
         prior = prior_terms(model)
         n = len(x)
-        batch_size = min(batch_size, n)
-        steps_per_epoch = math.ceil(n / batch_size)
-        total = epochs * steps_per_epoch
-        gamma = (lr_end / lr) ** (1.0 / max(total - 1, 1)) if lr_end is not None else 1.0
         if self.family == POINT:
             num_samples = 1  # every draw of a point estimate is the same
         vectorized = num_samples > 1
@@ -313,62 +309,39 @@ class Curve(BasePath):
         else:
             net = model.net
         fixed_state = dict(net.named_buffers())
-        params = self._trainable()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for p in params:
-                p.requires_grad_(True)
+
+        def loss(xb: torch.Tensor, yb: torch.Tensor, t: float) -> torch.Tensor:
+            nonlocal vectorized
+            view = self._view(self.coefficients(t))
+            state = fixed_state
+            if not batch_statistics:  # the endpoints' statistics, moving linearly
+                state = {**fixed_state, **(BasePath.buffers_at(self, t) or {}),
+                         **{k: v.detach() for k, v in view.loc.items()
+                            if k in fixed_state}}  # a state dict's buffer sites
+            noise = self.view0.standard_normal(num_samples)
             try:
-                optimizer = torch.optim.Adam(params, lr=lr)
-                schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
-                bar = tqdm(range(epochs), desc=f"fit_curve ({self.kind})",
-                           disable=not progress, leave=False)
-                for epoch in bar:
-                    order = torch.randperm(n)
-                    total_loss = 0.0
-                    for start in range(0, n, batch_size):
-                        idx = order[start:start + batch_size]
-                        t = float(torch.rand(()))
-                        view = self._view(self.coefficients(t))
-                        state = fixed_state
-                        if not batch_statistics:  # the endpoints' statistics, moving linearly
-                            state = {**fixed_state, **(BasePath.buffers_at(self, t) or {}),
-                                     **{k: v.detach() for k, v in view.loc.items()
-                                        if k in fixed_state}}  # a state dict's buffer sites
-                        noise = self.view0.standard_normal(num_samples)
-                        optimizer.zero_grad()
-                        try:
-                            loss = negative_elbo(model, view, x[idx], y[idx], noise,
-                                                 num_data=n, prior=prior,
-                                                 forward=forward_draws(net, state, vectorized))
-                        except RuntimeError as err:
-                            if not vectorized:
-                                raise
-                            vectorized = False
-                            warnings.warn(f"torch.func.vmap cannot run this network "
-                                          f"({str(err)[:160]}); evaluating one posterior draw "
-                                          f"at a time", RuntimeWarning, stacklevel=3)
-                            loss = negative_elbo(model, view, x[idx], y[idx], noise,
-                                                 num_data=n, prior=prior,
-                                                 forward=forward_draws(net, state, False))
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"the curve's objective became {loss.item()} at epoch {epoch}; "
-                                f"lower lr")
-                        loss.backward()
-                        if clip_norm is not None:
-                            torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                        optimizer.step()
-                        schedule.step()
-                        total_loss += loss.item()
-                    self.history = np.append(self.history, total_loss / steps_per_epoch)
-                    bar.set_postfix(loss=f"{self.history[-1]:.4g}")
-                    self._statistics.clear()  # the bends moved
-                    if callback is not None:
-                        callback(epoch + 1, self)
-            finally:
-                for p in params:
-                    p.requires_grad_(False)
+                return negative_elbo(model, view, xb, yb, noise, num_data=n, prior=prior,
+                                     forward=forward_draws(net, state, vectorized))
+            except RuntimeError as err:
+                if not vectorized:
+                    raise
+                vectorized = False
+                warnings.warn(f"torch.func.vmap cannot run this network ({str(err)[:160]}); "
+                              f"evaluating one posterior draw at a time", RuntimeWarning,
+                              stacklevel=4)
+                return negative_elbo(model, view, xb, yb, noise, num_data=n, prior=prior,
+                                     forward=forward_draws(net, state, False))
+
+        def after_epoch(epoch: int, mean_loss: float) -> None:
+            self.history = np.append(self.history, mean_loss)
+            self._statistics.clear()  # the bends moved
+            if callback is not None:
+                callback(epoch + 1, self)
+
+        minimise_along_path(self._trainable(), loss, x, y, epochs=epochs,
+                            batch_size=batch_size, lr=lr, lr_end=lr_end, clip_norm=clip_norm,
+                            seed=seed, progress=progress, desc=f"fit_curve ({self.kind})",
+                            objective="the curve's objective", on_epoch=after_epoch)
 
     # -- the plane through the endpoints and the first bend --------------------------------------
     def _plane(self) -> dict[str, Any]:
@@ -589,23 +562,26 @@ class _PlaneRow(BasePath):
 
 
 # ------------------------------------------------------------------------------ endpoints --
-def _family(q0: Any, q1: Any) -> str:
-    """The family both endpoints share (point, diagonal or low-rank of one rank)."""
+def _family(q0: Any, q1: Any, labels: tuple[str, str] = ("q0", "q1"),
+            user: str = "curves", why: str = "the endpoints of a curve",
+            because: str = "its bends are of that family") -> str:
+    """The family both posteriors share (point, diagonal or low-rank of one rank); else a
+    ValueError naming them by ``labels``, saying that ``user`` (e.g. ``"curves"``) needs it
+    for ``why`` and ``because``."""
     kinds = []
-    for label, q in (("q0", q0), ("q1", q1)):
+    for label, q in zip(labels, (q0, q1)):
         kind = adapter_for(q).kind
         if kind == FULL_RANK:
-            raise ValueError(f"{label} is a full-rank posterior ({type(q).__name__}): curves "
+            raise ValueError(f"{label} is a full-rank posterior ({type(q).__name__}): {user} "
                              f"support point, diagonal and low-rank posteriors")
         kinds.append(kind)
     if kinds[0] != kinds[1]:
         raise ValueError(
-            f"the endpoints of a curve must be of one family (its bends are of that family): "
-            f"q0 is a {kinds[0]} posterior ({type(q0).__name__}), q1 a {kinds[1]} one "
-            f"({type(q1).__name__})")
+            f"{why} must be of one family ({because}): {labels[0]} is a {kinds[0]} posterior "
+            f"({type(q0).__name__}), {labels[1]} a {kinds[1]} one ({type(q1).__name__})")
     if kinds[0] == LOW_RANK and _rank_of(q0) != _rank_of(q1):
-        raise ValueError(f"low-rank endpoints of a curve must have one rank: q0 has rank "
-                         f"{_rank_of(q0)}, q1 rank {_rank_of(q1)}")
+        raise ValueError(f"low-rank {why.removeprefix('the ')} must have one rank: {labels[0]} "
+                         f"has rank {_rank_of(q0)}, {labels[1]} rank {_rank_of(q1)}")
     return kinds[0]
 
 

@@ -50,7 +50,9 @@ from .symmetry import UnsupportedOperation, check_unknown
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
-METHODS = ("wasserstein", "mean", "activation")
+METHODS = ("wasserstein", "mean", "activation", "ste", "sinkhorn")
+# learned on the loss along the path (bnn_align.learned), starting from "wasserstein"
+LEARNED_METHODS = ("ste", "sinkhorn")
 
 
 def _solver_threads(num_threads: int | None, view: GaussianView, spec: PermutationSpec,
@@ -87,12 +89,16 @@ class Alignment:
         docstring for ``"wasserstein"`` (W2^2 for diagonal Gaussians), ``||mu_a - P mu_b||^2`` for
         ``"mean"``, and for ``"activation"`` (which maximises activation correlations) the
         ``"wasserstein"`` objective of the permutations it finds.
+        For the learned methods (``"ste"``, ``"sinkhorn"``), the ``"wasserstein"`` objective:
+        at the identity, and at the permutations returned.
     history : list of float
-        The objective after each sweep of coordinate descent (best restart).
+        The objective after each sweep of coordinate descent (best restart); for the learned
+        methods their training loss (the negative ELBO along the path) of every epoch.
     iterations : int
-        Sweeps used by the best restart.
+        Sweeps used by the best restart; epochs for the learned methods.
     converged : bool
-        Whether the best restart stopped because a sweep changed nothing.
+        Whether the best restart stopped because a sweep changed nothing; for the learned
+        methods, whether their permutations were the same after the last two epochs.
     seconds : float
         Wall-clock time of the whole call.
     method : str
@@ -104,6 +110,12 @@ class Alignment:
         Final objective of every restart.
     guide_a, guide_b : object
         The posteriors that were matched (references, not copies; None after :meth:`load`).
+    validation_barrier_start, validation_barrier : float or None
+        Learned methods only: the NLL barrier on the held-out validation data of the
+        ``"wasserstein"`` start and of the learned permutations.
+    kept : bool or None
+        Learned methods only: whether the learned permutations were kept (their validation
+        barrier is below the start's); otherwise ``perms`` are the ``"wasserstein"`` start's.
 
     Examples
     --------
@@ -146,6 +158,9 @@ class Alignment:
     restart_costs: list[float] = field(default_factory=list)
     guide_a: Any = field(default=None, repr=False, compare=False)
     guide_b: Any = field(default=None, repr=False, compare=False)
+    validation_barrier_start: float | None = None
+    validation_barrier: float | None = None
+    kept: bool | None = None
 
     def apply(self, obj: Any) -> Any:
         """Permute any other object over the same spec (state dict, module, guide, ...).
@@ -163,6 +178,8 @@ class Alignment:
             "iterations": self.iterations, "converged": self.converged,
             "seconds": self.seconds, "method": self.method, "rotation": self.rotation,
             "restart_costs": list(self.restart_costs), "format": "bnn_align.Alignment/1",
+            "validation_barrier_start": self.validation_barrier_start,
+            "validation_barrier": self.validation_barrier, "kept": self.kept,
         }, Path(path))
 
     @classmethod
@@ -176,14 +193,20 @@ class Alignment:
             seconds=state["seconds"], method=state["method"],
             spec=PermutationSpec.from_dict(state["spec"]), rotation=state["rotation"],
             restart_costs=state["restart_costs"],
+            # absent from files saved before the learned methods
+            validation_barrier_start=state.get("validation_barrier_start"),
+            validation_barrier=state.get("validation_barrier"), kept=state.get("kept"),
         )
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g}({len(p)})" for g, p in list(self.perms.items())[:4])
         more = " ..." if len(self.perms) > 4 else ""
+        learned = "" if self.kept is None else (
+            f"validation_barrier_start={self.validation_barrier_start:.4g}, "
+            f"validation_barrier={self.validation_barrier:.4g}, kept={self.kept}, ")
         return (f"Alignment(method={self.method!r}, cost_before={self.cost_before:.6g}, "
                 f"cost_after={self.cost_after:.6g}, iterations={self.iterations}, "
-                f"converged={self.converged}, seconds={self.seconds:.3g}, "
+                f"converged={self.converged}, seconds={self.seconds:.3g}, {learned}"
                 f"perms=[{groups}{more}])")
 
 
@@ -516,6 +539,20 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     return _finite_cost(cost_at(problem, perms, constant), va, vb)
 
 
+def _aligned_guide(guide_b: Any, perms: Mapping[str, torch.Tensor], spec: PermutationSpec,
+                   rotation: torch.Tensor | None, spare: Spare | None = None) -> Any:
+    """``guide_b`` permuted (written into ``spare``'s tensors where they fit) and, for a
+    low-rank guide, its factor rotated by ``rotation``: the ``aligned`` of an Alignment."""
+    # OpenBLAS's workers (scipy's) keep spinning a while after a product, and a torch operation
+    # split over two threads then waits for the half that shares their core
+    with torch_threads(1):
+        aligned = permute_into(guide_b, perms, spec, spare)
+        adapter = adapter_for(aligned)
+        if rotation is not None and hasattr(adapter, "rotate_"):
+            adapter.rotate_(aligned, rotation)  # aligned is our own new guide
+    return aligned
+
+
 # ------------------------------------------------------------------------------- match --
 def match(
     guide_a: Any,
@@ -533,6 +570,8 @@ def match(
     num_threads: int | None = None,
     progress: bool = False,
     unknown: str = "error",
+    epochs: int = 5,
+    lr: float | None = None,
 ) -> Alignment:
     """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
 
@@ -546,7 +585,7 @@ def match(
         their tensors (none are made for CPU tensors), and ``aligned`` is built on it.
     spec : PermutationSpec, optional
         Defaults to the spec of the guides' BayesianNetwork; pass one for your own Pyro model.
-    method : {"wasserstein", "mean", "activation"}
+    method : {"wasserstein", "mean", "activation", "ste", "sinkhorn"}
         ``"wasserstein"`` minimises the coupled squared distance of the module docstring (W2^2
         for diagonal Gaussians) over permutations and, with covariance factors on both sides,
         a rotation of the factors. ``"mean"`` is Git Re-Basin weight matching on the means.
@@ -563,8 +602,15 @@ def match(
         activations (the mean over ``num_samples`` weight draws) on ``data``, one exact
         assignment per group; residual streams share one permutation, and their correlation
         sums over every layer that writes to the stream.
+        ``"ste"`` and ``"sinkhorn"`` start from the ``"wasserstein"`` result and learn the
+        permutations on the loss itself: the negative ELBO of the posteriors along the
+        Wasserstein path, on ``data`` (see :mod:`bnn_align.learned`). A seeded random fifth of
+        ``data`` is held out, and the learned permutations are kept only if their NLL barrier
+        on it is below the start's (see ``kept``). Both need guides (point, diagonal or
+        low-rank, of one family) over a BayesianNetwork.
     data : Tensor or (x, y), optional
-        Inputs for ``"activation"`` (required there, unused otherwise).
+        Inputs for ``"activation"``; the training data ``(x, y)`` for ``"ste"`` and
+        ``"sinkhorn"`` (required there, unused otherwise).
     max_iter : int
         Maximum number of sweeps over the groups (of the descent on the method's objective;
         the warm start on the means runs to convergence).
@@ -578,7 +624,8 @@ def match(
         Restarts of coordinate descent; restarts after the first start from random
         permutations. The lowest final objective wins.
     num_samples, batch_size : int
-        Weight draws and batch size for ``"activation"``.
+        Weight draws and batch size for ``"activation"``; for ``"ste"`` and ``"sinkhorn"``,
+        the posterior draws of the validation barrier and the training minibatch size.
     num_threads : int, optional
         Threads for the solver's torch operations (restored afterwards). By default one
         thread where the largest similarity product is below about 10^9 multiply-adds (a
@@ -592,6 +639,9 @@ def match(
         (unused with ``spec=``): ``"error"`` refuses a network with an operation not known to
         commute with permutations (recurrent layers, attention, ...), ``"fix"`` leaves the units
         around it unpermuted.
+    epochs, lr : int, float
+        ``"ste"`` and ``"sinkhorn"`` only: passes over the training part of ``data``, and
+        Adam's learning rate (default: ``bnn_align.learned.DEFAULT_LR`` of the method).
 
     Returns
     -------
@@ -605,9 +655,11 @@ def match(
         the same parameters, different permutation symmetries), NaN or infinite parameters
         (naming the site) or parameters whose squared distance overflows, a spec that does not
         fit or cannot be derived, an unknown method or ``unknown``, ``"activation"`` without
-        data.
+        data; for the learned methods no data, data that does not fit the network,
+        ``epochs < 1``, a non-positive ``lr``, full-rank or mixed posterior families.
     TypeError
-        Unsupported posterior kinds.
+        Unsupported posterior kinds; for the learned methods posteriors that are not guides
+        over a BayesianNetwork, data that is not a pair ``(x, y)``.
 
     Examples
     --------
@@ -644,6 +696,13 @@ def match(
                  batch_size=batch_size)
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data= (inputs to compute activations on)")
+    if method in LEARNED_METHODS:
+        from .learned import learned_match  # it builds on this module
+
+        return learned_match(method, guide_a, guide_b, data, spec=spec, epochs=epochs, lr=lr,
+                             batch_size=batch_size, num_samples=num_samples, max_iter=max_iter,
+                             seed=seed, init=init, num_restarts=num_restarts,
+                             num_threads=num_threads, progress=progress, unknown=unknown)
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown, "match")
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
     with torch_threads(_solver_threads(num_threads, va, spec, sizes)):
@@ -685,13 +744,7 @@ def match(
     # aligned guide's instead of new memory faulted in page by page
     spare = Spare(_working_copies((va, vb), (guide_a, guide_b)))
     del va, vb, problem
-    # OpenBLAS's workers (scipy's) keep spinning a while after a product, and a torch operation
-    # split over two threads then waits for the half that shares their core
-    with torch_threads(1):
-        aligned = permute_into(guide_b, perms, spec, spare)
-        adapter = adapter_for(aligned)
-        if rotation is not None and hasattr(adapter, "rotate_"):
-            adapter.rotate_(aligned, rotation)  # aligned is our own new guide
+    aligned = _aligned_guide(guide_b, perms, spec, rotation, spare)
     return Alignment(
         perms=perms, aligned=aligned, cost_before=cost_before, cost_after=history[-1],
         history=history, iterations=iterations, converged=converged,

@@ -180,12 +180,7 @@ class BasePath:
         A guide's buffers are those of its model's network (a permuted guide has a permuted
         copy); a module's or state dict's are its own. Buffers of state dicts and modules that
         are compared with each other are also sample sites of the views, and move there."""
-        t = _check_t(t)
-        b0, b1 = self._buffers
-        if b0 is None or b1 is None:
-            return b0 if b1 is None else b1
-        return {k: torch.lerp(v, b1[k], t) if v.is_floating_point() and k in b1
-                else (v if t < 1.0 else b1.get(k, v)) for k, v in b0.items()}
+        return lerp_buffers(*self._buffers, _check_t(t))
 
     def _model_at(self, t: float) -> BayesianNetwork | None:
         """The model for a guide at ``t``: the endpoints' own when their buffers agree, else a
@@ -278,16 +273,7 @@ class Path(BasePath):
         t = _check_t(t)
         if self.kind != "wasserstein":
             raise ValueError("a mixture is not Gaussian: use path.at(t).sample or path.draw")
-        v0, v1 = self.view0, self.view1
-
-        def lerp(part: str, site: str, x: torch.Tensor) -> torch.Tensor:
-            other = {"loc": v1.loc, "scale": v1.scale, "factor": v1.factor or {}}[part][site]
-            return torch.lerp(x, other, t)
-
-        return GaussianView(self.kind_of_view(), {s: lerp("loc", s, v) for s, v in v0.loc.items()},
-                            {s: lerp("scale", s, v) for s, v in v0.scale.items()},
-                            None if v0.factor is None else
-                            {s: lerp("factor", s, v) for s, v in v0.factor.items()})
+        return lerp_views(self.view0, self.view1, t, self.kind_of_view())
 
     def at(self, t: float) -> Any:
         """The posterior at ``t``: a new guide (or state dict) of the endpoints' kind, or a
@@ -354,6 +340,38 @@ def _rank_of(posterior: Any) -> int:
     return 0
 
 
+def lerp_views(v0: GaussianView, v1: GaussianView, t: float, kind: str) -> GaussianView:
+    """The Gaussian at ``t`` of the Wasserstein path between two views of one rank: means,
+    scales and factors ``(1 - t) v0 + t v1`` (differentiable in both), of the given ``kind``."""
+
+    def lerp(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        return {s: torch.lerp(x, second[s], t) for s, x in first.items()}
+
+    return GaussianView(kind, lerp(v0.loc, v1.loc), lerp(v0.scale, v1.scale),
+                        None if v0.factor is None else lerp(v0.factor, v1.factor))
+
+
+def lerp_buffers(b0: Mapping[str, torch.Tensor] | None, b1: Mapping[str, torch.Tensor] | None,
+                 t: float) -> dict[str, torch.Tensor] | None:
+    """Buffers at ``t`` between two endpoints' (either may be None: the other's are used):
+    floating-point buffers move linearly, others are ``b0``'s before ``t = 1``."""
+    if b0 is None or b1 is None:
+        return b0 if b1 is None else b1
+    return {k: torch.lerp(v, b1[k], t) if v.is_floating_point() and k in b1
+            else (v if t < 1.0 else b1.get(k, v)) for k, v in b0.items()}
+
+
+def factor_rotation(f0: Mapping[str, torch.Tensor], f1: Mapping[str, torch.Tensor]
+                    ) -> torch.Tensor:
+    """The orthogonal ``R`` (``rank x rank``) that best rotates the covariance factor ``f1``
+    (site -> ``site_shape + (rank,)``) onto ``f0`` of the same rank (Procrustes)."""
+    rank = next(iter(f0.values())).shape[-1]
+    flat0 = torch.cat([f.reshape(-1, rank) for f in f0.values()])
+    flat1 = torch.cat([f.reshape(-1, rank) for f in f1.values()])
+    return _procrustes(flat0, flat1)
+
+
 def _align_factors(v0: GaussianView, v1: GaussianView) -> tuple[GaussianView, GaussianView]:
     """Give both views factors of one rank (zeros where missing) and rotate the second's columns
     onto the first's (Procrustes), so that linear interpolation pairs matching columns."""
@@ -370,9 +388,7 @@ def _align_factors(v0: GaussianView, v1: GaussianView) -> tuple[GaussianView, Ga
 
     f0, f1 = padded(v0), padded(v1)
     if v0.factor is not None and v1.factor is not None:
-        flat0 = torch.cat([f.reshape(-1, rank) for f in f0.values()])
-        flat1 = torch.cat([f.reshape(-1, rank) for f in f1.values()])
-        rotation = _procrustes(flat0, flat1)
+        rotation = factor_rotation(f0, f1)
         f1 = {s: f @ rotation for s, f in f1.items()}
     kind0 = v0.kind if v0.factor is not None else v1.kind
     kind1 = v1.kind if v1.factor is not None else v0.kind

@@ -18,7 +18,7 @@ from torch import nn
 
 from .bayesian import BayesianNetwork
 from .posterior import adapter_for, model_of, replacement_memo
-from .spec import PermutationSpec, axis_index
+from .spec import PermutationSpec, _groups_of, axis_index
 
 __all__ = ["permute", "permute_tensor", "invert", "compose", "random_perms", "identity_perms",
            "check_perms", "spec_for"]
@@ -291,6 +291,63 @@ def permute_tensors(tensors: Mapping[str, torch.Tensor], perms: Perms, spec: Per
         if buffer is not None and out[name] is t:  # nothing moved: the buffer is still free
             spare.give_back(buffer)
     return out
+
+
+def soft_permute_tensor(tensor: torch.Tensor, entries: tuple,
+                        matrices: Mapping[str, torch.Tensor],
+                        blocks: Mapping[int, int] | None = None) -> torch.Tensor:
+    """The relaxation of :func:`permute_tensor`: every permuted axis multiplied by its groups'
+    (doubly stochastic) matrices.
+
+    Unit ``i`` of the result is ``sum_j S[i, j]`` times unit ``j`` of the input, so the matrix
+    of a permutation ``p`` (``S[i, p[i]] = 1``, i.e. ``eye(n)[p]``) gives what
+    :func:`permute_tensor` gives. A concatenated axis applies each group's matrix to its own
+    segment, a blocked axis to whole blocks, as :func:`~bnn_align.spec.axis_index` lays them
+    out. Differentiable in the tensor and the matrices.
+
+    Parameters
+    ----------
+    tensor : Tensor of shape ``(*axes, *extra)``
+        As in :func:`permute_tensor`.
+    entries : tuple
+        The tensor's row of ``PermutationSpec.axes_to_perm``.
+    matrices : mapping of str to Tensor
+        Group -> ``(n_group, n_group)`` matrix, of the tensor's dtype and device.
+    blocks : mapping of int to int, optional
+        Axis -> block length for axes permuted in blocks.
+
+    Returns
+    -------
+    Tensor
+        Of ``tensor``'s shape; the input itself when no axis is permuted.
+    """
+    out = tensor
+    for axis, entry in enumerate(entries):
+        groups = _groups_of(entry)
+        if not groups:
+            continue
+        block = (blocks or {}).get(axis, 1)
+        moved = out.movedim(axis, 0)
+        pieces, offset = [], 0
+        for group in groups:
+            matrix = matrices[group]
+            length = len(matrix) * block
+            piece = moved[offset:offset + length]
+            # unit i owns rows i * block ... i * block + block - 1: one row of the product each
+            pieces.append((matrix @ piece.reshape(len(matrix), -1)).reshape(piece.shape))
+            offset += length
+        out = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).movedim(0, axis)
+    return out
+
+
+def soft_permute_tensors(tensors: Mapping[str, torch.Tensor],
+                         matrices: Mapping[str, torch.Tensor], spec: PermutationSpec
+                         ) -> dict[str, torch.Tensor]:
+    """Apply :func:`soft_permute_tensor` to every named tensor the spec lists (others are
+    kept), as :func:`permute_tensors` applies :func:`permute_tensor`."""
+    blocks = spec.blocks
+    return {name: soft_permute_tensor(t, spec[name], matrices, blocks.get(name))
+            if name in spec else t for name, t in tensors.items()}
 
 
 def spec_for(obj: Any, spec: PermutationSpec | None) -> PermutationSpec:

@@ -14,7 +14,8 @@ from torch import nn
 
 from bnn_align import BayesianNetwork, PermutationSpec, as_gaussian, models, permute
 from bnn_align.permute import (Spare, check_perms, compose, invert, permute_tensor,
-                               permute_tensors, random_perms, take)
+                               permute_tensors, random_perms, soft_permute_tensor,
+                               soft_permute_tensors, take)
 
 from conftest import GUIDE_KINDS, group_sizes, make_guide, permute_sample, permuted_noise
 
@@ -274,6 +275,35 @@ def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, stage_bytes
         assert torch.equal(leaf.grad, t)
         with torch.no_grad():
             assert torch.equal(permute_tensor(leaf, entries, perms), expected)
+
+
+def test_soft_permutation_by_permutation_matrices_is_the_permutation():
+    # blocks, a concatenated axis, a group on two axes and a trailing (factor) axis
+    spec = PermutationSpec({"w": ("a", ("a", "b"), None), "v": (None, "b"), "c": (None,)},
+                           blocks={"w": {1: 3}})
+    sizes = {"a": 4, "b": 2}
+    perms = random_perms(sizes, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    tensors = {"w": torch.randn(4, 18, 5, 2, generator=gen), "v": torch.randn(3, 2, generator=gen),
+               "c": torch.randn(7, generator=gen)}
+    onehot = {g: torch.eye(n)[perms[g]] for g, n in sizes.items()}
+    hard = permute_tensors(tensors, perms, spec)
+    soft = soft_permute_tensors(tensors, onehot, spec)
+    for name in tensors:
+        assert torch.allclose(soft[name], hard[name], atol=1e-6), name
+    assert soft["c"] is tensors["c"]
+    # linear in the matrix: a mixture of two permutations is the mixture of their results
+    other = random_perms(sizes, torch.Generator().manual_seed(7))
+    mixed = {g: 0.25 * onehot[g] + 0.75 * torch.eye(n)[other[g]] for g, n in sizes.items()}
+    expected = 0.25 * hard["v"] + 0.75 * permute_tensor(tensors["v"], spec["v"], other)
+    assert torch.allclose(soft_permute_tensor(tensors["v"], spec["v"], mixed), expected,
+                          atol=1e-6)
+    # differentiable in the matrices and the tensor
+    leaf = {g: m.clone().requires_grad_() for g, m in mixed.items()}
+    w = tensors["w"].clone().requires_grad_()
+    soft_permute_tensor(w, spec["w"], leaf, spec.blocks["w"]).sum().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in leaf.values())
+    assert w.grad is not None and w.grad.abs().sum() > 0
 
 
 def test_permute_tensors_write_into_spare_memory_that_fits():

@@ -4,6 +4,7 @@ and the report of the committed study."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import signal
@@ -81,6 +82,12 @@ def local_ray():
     ('"wasserstein"]', '"procrustes"]', "methods"),
     ("points = 3", "points = 1", "evaluate.points"),
     ("[[grid]]", "[[grids]]", "grids"),
+    ('["mlp"]', '["mlp0"]', "grid[0].archs"),
+    ('["mlp"]', '["mlpx"]', "grid[0].archs"),
+    ("[[grid]]", "[learned]\nepoch = 3\n[[grid]]", "learned.epoch"),
+    ("[[grid]]", "[learned]\nepochs = 0\n[[grid]]", "learned.epochs"),
+    ("[[grid]]", "[learned]\nlr = { ste = -1.0 }\n[[grid]]", "learned.lr.ste"),
+    ("[[grid]]", "[learned]\nlr = { mean = 1.0 }\n[[grid]]", "learned.lr.mean"),
 ])
 def test_a_bad_config_is_refused_naming_the_key_before_anything_runs(tmp_path, old, new, key):
     good = tiny_study(tmp_path).read_text()
@@ -116,6 +123,82 @@ def test_the_barrier_study_expands_to_the_committed_grid():
     # width <= 256: every cell but the MLPs of width 512 and 1024
     small = [s for s in expand(study, [parse_filter("width<=256")]) if s.kind == "evaluate"]
     assert len(small) == len(committed[committed.width <= 256])
+
+
+def test_the_learned_study_shares_its_trainings_and_w2_rows_with_the_barrier_study():
+    barrier = {s.key for s in expand(load_study(ROOT / "studies" / "barrier.toml"))}
+    learned = expand(load_study(ROOT / "studies" / "learned.toml"))
+    trains = [s for s in learned if s.kind == "train"]
+    cells = {s.label.rsplit(" seed", 1)[0] for s in trains}
+    assert cells == {f"train mnist1d-{n}-mean-field" for n in
+                     ("mlp128", "mlp512", "mlp1024", "mlp512x3", "resnet81", "resnet82")}
+    assert len(trains) == 6 * 2 * 3
+    # every training of a cell the barrier study has is the same step (the same cache entry)
+    assert {s.label for s in trains if s.key not in barrier} == {
+        f"train mnist1d-mlp512x3-mean-field seed {seed}" for seed in range(6)}
+    for kind in ("match", "evaluate"):
+        steps = [s for s in learned if s.kind == kind]
+        assert len(steps) == 6 * 3 * 3
+        shared = {s.settings["method"] for s in steps if s.key in barrier}
+        assert shared == {"wasserstein"}
+        assert sum(s.key in barrier for s in steps) == 5 * 3
+    deep = next(s for s in trains if "x3" in s.label)
+    assert (deep.settings["arch"], deep.settings["width"]) == ("mlp3", 512)
+    ste = next(s for s in learned if s.kind == "match" and s.settings["method"] == "ste")
+    assert {k: ste.settings[k] for k in ("epochs", "batch_size", "samples", "lr")} == {
+        "epochs": 5, "batch_size": 512, "samples": 64, "lr": None}
+
+
+def test_mlp2_is_mlp_and_shares_its_steps():
+    raw = {"pairs": 1, "train": {"epochs": 2},
+           "grid": [{"datasets": ["digits"], "archs": ["mlp2", "mlp"], "widths": [8],
+                     "guides": ["mean-field"]}]}
+    study = parse_study(raw)
+    assert [c.arch for c in study.cells] == ["mlp"]
+    assert len([s for s in expand(study) if s.kind == "train"]) == 2
+
+
+def test_a_study_of_a_deeper_mlp_with_learned_matching_runs_and_reports(tmp_path):
+    config = tmp_path / "deep.toml"
+    config.write_text("""
+name = "deep"
+pairs = 1
+methods = ["wasserstein", "ste"]
+[train]
+epochs = 2
+[evaluate]
+samples = 4
+points = 3
+[learned]
+epochs = 1
+batch_size = 256
+samples = 4
+lr = { ste = 0.01 }
+[[grid]]
+datasets = ["digits"]
+archs = ["mlp3"]
+widths = [8]
+guides = ["mean-field"]
+""")
+    summary = run(load_study(config), tmp_path / "out", serial=True, progress=False)
+    assert summary.ran == {"train": 2, "match": 2, "curve": 0, "evaluate": 2} and not summary.failed
+    rows = rows_of(summary.results)
+    assert {r["method"] for r in rows} == {"wasserstein", "ste"}
+    assert all(r["arch"] == "mlp3" for r in rows)
+    cache = Cache(tmp_path / "out" / "cache")
+    match_step = next(s for s in expand(load_study(config))
+                      if s.kind == "match" and s.settings["method"] == "ste")
+    found = cache.load(match_step)
+    assert math.isfinite(found["validation_barrier"])
+    assert math.isfinite(found["validation_barrier_start"])
+    assert isinstance(found["kept"], bool) and len(found["history"]) == 1
+    # the network has three hidden layers of width 8
+    train = next(s for s in expand(load_study(config)) if s.kind == "train")
+    assert cache.load(train)["guide"]["locs.4.weight_unconstrained"].shape == (8, 8)
+    assert main(["report", str(summary.results), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "deep.md").read_text()
+    assert "| digits | MLP 8x3 | mean-field |" in text
+    assert "Seconds per match" in text and "| W2 | STE |" in text
 
 
 def test_filters():

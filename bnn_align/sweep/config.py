@@ -3,9 +3,12 @@
 A study file (see ``studies/barrier.toml``) has top-level settings, a ``[train]`` and an
 ``[evaluate]`` table, and one or more ``[[grid]]`` blocks; each block is the product of its
 ``datasets x archs x widths x guides`` and runs its own ``methods`` (default: the top-level
-``methods``). A cell listed by several blocks runs the union of their methods. Every key is
-checked before anything runs: an unknown key, value or an empty grid raises ``ValueError``
-naming the key.
+``methods``). A cell listed by several blocks runs the union of their methods. Architectures
+are ``"mlp"`` (two hidden layers of ``width``), ``"mlp<depth>"`` (``depth`` hidden layers;
+``"mlp2"`` is ``"mlp"``) and ``"resnet<depth>"`` (``width`` its width multiplier). The
+learned match methods (``"ste"``, ``"sinkhorn"``) take their settings from a ``[learned]``
+table. Every key is checked before anything runs: an unknown key, value or an empty grid raises
+``ValueError`` naming the key.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ else:  # the sweep extra installs tomli there
 
 from ..marginal import CLASSIFICATION
 from ..curves import KINDS as CURVE_KINDS
+from ..matching import LEARNED_METHODS
 from ..paths import KINDS as PATH_KINDS
 
-__all__ = ["Cell", "Study", "load_study", "parse_study", "DATASETS", "GUIDES", "METHODS"]
+__all__ = ["Cell", "Study", "load_study", "parse_study", "hidden_layers", "DATASETS", "GUIDES",
+           "METHODS"]
 
 DATASETS = ("mnist1d", "digits")
 GUIDES = ("mean-field", "low-rank")
 # "naive" evaluates the path to the unaligned second posterior; the others are match methods
-METHODS = ("naive", "mean", "wasserstein", "activation")
+METHODS = ("naive", "mean", "wasserstein", "activation", *LEARNED_METHODS)
 _RESNET = re.compile(r"resnet(\d+)$")
+_MLP = re.compile(r"mlp(\d+)?$")
 
 _TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "curve",
-             "grid"}
+             "learned", "grid"}
 _TRAIN_DEFAULTS = {"epochs": None, "batch_size": 128, "lr": 1e-2, "lr_end": 1e-3, "rank": 10,
                    "init_scale": 1e-3}
 _EVALUATE_DEFAULTS = {"samples": 64, "points": 11, "activation_points": 1000}
@@ -42,6 +48,9 @@ _EVALUATE_DEFAULTS = {"samples": 64, "points": 11, "activation_points": 1000}
 # training epochs after which the curve is also evaluated (rows with path "bezier@E")
 _CURVE_DEFAULTS = {"epochs": 20, "bends": 1, "lr": 1e-2, "lr_end": 1e-3, "samples": 1,
                    "checkpoints": []}
+# match(method="ste" | "sinkhorn", epochs=, batch_size=, num_samples=samples, lr=lr[method]);
+# lr: a table method -> float, missing methods at match's default
+_LEARNED_DEFAULTS = {"epochs": 5, "batch_size": 512, "samples": 64, "lr": {}}
 _GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods"}
 
 
@@ -60,14 +69,26 @@ class Cell:
     """
 
     dataset: str
-    arch: str    # "mlp" (two hidden layers of ``width``) or "resnet<depth>" (width multiplier)
+    arch: str    # "mlp" (two hidden layers of ``width``), "mlp<depth>" or "resnet<depth>"
     width: int
     guide: str
 
     @property
     def key(self) -> str:
-        """``dataset-archwidth-guide``, e.g. ``digits-mlp64-mean-field``."""
+        """``dataset-archwidth-guide``, e.g. ``digits-mlp64-mean-field``; an MLP of another
+        depth than two is ``mlp<width>x<depth>`` (``mnist1d-mlp512x3-mean-field``)."""
+        layers = hidden_layers(self.arch)
+        if layers is not None and self.arch != "mlp":
+            return f"{self.dataset}-mlp{self.width}x{layers}-{self.guide}"
         return f"{self.dataset}-{self.arch}{self.width}-{self.guide}"
+
+
+def hidden_layers(arch: str) -> int | None:
+    """The number of hidden layers of an MLP architecture (``"mlp"``: 2), None for others."""
+    found = _MLP.match(arch)
+    if found is None:
+        return None
+    return 2 if found[1] is None else int(found[1])
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,10 @@ class Study:
         For curve paths: ``epochs``, ``bends``, ``lr``, ``lr_end``, ``samples`` (weight draws
         per step) of :func:`~bnn_align.fit_curve`, and ``checkpoints``: earlier epochs after
         which the curve is also evaluated, as path ``"<kind>@<epochs>"``.
+    learned : dict
+        Settings of the learned match methods: ``epochs``, ``batch_size``, ``samples``
+        (posterior draws of the validation barrier), ``lr`` (method -> learning rate; a
+        missing method uses :func:`~bnn_align.match`'s default).
 
     Examples
     --------
@@ -118,6 +143,7 @@ class Study:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     curve: dict[str, Any] = field(default_factory=lambda: dict(_CURVE_DEFAULTS))
+    learned: dict[str, Any] = field(default_factory=dict)
 
 
 def load_study(path: str | Path) -> Study:
@@ -258,8 +284,16 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
         raise ValueError(f"curve.checkpoints must be a list of epochs in 1..{curve['epochs'] - 1} "
                          f"(the last, curve.epochs, is always evaluated), got {checkpoints!r}")
     curve["checkpoints"] = sorted(set(checkpoints))
+    learned = _section(raw, "learned", _LEARNED_DEFAULTS)
+    for key in ("epochs", "batch_size", "samples"):
+        _positive(learned[key], f"learned.{key}")
+    _known(learned["lr"], set(LEARNED_METHODS), "learned.lr")
+    for method, lr in learned["lr"].items():
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"learned.lr.{method} must be a positive number, got {lr!r}")
+    learned["lr"] = {m: float(v) for m, v in learned["lr"].items()}
     return Study(name=name, pairs=pairs, cells=cells, paths=paths, metrics=metrics,
-                 train=train, evaluate=evaluate, curve=curve)
+                 train=train, evaluate=evaluate, curve=curve, learned=learned)
 
 
 def _known(table: Any, allowed: set[str], where: str) -> None:
@@ -293,11 +327,17 @@ def _section(raw: Mapping[str, Any], name: str, defaults: dict[str, Any]) -> dic
 
 
 def _arch(value: Any, key: str) -> str:
+    """The canonical name of an architecture (``"mlp2"`` is ``"mlp"``: one network, one name,
+    so its steps' cache keys are the same whichever is written)."""
     match = _RESNET.match(value) if isinstance(value, str) else None
-    if value == "mlp" or (match and int(match[1]) >= 8 and (int(match[1]) - 2) % 6 == 0):
+    if match and int(match[1]) >= 8 and (int(match[1]) - 2) % 6 == 0:
         return value
-    raise ValueError(f"{key}: unknown architecture {value!r}; expected 'mlp' or "
-                     f"'resnet<depth>' with depth 6n + 2 (8, 14, 20, ...)")
+    mlp = _MLP.match(value) if isinstance(value, str) else None
+    if mlp and (mlp[1] is None or (int(mlp[1]) >= 1 and not mlp[1].startswith("0"))):
+        return "mlp" if hidden_layers(value) == 2 else value
+    raise ValueError(f"{key}: unknown architecture {value!r}; expected 'mlp' (two hidden "
+                     f"layers), 'mlp<depth>' (depth >= 1 hidden layers) or 'resnet<depth>' "
+                     f"with depth 6n + 2 (8, 14, 20, ...)")
 
 
 def _cells(grid: Any, methods: tuple[str, ...]) -> dict[Cell, tuple[str, ...]]:

@@ -22,10 +22,11 @@ from ..curves import Curve, fit_curve
 from ..data import DataSplit, digits, mnist1d
 from ..marginal import marginal_loss
 from .._threads import torch_threads
-from ..matching import alignment_cost, match
+from ..matching import LEARNED_METHODS, alignment_cost, match
 from ..models import mlp, resnet
 from ..paths import interpolate
 from .cache import Cache
+from .config import hidden_layers
 from .steps import ROW_KEY, Step
 
 __all__ = ["execute", "load_trained", "row_fields", "one_thread"]
@@ -84,16 +85,17 @@ def execute(step: Step, cache: Cache, device: str = "cpu") -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _data(dataset: str, arch: str) -> DataSplit:
     if dataset == "digits":
-        return digits(image=arch != "mlp")
-    return mnist1d(channel_axis=arch != "mlp")
+        return digits(image=hidden_layers(arch) is None)
+    return mnist1d(channel_axis=hidden_layers(arch) is None)
 
 
 def _untrained(settings, seed: int) -> tuple[BayesianNetwork, Any, DataSplit]:
     """The network and guide of a train step's settings, initialised from ``seed``."""
     split = _data(settings["dataset"], settings["arch"])
     torch.manual_seed(seed)
-    if settings["arch"] == "mlp":
-        net = mlp(split.input_shape[0], [settings["width"]] * 2, split.num_classes)
+    layers = hidden_layers(settings["arch"])
+    if layers is not None:
+        net = mlp(split.input_shape[0], [settings["width"]] * layers, split.num_classes)
     else:
         net = resnet(int(settings["arch"][len("resnet"):]), width=settings["width"],
                      dim=len(split.input_shape) - 1, in_channels=split.input_shape[0],
@@ -132,11 +134,21 @@ def _match(step: Step, cache: Cache) -> dict[str, Any]:
     s = step.settings
     _, q0, split, _ = load_trained(step.inputs[0], cache)
     _, q1, _, _ = load_trained(step.inputs[1], cache)
-    data = split.x_train[:s["activation_points"]] if s["method"] == "activation" else None
-    alignment = match(q0, q1, method=s["method"], seed=s["seed"], data=data)
-    return {"perms": alignment.perms, "aligned": alignment.aligned.state_dict(),
-            "seconds": alignment.seconds, "cost_before": alignment.cost_before,
-            "cost_after": alignment.cost_after, "iterations": alignment.iterations}
+    options: dict[str, Any] = {}
+    if s["method"] == "activation":
+        options["data"] = split.x_train[:s["activation_points"]]
+    if s["method"] in LEARNED_METHODS:  # the validation split comes from the training data
+        options.update(data=split.train, epochs=s["epochs"], lr=s["lr"],
+                       batch_size=s["batch_size"], num_samples=s["samples"])
+    alignment = match(q0, q1, method=s["method"], seed=s["seed"], **options)
+    payload = {"perms": alignment.perms, "aligned": alignment.aligned.state_dict(),
+               "seconds": alignment.seconds, "cost_before": alignment.cost_before,
+               "cost_after": alignment.cost_after, "iterations": alignment.iterations}
+    if s["method"] in LEARNED_METHODS:
+        payload.update(history=list(alignment.history), kept=alignment.kept,
+                       validation_barrier_start=alignment.validation_barrier_start,
+                       validation_barrier=alignment.validation_barrier)
+    return payload
 
 
 def _endpoints(step: Step, cache: Cache):

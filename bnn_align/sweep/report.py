@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .config import DATASETS, METHODS
+from ..matching import LEARNED_METHODS
+from .config import DATASETS, METHODS, hidden_layers
 
 __all__ = ["summarise", "markdown", "plot", "write_report"]
 
-LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation"}
+LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation",
+          "ste": "STE", "sinkhorn": "Sinkhorn"}
 COLORS = {"naive": "tab:red", "mean": "tab:orange", "wasserstein": "tab:blue",
-          "activation": "tab:green"}
+          "activation": "tab:green", "ste": "tab:purple", "sinkhorn": "tab:brown"}
 _STYLES = {"mean-field": "-", "low-rank": "--"}
 
 
@@ -28,8 +30,8 @@ def summarise(frame) -> list[dict[str, Any]]:
     """One entry per (dataset, arch, width, guide, method, path) of a results DataFrame (see
     :func:`~bnn_align.sweep.read_results`): ``pairs``, ``test_acc``, ``train_seconds`` (per
     guide), ``<metric>_mean``, ``<metric>_spread``, ``<metric>_mc_se`` for every barrier column
-    ``<metric>_barrier``, and ``w2_cost``, ``mean_cost``. Ordered by dataset, arch, guide,
-    width, method."""
+    ``<metric>_barrier``, and ``w2_cost``, ``mean_cost``, ``match_seconds``. Ordered by
+    dataset, arch, guide, width, method."""
     metrics = _metrics(frame)
     groups: dict[tuple, list[dict]] = {}
     for r in frame.to_dict("records"):
@@ -47,7 +49,7 @@ def summarise(frame) -> list[dict[str, Any]]:
             entry[f"{key}_mean"] = float(values.mean())
             entry[f"{key}_spread"] = float(values.std(ddof=1)) if len(rs) > 1 else 0.0
             entry[f"{key}_mc_se"] = float(np.mean([r[f"{key}_se"] for r in rs]))
-        for key in ("w2_cost", "mean_cost"):
+        for key in ("w2_cost", "mean_cost", "match_seconds"):
             entry[key] = float(np.mean([r[key] for r in rs]))
         out.append(entry)
     return out
@@ -64,13 +66,15 @@ def _order(item):
 
 
 def _network(arch: str, width: int) -> str:
-    return f"MLP {width}x2" if arch == "mlp" else f"ResNet-{arch[len('resnet'):]} x{width}"
+    layers = hidden_layers(arch)
+    return f"MLP {width}x{layers}" if layers else f"ResNet-{arch[len('resnet'):]} x{width}"
 
 
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The NLL barriers (with test accuracy and the W2 rows' Monte-Carlo s.e.), one table per
-    other metric (accuracy: the largest drop below the line between the endpoints), and the
-    matching objectives; a set of tables per path kind when there are several."""
+    other metric (accuracy: the largest drop below the line between the endpoints), the
+    matching objectives, and with learned methods the seconds per match; a set of tables per
+    path kind when there are several."""
     paths = sorted({s["path"] for s in summary})
     parts = []
     for path in paths:
@@ -116,6 +120,16 @@ def _tables(summary: list[dict[str, Any]]) -> str:
         m, w = by_method["mean"], by_method["wasserstein"]
         lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | {m['w2_cost']:.1f} | "
                      f"{w['w2_cost']:.1f} | {m['mean_cost']:.1f} | {w['mean_cost']:.1f} |")
+    if any(m in LEARNED_METHODS for m in methods):
+        matched = [m for m in methods if m != "naive"]
+        lines += ["", "Seconds per match (mean over pairs; the learned methods include the "
+                  "W2 match they start from and their validation barriers).", "",
+                  f"| data | network | guide | {' | '.join(LABELS[m] for m in matched)} |",
+                  _rule(3 + len(matched))]
+        for (dataset, arch, width, guide), by_method in cells.items():
+            lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | " + " | ".join(
+                "" if m not in by_method else f"{by_method[m]['match_seconds']:.1f}"
+                for m in matched) + " |")
     return "\n".join(lines)
 
 
@@ -143,10 +157,11 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll
     for dataset in [d for d in DATASETS if any(s["dataset"] == d for s in summary)]:
         here = [s for s in summary if s["dataset"] == dataset]
         panels = []
-        for arch in sorted({s["arch"] for s in here}, key=lambda a: (a != "mlp", a)):
+        for arch in sorted({s["arch"] for s in here},
+                           key=lambda a: (hidden_layers(a) is None, hidden_layers(a) or 0, a)):
             guides = [g for g in _STYLES if any((s["arch"], s["guide"]) == (arch, g)
                                                  for s in here)]
-            panels += [(dataset, arch, g) for g in guides] if arch == "mlp" else \
+            panels += [(dataset, arch, g) for g in guides] if hidden_layers(arch) else \
                 [(dataset, arch, None)]
         rows.append(panels)
     ncols = max(len(r) for r in rows)
@@ -192,15 +207,17 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
             ax.errorbar(w, np.maximum(m, floor), yerr=(lower, e), marker="o", ms=4, capsize=2,
                         color=color, linestyle=style, label=f"{LABELS[method]} ({g})")
     ax.set_xscale("log", base=2)
-    if arch != "mlp":
+    layers = hidden_layers(arch)
+    if layers is None:
         ax.set_xlim(min(widths) * 0.8, max(widths) * 1.25)
         ax.set_xticks(sorted(widths), [f"x{w}" for w in sorted(widths)])
     ax.set_yscale("log")
     ax.set_ylim(floor, 5)
-    ax.set_xlabel("hidden width (2 layers)" if arch == "mlp" else "width multiplier")
+    ax.set_xlabel(f"hidden width ({layers} layers)" if layers else "width multiplier")
     ax.set_ylabel(ylabel)
-    network = "MLP" if arch == "mlp" else f"ResNet-{arch[len('resnet'):]}"
-    if dataset == "mnist1d" and arch != "mlp":
+    network = "MLP" if arch == "mlp" else (
+        f"MLP, {layers} layers" if layers else f"ResNet-{arch[len('resnet'):]}")
+    if dataset == "mnist1d" and not layers:
         network += " (1-D)"
     ax.set_title(f"{dataset}, {network}" + (f", {guide}" if guide else ", both guides"),
                  fontsize=10)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from ..curves import KINDS as CURVE_KINDS
+from ..matching import LEARNED_METHODS
 from .config import Cell, Study
 from .select import RowFilter
 
@@ -190,6 +191,10 @@ def _match(study: Study, cell: Cell, pair: int, method: str, a: Step, b: Step,
         settings: dict[str, Any] = {"method": method, "seed": pair}
         if method == "activation":
             settings["activation_points"] = study.evaluate["activation_points"]
+        if method in LEARNED_METHODS:  # trained on the training data (a fifth held out)
+            learned = study.learned
+            settings.update(epochs=learned["epochs"], batch_size=learned["batch_size"],
+                            samples=learned["samples"], lr=learned["lr"].get(method))
         matches[cell, pair, method] = Step("match", settings, (a, b),
                                            f"match {cell.key} pair {pair} {method}")
     return matches[cell, pair, method]
