@@ -251,8 +251,8 @@ class Problem:
     def _axis_index(self, site: str, axis: int, entry: Any, groups: tuple[str, ...]
                     ) -> np.ndarray | None:
         """Gather index of one permuted axis (its spec ``entry``, acting ``groups``), kept
-        until one of its groups moves (rebuilding it with torch ops for every product and cost
-        term was 4-6 % of ResNet-20 x4's match)."""
+        until one of its groups moves: rebuilding it with torch ops for every product and cost
+        term was a measurable share of a match (``benchmarks/NOTES.md``)."""
         stamp = tuple([self.version[g] for g in groups])
         hit = self.axis_indices.get((site, axis))
         if hit is None or hit[0] != stamp:
@@ -321,14 +321,12 @@ class Problem:
         within one call of :meth:`similarity` or :meth:`rotate` (released at its end, so
         peak memory stays that of fresh arrays).
 
-        A fresh array is new memory the kernel must fault in and zero: on ResNet-20 x16 that
-        was a third of the time spent gathering and copying operands for the products, and
-        on x4, whose operands are all below 4 MB, the heap returned freed operands to the
-        system and took them back, about 15 000 page faults (60 MB) per match in the
-        transposes alone. Keeping x16's (up to 38 MB each, a thirtieth of its arrays) as
-        well made its independent match about 0.8x as long (best of three in two
-        processes each: 2.40-2.57 s against 3.11-3.22). The few work slots kept cost at most
-        a quarter of the problem's memory, in practice far less (x16: 0.14x).
+        A fresh array is new memory the kernel must fault in and zero, a large share of the
+        time spent gathering and copying the products' operands; small freed operands were
+        moreover returned to the system by the heap and taken back, page fault by page fault.
+        Keeping the large ones within a call as well shortened the largest matches
+        (measurements: ``benchmarks/NOTES.md``). The few work slots kept cost at most a
+        quarter of the problem's memory, in practice far less.
         """
         size = math.prod(shape)
         pool = (self.kept_scratch if size * np.dtype(dtype).itemsize < self.scratch_limit
@@ -359,9 +357,9 @@ class Problem:
             return t[:, units].T
         part = np.moveaxis(t[(slice(None),) * axis + (units,)], axis, 0)
         rows = self._scratch(slot, part.shape, t.dtype)
-        # torch's strided copy, on torch's threads: 0.6-0.8x the time of numpy's copy of the
-        # 3x3 kernels as opaque items (ResNet-20 x4 and x16), itself 1.5-2x faster than
-        # numpy's copy of the moved float view
+        # torch's strided copy, on torch's threads, beat numpy's copy of the 3x3 kernels as
+        # opaque items, itself faster than numpy's copy of the moved float view
+        # (benchmarks/NOTES.md)
         torch.from_numpy(rows).copy_(torch.from_numpy(part))
         return rows.reshape(n, -1)
 
@@ -464,9 +462,9 @@ class Problem:
         return None if self.rotation is None else torch.from_numpy(self.rotation)
 
 
-# below this many elements of work, threads cost more than they save: the objective of
-# ResNet-20 x4 (8.6 million elements, the largest tensor 0.6 million) took as long on two
-# threads as on one, that of x16 (138 million) 1.8x less time
+# below this many elements of work, threads cost more than they save: the objective of a
+# ResNet-20 x4 took as long on two threads as on one, that of an x16 clearly less
+# (benchmarks/NOTES.md)
 _PARALLEL_SIZE = 2**24
 
 
@@ -501,8 +499,8 @@ def squared_distance(a: np.ndarray, b: np.ndarray,
     (None: left as it is).
 
     The tensor is processed in flat chunks that fit in the cache: gathering a whole permuted
-    copy and squaring the whole difference wrote and re-read every element three times, half
-    the time of a cost evaluation on ResNet-20 x16. The chunks are whole multiples of numpy's
+    copy and squaring the whole difference wrote and re-read every element three times, much
+    of the time of a cost evaluation on large networks. The chunks are whole multiples of numpy's
     reduction buffer and the running sum is passed on as ``initial``, so the result is the sum
     over the whole difference, bit for bit with numpy 2.x's buffered float64 reduction (the
     study's 144 matches came out identical).
@@ -580,15 +578,12 @@ def reduced(similarity: np.ndarray) -> np.ndarray:
     Adding a constant to a row or a column changes every assignment's total by the same
     amount, so the assignment is the same; scipy's shortest-augmenting-path solver, which
     starts from zero dual variables, is faster the closer the matrix is to such a reduced
-    form. Centring rows and columns made it 2-3x faster on the nearly constant similarities
-    that positive standard deviations produce (the 2048-wide benchmark MLP); then reducing by
-    the maxima, as Jonker-Volgenant's initialisation does, took another 19-27 % off the
-    assignments of the independent benchmark cases and 6 % off those of the study's 144
-    matches (every solution the same). The row means need no subtracting: the row maxima
-    absorb them. The order matters: column maxima first made the study's assignments five
-    times slower. The result is float64, the solver's own type, which spares it a converted
-    copy (reduction and assignment 5-15 % faster on the benchmark cases, 1 % slower on the
-    study's).
+    form: centring rows and columns helps most on the nearly constant similarities that
+    positive standard deviations produce, and reducing by the maxima, as Jonker-Volgenant's
+    initialisation does, helps further (every solution the same). The row means need no
+    subtracting: the row maxima absorb them. The order matters: column maxima first made the
+    study's assignments several times slower. The result is float64, the solver's own type,
+    which spares it a converted copy. Measurements: ``benchmarks/NOTES.md``.
     """
     s = np.subtract(similarity, similarity.mean(0, keepdims=True), dtype=np.float64)
     s -= s.max(1, keepdims=True)
@@ -788,15 +783,12 @@ def warm_start(problem: Problem, start: Mapping[str, torch.Tensor], rng: np.rand
     greedy start that is refined runs on the means alone.
 
     Where the standard deviations vary as much as the means, the greedy start (then on both,
-    see :func:`greedy_start`) is not refined: refining it, as every start was until
-    2026-12-03, spent one to two passes of products that the full descent then undid. On the
-    benchmark's independent pairs, whose standard deviations vary more than their means, the
-    full descent moved nearly every unit of the means' optimum, and descending from the greedy
-    point directly ended lower on the MLP 512 (by 1.2 %), ResNet-20 x4 (0.2 %) and x16
-    (0.16 %) with 40 % fewer multiply-adds on x16. Trained posteriors are on the other side:
-    without the refinement, four trained mean-field pairs (MNIST-1D, the study's recipe) ended
-    from 0.1 % lower to 0.3 % higher, and two low-rank ResNet-8 pairs 0.4-0.7 % higher; with
-    the rule, all eight came out as before.
+    see :func:`greedy_start`) is not refined: refining it spent one to two passes of products
+    that the full descent then undid. Where the standard deviations vary more than the means
+    (the benchmark's independent pairs) the full descent moves nearly every unit of the
+    means' optimum, and descending from the greedy point directly ends lower, with fewer
+    products. Trained posteriors are on the other side: there the refinement keeps the
+    results they had with it. Measurements: ``benchmarks/NOTES.md``.
     """
     if greedy and not problem.factor_part and not problem.means_dominate():
         problem.set_perms(start)

@@ -3,27 +3,23 @@
 Every product runs in torch, on torch's threads: small and odd-shaped ones on MKL, large ones
 whose shape repeats (a site's contribution to a similarity matrix, recomputed at the same shape
 sweep after sweep) on oneDNN's float32 kernels where the CPU has them. Not numpy for the small
-ones: OpenBLAS's workers spin for about 0.1 s after each of its products and torch's threads then
-share a core with them (mixing the two made the independent ResNet-20 x4 match 1.9x as long).
-oneDNN: on the 2-core AMD EPYC
-benchmark machine, where OpenBLAS is pinned to its AVX2 ("Haswell") kernels by
-``OPENBLAS_CORETYPE`` and MKL takes its slow path on AMD, oneDNN's AVX-512 kernels ran the
-products of ResNet-20 x16's similarities 1.9-2.0x faster than numpy (1024 x 9216 by
-9216 x 1024: 47 ms against 89 ms), as accurate (largest error against float64 1.7e-4 and
-1.9e-4 on that product).
+ones: OpenBLAS's workers keep spinning a while after each of its products and torch's threads
+then share a core with them, which slowed whole matches that mixed the two. oneDNN: where
+OpenBLAS is held to AVX2 kernels (``OPENBLAS_CORETYPE``) and MKL takes its slow path (AMD
+CPUs), oneDNN's AVX-512 kernels run the large products clearly faster than numpy, and as
+accurately. Measurements: ``benchmarks/NOTES.md``.
 
 torch sends a float32 matmul to oneDNN only while ``torch.backends.mkldnn.matmul.fp32_precision``
 is ``"bf16"``; that setting *allows* oneDNN to round the operands to bfloat16, which it does not
 do on this machine (the errors above) but may elsewhere (CPUs with AMX). So the setting is held
 only for the product and put back, and every product is checked: eight of its entries,
 recomputed in float64, must agree to within ``2**-10`` of the scale of bfloat16 rounding's
-error on them. float32 kernels stayed below a third of that (below a tenth up to 65 536 terms
-per entry), while about 70 % of the entries of a product of bfloat16-rounded operands exceed
-it, so all eight pass by chance about once in 10 000 products. The first product that fails
-switches the route off for the process and is redone without oneDNN. oneDNN builds a kernel
-for every new shape (about 1.5 ms at 256 units), which made small odd-shaped products (the
-low-rank updates, whose shape is the number of moved units) slower than OpenBLAS's; only large
-ones go to oneDNN.
+error on them. float32 kernels stay well inside that bound, while most entries of a product of
+bfloat16-rounded operands exceed it, so all eight pass by chance only very rarely. The first
+product that fails switches the route off for the process and is redone without oneDNN. oneDNN
+builds a kernel for every new shape, which made small odd-shaped products (the low-rank
+updates, whose shape is the number of moved units) slower than OpenBLAS's; only large ones go
+to oneDNN.
 """
 
 from __future__ import annotations
@@ -33,12 +29,11 @@ import math
 import numpy as np
 import torch
 
-# products smaller than this (multiply-adds) stay off oneDNN: at 64 x 576 by 576 x 64 (2.4
-# million) both took 0.03 ms, at 128 x 1152 by 1152 x 128 (19 million) oneDNN 1.7x less
+# products smaller than this (multiply-adds) stay off oneDNN, which gains nothing on them
+# (benchmarks/NOTES.md)
 ONEDNN_MIN_SIZE = 2**23
-# the same for a shape not seen before, whose kernel oneDNN must build first: at 256 units
-# and 86 million multiply-adds 2.9 ms against OpenBLAS's 1.4, at 512 and 640 million 4.7
-# against 7.0
+# the same for a shape not seen before, whose kernel oneDNN must build first: building it
+# costs more than oneDNN saves on products below this size
 ONEDNN_MIN_SIZE_NEW_SHAPE = 2**28
 # largest error of a checked entry ``x_i . y_j``, relative to ``|x_i * y_j|`` (see ``_agrees``)
 _CHECK_TOLERANCE = 2.0**-10

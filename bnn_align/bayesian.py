@@ -21,9 +21,11 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ._checks import check_positive_float, device_of, positive_int, same_device
+from ._threads import thread_count, torch_threads
 from .spec import PermutationSpec
 
 __all__ = [
@@ -45,7 +47,28 @@ class Prior:
 
 
 class NormalPrior(Prior):
-    """Isotropic ``Normal(0, scale)`` on every weight and bias (the default, ``scale=1``)."""
+    """Isotropic ``Normal(0, scale)`` on every weight and bias (the default, ``scale=1``).
+
+    Parameters
+    ----------
+    scale : float
+        Standard deviation of every weight (positive). ``BayesianNetwork(net, prior=0.5)`` is
+        ``BayesianNetwork(net, prior=NormalPrior(0.5))``.
+
+    Raises
+    ------
+    ValueError
+        A scale that is not a positive finite number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> prior = ba.NormalPrior(0.5)
+    >>> normal = prior("0.weight", torch.zeros(8, 4))   # one Normal per entry of the tensor
+    >>> normal.batch_shape, normal.scale.unique()
+    (torch.Size([8, 4]), tensor([0.5000]))
+    """
 
     def __init__(self, scale: float = 1.0):
         self.scale = check_positive_float("prior scale", scale)
@@ -63,6 +86,28 @@ class FanInPrior(Prior):
 
     ``fan_in`` is the product of all axes but the first (``in_features`` for a linear layer,
     ``in_channels * kernel`` for a convolution); ``gain=sqrt(2)`` matches He initialisation.
+
+    Parameters
+    ----------
+    gain : float
+        Scale of the weights' standard deviation ``gain / sqrt(fan_in)`` (positive).
+    bias_scale : float
+        Standard deviation of one-dimensional tensors (positive).
+
+    Raises
+    ------
+    ValueError
+        A gain or bias scale that is not a positive finite number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> prior = ba.FanInPrior(gain=2 ** 0.5)
+    >>> float(prior("0.weight", torch.zeros(8, 4)).scale[0, 0])      # sqrt(2) / sqrt(4)
+    0.7071...
+    >>> float(prior("0.bias", torch.zeros(8)).scale[0])
+    1.0
     """
 
     def __init__(self, gain: float = 1.0, bias_scale: float = 1.0):
@@ -121,7 +166,22 @@ class Likelihood:
 
 
 class Categorical(Likelihood):
-    """Classification: ``y ~ Categorical(logits=f(x))``; the network outputs ``(batch, classes)``."""
+    """Classification: ``y ~ Categorical(logits=f(x))``; the network outputs ``(batch, classes)``.
+
+    The labels ``y`` must be an integer tensor of shape ``(batch,)`` with values in
+    ``0 .. classes - 1``; the model raises ``TypeError`` or ``ValueError`` saying which is not.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import models
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), likelihood=ba.Categorical())
+    >>> model(torch.randn(2, 4), torch.tensor([0, 3]))
+    Traceback (most recent call last):
+        ...
+    ValueError: labels y must lie in [0, 2] for a network with 3 outputs, got values in [0, 3]
+    """
 
     def distribution(self, output, globals_):
         return dist.Categorical(logits=output)
@@ -154,6 +214,23 @@ class Gaussian(Likelihood):
         ``noise_prior`` that the guide learns like any weight.
     noise_prior : Distribution
         Prior of the learned noise scale (positive support); ``LogNormal(log 0.1, 1)`` by default.
+
+    Raises
+    ------
+    ValueError
+        A noise that is neither a positive number nor ``"learned"``.
+
+    Examples
+    --------
+    A learned noise scale is one more latent site, after the weights:
+
+    >>> import bnn_align as ba
+    >>> from bnn_align import models
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 1), likelihood=ba.Gaussian("learned"))
+    >>> model.sites
+    ('0.weight', '0.bias', '2.weight', '2.bias', 'obs_noise')
+    >>> ba.Gaussian(noise=0.1)
+    Gaussian(noise=0.1)
     """
 
     def __init__(self, noise: float | str = 1.0, noise_prior: dist.Distribution | None = None):
@@ -243,12 +320,42 @@ class BayesianNetwork(nn.Module):
         Shape of one input example (without the batch axis). Needed to derive the permutation
         spec; remembered from the first call with data if not given.
 
+    Raises
+    ------
+    TypeError
+        ``net`` is not an ``nn.Module`` (or is a BayesianNetwork already), or ``prior`` is
+        neither a number, a Prior nor a callable.
+    ValueError
+        A network without parameters, parameter names that clash with the likelihood's sites,
+        an unknown likelihood.
+
     Notes
     -----
     Call as ``model(x, y, num_data=N)``: ``x`` of shape ``(batch, *input_shape)``, ``y`` the
     observations (``None`` to predict), ``num_data`` the dataset size so a minibatch's likelihood
     is scaled by ``N / batch``. ``model()`` without data only samples the weights (used to set up
     guides). Returns the network output (logits or regression means) for the sampled weights.
+
+    Examples
+    --------
+    >>> import pyro
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import models
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), prior=1.0, likelihood="categorical",
+    ...                            input_shape=(4,))
+    >>> model.sites                           # named exactly like the network's parameters
+    ('0.weight', '0.bias', '2.weight', '2.bias')
+    >>> model.spec.groups                     # the hidden layer's units
+    ['P_0']
+    >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> model(x).shape                        # logits for weights drawn from the prior
+    torch.Size([5, 3])
+    >>> trace = pyro.poutine.trace(model).get_trace(x, y, num_data=100)
+    >>> trace.nodes["0.weight"]["value"].shape
+    torch.Size([8, 4])
+    >>> trace.nodes["obs"]["scale"]           # the minibatch's likelihood counts 100 / 5 times
+    20.0
     """
 
     def __init__(
@@ -303,7 +410,16 @@ class BayesianNetwork(nn.Module):
         Raises
         ------
         ValueError
-            The network holds an operation whose permutation behaviour is not known.
+            The network holds an operation whose permutation behaviour is not known, or the
+            model does not know its input shape.
+
+        Examples
+        --------
+        >>> import bnn_align as ba
+        >>> from bnn_align import models
+        >>> model = ba.BayesianNetwork(models.mlp(4, [8, 8], 3), input_shape=(4,))
+        >>> model.spec.perm_to_axes["P_2"]
+        [('2.weight', 0), ('2.bias', 0), ('4.weight', 1)]
         """
         from .symmetry import UnsupportedOperation
 
@@ -444,6 +560,7 @@ def fit(
     num_particles: int = 1,
     clip_norm: float | None = 10.0,
     seed: int = 0,
+    num_threads: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Train ``guide`` by stochastic variational inference (Adam on the ELBO, minibatches).
@@ -471,6 +588,12 @@ def fit(
         Monte-Carlo samples of the ELBO per step.
     seed : int
         Seed of the minibatch order and the ELBO's noise; the global RNG state is restored.
+    num_threads : int, optional
+        Threads for torch during training (restored afterwards). By default one thread when
+        a minibatch's forward pass is below about 10^9 multiply-adds (an MLP of width 512, a
+        1-D ResNet-8 at batch 128), where threads save little and a process busy on another
+        core slows a multi-threaded step several times, and torch's own count above (and for
+        models that are not a :class:`BayesianNetwork`). Pass 1 on a shared machine.
     progress : bool
         Show a tqdm progress bar.
 
@@ -482,7 +605,30 @@ def fit(
     Raises
     ------
     ValueError
-        Naming both devices when the model and the guide are on different devices.
+        Naming both devices when the model and the guide are on different devices; a
+        non-positive count or learning rate (naming it), empty data, inputs and targets of
+        different lengths, targets that do not fit the likelihood, a guide without trainable
+        parameters.
+    TypeError
+        Data that is not a pair of tensors or a TensorDataset, a guide that is not a module.
+    FloatingPointError
+        The ELBO became NaN or infinite (naming the epoch): lower ``lr`` or ``init_scale``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(64, 4)
+    >>> y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()         # three classes
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide = guides.mean_field(model)
+    >>> losses = ba.fit(model, guide, (x, y), epochs=10, batch_size=64, lr=0.1, progress=False)
+    >>> losses.shape
+    (10,)
+    >>> bool(losses[-1] < losses[0])
+    True
     """
     x, y = as_data_pair(data)
     positive_int(epochs=epochs, batch_size=batch_size, num_particles=num_particles)
@@ -504,7 +650,8 @@ def fit(
     kwargs = {"num_data": n} if isinstance(model, BayesianNetwork) else {}
     elbo = Trace_ELBO(num_particles=num_particles)
     history = np.zeros(epochs)
-    with torch.random.fork_rng(), pyro.get_param_store().scope():
+    threads = thread_count(num_threads, _step_work(model, x[:1], batch_size))
+    with torch_threads(threads), torch.random.fork_rng(), pyro.get_param_store().scope():
         torch.manual_seed(seed)
         # creates the parameters if needed, from the model's draws (on the model's device)
         guide(x[:batch_size].to(device), y[:batch_size].to(device), **kwargs)
@@ -539,3 +686,12 @@ def fit(
             history[epoch] = total_loss / steps_per_epoch
             bar.set_postfix(loss=f"{history[epoch]:.4g}")
     return history
+
+
+def _step_work(model: Any, x: torch.Tensor, batch_size: int) -> float:
+    """Multiply-adds of one minibatch's forward pass (``inf`` when it cannot be counted)."""
+    if not isinstance(model, BayesianNetwork):
+        return math.inf
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.net(x.to(device_of(model.net) or x.device))
+    return counter.get_total_flops() / 2 * batch_size

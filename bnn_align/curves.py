@@ -38,7 +38,7 @@ import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path as FilePath
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +98,32 @@ class Curve(BasePath):
         Mean training objective per epoch (full-data scale).
     seconds : float
         Wall time of :func:`fit_curve`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> curve = ba.fit_curve(model, guide_a, guide_b, (x, y), bends=2, epochs=1, progress=False)
+    >>> curve
+    Curve(kind='bezier', bends=2, family='diagonal', q0=AutoNormal, ..., epochs=1)
+    >>> curve.coefficients(0.5)                    # Bernstein polynomials of degree 3
+    [0.125, 0.375, 0.375, 0.125]
+    >>> len(curve.bends), curve.bends[0].kind
+    (2, 'diagonal')
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> curve.save(Path(folder.name) / "curve.pt")
+    >>> loaded = ba.Curve.load(Path(folder.name) / "curve.pt", model=model)
+    >>> torch.equal(loaded.view_at(0.3).loc["0.weight"], curve.view_at(0.3).loc["0.weight"])
+    True
+    >>> folder.cleanup()
     """
 
     def __init__(self, model: BayesianNetwork, q0: Any, q1: Any, *, kind: str = "bezier",
@@ -451,28 +477,27 @@ class Curve(BasePath):
         return (weights @ coords).numpy() / plane["length"]
 
     # -- saving ----------------------------------------------------------------------------------
-    def save(self, path: str | FilePath) -> None:
-        """Save the endpoints, bends, settings and training history (``torch.save`` of plain
-        tensors); :meth:`load` rebuilds the curve exactly."""
-        torch.save({
+    def state_dict(self) -> dict[str, Any]:
+        """The endpoints, bends, settings and training history as plain tensors and numbers
+        (what :meth:`save` writes); :meth:`from_state_dict` rebuilds the curve exactly."""
+        return {
             "format": _FORMAT, "kind": self.kind, "num_bends": self.num_bends,
             "recompute_bn": self.recompute_bn, "seed": self.seed,
             "bn_batch_size": self._bn_batch_size,
             "bn_inputs": None if self._bn_inputs is None else self._bn_inputs.clone(),
             "endpoints": [_endpoint_record(self.q0), _endpoint_record(self.q1)],
             "buffers": list(self._buffers),
-            "bends": {"loc": self._bend_loc, "scale": self._bend_scale,
-                      "factor": self._bend_factor},
+            "bends": {"loc": _cloned(self._bend_loc), "scale": _cloned(self._bend_scale),
+                      "factor": _cloned(self._bend_factor)},
             "history": self.history.tolist(),
-        }, FilePath(path))
+        }
 
     @classmethod
-    def load(cls, path: str | FilePath, *, model: BayesianNetwork) -> "Curve":
-        """Load a curve saved with :meth:`save`; its endpoints are rebuilt over ``model`` (guides
+    def from_state_dict(cls, state: Mapping[str, Any], *, model: BayesianNetwork) -> "Curve":
+        """The curve of a :meth:`state_dict`; its endpoints are rebuilt over ``model`` (guides
         as the base class of the saved kind: ``AutoNormal``, ``AutoDiagonalNormal``,
         ``AutoLowRankMultivariateNormal``, ``AutoDelta``; modules as copies of
         ``model.net``)."""
-        state = load_saved(path, "Curve", _FORMAT)
         if not isinstance(model, BayesianNetwork):
             raise TypeError(f"model must be a BayesianNetwork, got {type(model).__name__}")
         q0, q1 = (_rebuild_endpoint(record, model) for record in state["endpoints"])
@@ -486,10 +511,24 @@ class Curve(BasePath):
         curve.history = np.asarray(state["history"], dtype=float)
         return curve
 
+    def save(self, path: str | FilePath) -> None:
+        """Save :meth:`state_dict` with ``torch.save``; :meth:`load` rebuilds the curve exactly."""
+        torch.save(self.state_dict(), FilePath(path))
+
+    @classmethod
+    def load(cls, path: str | FilePath, *, model: BayesianNetwork) -> "Curve":
+        """Load a curve saved with :meth:`save` (see :meth:`from_state_dict`)."""
+        return cls.from_state_dict(load_saved(path, "Curve", _FORMAT), model=model)
+
     def __repr__(self) -> str:
         return (f"Curve(kind={self.kind!r}, bends={self.num_bends}, family={self.family!r}, "
                 f"q0={type(self.q0).__name__}, q1={type(self.q1).__name__}, "
                 f"sites={len(self.view0.sites)}, epochs={len(self.history)})")
+
+
+def _cloned(t: torch.Tensor | None) -> torch.Tensor | None:
+    # a snapshot: the bends keep training after a state_dict taken from a callback
+    return None if t is None else t.detach().clone()
 
 
 class _PlaneRow(BasePath):
@@ -665,6 +704,40 @@ def fit_curve(
     TypeError
         A model that is not a BayesianNetwork, data that is not an ``(x, y)`` pair,
         unsupported posteriors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+
+    Untrained, the curve is the Wasserstein path:
+
+    >>> untrained = ba.fit_curve(model, guide_a, guide_b, (x, y), epochs=0)
+    >>> straight = ba.interpolate(guide_a, guide_b)
+    >>> torch.allclose(untrained.view_at(0.3).loc["0.weight"],
+    ...                straight.view_at(0.3).loc["0.weight"])
+    True
+
+    Training moves the bend; the ends stay the endpoints:
+
+    >>> curve = ba.fit_curve(model, guide_a, guide_b, (x, y), epochs=2, batch_size=32,
+    ...                      progress=False)
+    >>> curve.history.shape
+    (2,)
+    >>> torch.equal(curve.bends[0].loc["0.weight"], untrained.bends[0].loc["0.weight"])
+    False
+    >>> type(curve.at(0.5)).__name__, curve.at(0.0) is guide_a
+    ('AutoNormal', True)
+    >>> ba.fit_curve(model, guide_a, guide_b, (x, y), bends=0)
+    Traceback (most recent call last):
+        ...
+    ValueError: bends must be a positive integer, got 0
     """
     started = time.perf_counter()
     if not isinstance(model, BayesianNetwork):

@@ -58,6 +58,32 @@ class DataSplit:
         Number of classes (not necessarily all present in a small subset).
     name : str
         Short identifier, e.g. ``"mnist1d"``.
+
+    Raises
+    ------
+    ValueError
+        Naming the tensor, for inputs that are not float32 of shape ``(N, *input_shape)``,
+        labels that are not int64 of shape ``(N,)`` or lie outside ``0 .. num_classes - 1``,
+        inputs and labels of different lengths, or train and test inputs of different shapes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align.data import DataSplit
+    >>> split = DataSplit(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]),
+    ...                   torch.randn(3, 4), torch.tensor([2, 1, 0]), num_classes=3, name="toy")
+    >>> split
+    DataSplit(name='toy', num_train=6, num_test=3, input_shape=(4,), num_classes=3)
+    >>> x, y = split.train
+    >>> x.shape, y.shape
+    (torch.Size([6, 4]), torch.Size([6]))
+    >>> split.subset(num_train=2).y_train
+    tensor([0, 1])
+    >>> DataSplit(torch.randn(6, 4), torch.zeros(5, dtype=torch.int64),
+    ...           torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), num_classes=3, name="bad")
+    Traceback (most recent call last):
+        ...
+    ValueError: x_train has 6 examples but y_train has 5
     """
 
     x_train: torch.Tensor
@@ -119,6 +145,11 @@ class DataSplit:
             Same name and ``num_classes``; tensors are views of this split's tensors (no copy).
             Preprocessing is not recomputed: a subset of a standardized split keeps the
             full training set's statistics.
+
+        Raises
+        ------
+        ValueError
+            A count outside ``1 .. N``.
         """
         n_train = len(self.y_train) if num_train is None else check_int(
             "num_train", num_train, low=1, high=len(self.y_train))
@@ -252,6 +283,23 @@ def mnist1d(*, seed: int = 42, num_train: int = 4000, num_test: int = 1000,
         If ``mnist1d`` is not installed.
     ValueError
         For an out-of-range argument.
+
+    Examples
+    --------
+    A small split (the defaults generate 5000 examples):
+
+    >>> from bnn_align import data
+    >>> split = data.mnist1d(num_train=90, num_test=10)
+    >>> split
+    DataSplit(name='mnist1d', num_train=90, num_test=10, input_shape=(40,), num_classes=10)
+    >>> round(float(split.x_train.std(correction=0)), 4)  # standardized on the training split
+    1.0
+    >>> data.mnist1d(num_train=90, num_test=10, channel_axis=True).input_shape
+    (1, 40)
+    >>> data.mnist1d(num_train=7, num_test=2)
+    Traceback (most recent call last):
+        ...
+    ValueError: num_train + num_test must be a multiple of 10 (mnist1d generates ...
     """
     seed = _check_seed(seed)
     num_train = check_int("num_train", num_train, low=1)
@@ -312,6 +360,18 @@ def digits(*, test_fraction: float = 0.2, seed: int = 0, image: bool = False,
         If scikit-learn is not installed.
     ValueError
         For an out-of-range argument.
+
+    Examples
+    --------
+    >>> from bnn_align import data
+    >>> data.digits()
+    DataSplit(name='digits', num_train=1437, num_test=360, input_shape=(64,), num_classes=10)
+    >>> raw = data.digits(image=True, standardize=False)
+    >>> raw.input_shape, float(raw.x_train.max())
+    ((1, 8, 8), 16.0)
+    >>> per_class = raw.y_test.bincount()   # stratified: a fifth of every class held out
+    >>> int(per_class.min()) >= 35 and int(per_class.max()) <= 37
+    True
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) \
             or not 0 < test_fraction < 1:
@@ -447,6 +507,35 @@ def load_mnist(root: str | os.PathLike, *, flatten: bool = False,
         If a file is missing; the message lists every path searched.
     ValueError
         Naming the file, if a file is corrupt or inconsistent with its partner.
+
+    Examples
+    --------
+    Write four tiny IDX files (two zero bytes, the unsigned-byte code ``0x08``, the number of
+    axes, the big-endian sizes, then the pixels) and read them:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from bnn_align import data
+    >>> def idx(array):
+    ...     sizes = np.array(array.shape, dtype=">i4").tobytes()
+    ...     return bytes([0, 0, 0x08, array.ndim]) + sizes + array.astype(np.uint8).tobytes()
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> root = Path(folder.name)
+    >>> rng = np.random.default_rng(0)
+    >>> for prefix, n in (("train", 6), ("t10k", 4)):
+    ...     images = rng.integers(0, 256, size=(n, 28, 28))
+    ...     _ = (root / f"{prefix}-images-idx3-ubyte").write_bytes(idx(images))
+    ...     _ = (root / f"{prefix}-labels-idx1-ubyte").write_bytes(idx(np.arange(n) % 10))
+    >>> data.load_mnist(root)
+    DataSplit(name='mnist', num_train=6, num_test=4, input_shape=(1, 28, 28), num_classes=10)
+    >>> data.load_mnist(root, flatten=True).input_shape
+    (784,)
+    >>> data.load_mnist(root / "elsewhere")
+    Traceback (most recent call last):
+        ...
+    FileNotFoundError: could not find 'train-images-idx3-ubyte' under ...
+    >>> folder.cleanup()
     """
     root = Path(root)
     (x_train, y_train), (x_test, y_test) = (_load_mnist_part(root, *_MNIST_FILES[part])
@@ -525,6 +614,30 @@ def load_cifar10(root: str | os.PathLike, *, standardize: bool = True) -> DataSp
         If a batch is missing; the message lists every path searched.
     ValueError
         Naming the file, if a batch is not a valid pickled CIFAR-10 batch.
+
+    Examples
+    --------
+    Six tiny batches in the official layout (a dict with ``b"data"``, uint8 rows of 3072
+    values, and ``b"labels"``):
+
+    >>> import pickle
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from bnn_align import data
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> root = Path(folder.name)
+    >>> rng = np.random.default_rng(0)
+    >>> for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    ...     batch = {b"data": rng.integers(0, 256, size=(2, 3072), dtype=np.uint8),
+    ...              b"labels": [0, 1]}
+    ...     _ = (root / name).write_bytes(pickle.dumps(batch))
+    >>> split = data.load_cifar10(root)
+    >>> split
+    DataSplit(name='cifar10', num_train=10, num_test=2, input_shape=(3, 32, 32), num_classes=10)
+    >>> bool(split.x_train.mean(dim=(0, 2, 3)).abs().max() < 1e-5)   # standardized per channel
+    True
+    >>> folder.cleanup()
     """
     root = Path(root)
 

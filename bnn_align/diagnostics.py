@@ -109,6 +109,37 @@ def to_inference_data(
         ``posterior`` holds one variable per site of shape ``(chain, draw, *site_shape)``
         with dims ``"<site>_out"``, ``"<site>_in"``, ``"<site>_k0"``, ... and integer unit
         coordinates.
+
+    Raises
+    ------
+    ValueError
+        No posteriors, a non-positive ``num_samples``, posteriors over different
+        architectures or with NaN parameters, unknown ``sites``, ``data`` without a model to
+        evaluate it with, ``names`` of the wrong length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> idata = ba.to_inference_data([guide_a, guide_b], num_samples=10,
+    ...                              names=["guide_a", "guide_b"])
+    >>> weights = idata.posterior["0.weight"]
+    >>> weights.dims, weights.shape
+    (('chain', 'draw', '0.weight_out', '0.weight_in'), (2, 10, 8, 4))
+    >>> weights.chain.values.tolist()
+    ['guide_a', 'guide_b']
+
+    With data, a ``log_likelihood`` group for ``az.loo``:
+
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> idata = ba.to_inference_data(guide_a, num_samples=10, data=(x, y))
+    >>> idata.log_likelihood["obs"].shape                         # (chain, draw, point)
+    (1, 10, 32)
     """
     if not isinstance(posteriors, (list, tuple)):
         posteriors = [posteriors]
@@ -209,6 +240,26 @@ class RhatReport:
     separation : float
         ``|d|`` above which a weight's two posteriors count as separated (1 by default: the
         means differ by more than their combined standard deviation).
+
+    Examples
+    --------
+    Made by :func:`rhat_report`; here for a posterior and a relabelled copy of it:
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import diagnostics, guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model, init_scale=0.1)
+    >>> guide_b = ba.permute(guide_a, {"P_0": torch.randperm(8)})   # relabelled units
+    >>> report = diagnostics.rhat_report((guide_a, guide_b), num_samples=200)
+    >>> table = report.to_dataframe()                  # one row per site
+    >>> table.index.tolist()
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+    >>> bool((table["median_after"] < 1.05).all())     # R-hat back near 1 everywhere
+    True
+    >>> report.verdict()
+    'R-hat is informative: after alignment 100% of the weights have |d| <= 1 ...'
     """
 
     before: dict[str, np.ndarray]
@@ -223,6 +274,7 @@ class RhatReport:
 
     @property
     def sites(self) -> list[str]:
+        """The sites reported, in the posteriors' order."""
         return list(self.before)
 
     @staticmethod
@@ -299,6 +351,7 @@ class RhatReport:
         return out
 
     def to_dataframe(self) -> Any:
+        """:meth:`rows` as a pandas DataFrame indexed by site."""
         import pandas as pd
 
         return pd.DataFrame(self.rows()).set_index("site")
@@ -439,6 +492,8 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
         Seed of the draws (the same draws of ``guide_a`` are used before and after).
     threshold : float
         R-hat above which a weight counts as not mixed.
+    method : str
+        The :func:`~bnn_align.match` method for a pair.
     separation : float
         ``|d|`` above which a weight's two posteriors count as separated, and the bound under
         which most aligned weights must stay for R-hat to count as informative.
@@ -460,6 +515,35 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
     than half of the aligned weights have ``|d| > separation``); per weight,
     ``d = (mu_a - mu_b) / sqrt(sd_a**2 + sd_b**2)`` and the correlation of the means per site
     then show what the alignment did.
+
+    Raises
+    ------
+    ValueError
+        A loaded :class:`~bnn_align.Alignment` (it holds no posteriors), a non-positive
+        ``separation`` or ``num_samples``, unknown ``sites``, and what :func:`~bnn_align.match`
+        raises for a pair.
+    TypeError
+        Neither an Alignment nor a pair of posteriors.
+
+    Examples
+    --------
+    A posterior and a copy of it with relabelled hidden units are one distribution: R-hat is
+    high before alignment and back near 1 after it.
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import diagnostics, guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model, init_scale=0.1)
+    >>> guide_b = ba.permute(guide_a, {"P_0": torch.randperm(8)})   # relabelled units
+    >>> report = diagnostics.rhat_report((guide_a, guide_b), num_samples=200)
+    >>> report.rhat_informative
+    True
+    >>> report.fraction_before > 0.5, report.fraction_after < 0.1
+    (True, True)
+    >>> report.median_abs_d_after                      # the aligned means are equal
+    0.0
     """
     check_positive_float("separation", separation)
     result = _alignment(alignment, method, seed)
@@ -492,6 +576,12 @@ def plot_units(alignment: Any, site: str | None = None, units: Sequence[int] = (
         Which units (rows of ``site``) to show.
     inputs : sequence of int
         Which incoming weights (entries of the second axis) of each unit to show.
+    num_samples : int
+        Draws per posterior.
+    seed : int
+        Seed of the draws.
+    method : str
+        The :func:`~bnn_align.match` method for a pair.
 
     Returns
     -------
@@ -500,6 +590,31 @@ def plot_units(alignment: Any, site: str | None = None, units: Sequence[int] = (
         the alignment found the unit's counterpart, its intervals overlap after alignment.
         With ArviZ 1.x, whose forest plots each own a chart, a list of two figures (before,
         after).
+
+    Raises
+    ------
+    ValueError
+        An unknown site or one without a unit axis and an input axis, ``units`` or ``inputs``
+        out of range, a spec without permuted units (when ``site`` is not given).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import diagnostics, guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model, init_scale=0.1)
+    >>> guide_b = ba.permute(guide_a, {"P_0": torch.randperm(8)})   # relabelled units
+    >>> figure = diagnostics.plot_units((guide_a, guide_b), num_samples=50)
+    >>> [axis.get_title() for axis in figure.axes]
+    ['0.weight: before alignment', '0.weight: after alignment']
+    >>> diagnostics.plot_units((guide_a, guide_b), units=(8,))
+    Traceback (most recent call last):
+        ...
+    ValueError: units [8] out of range for site '0.weight' of shape (8, 4)
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(figure)
     """
     import matplotlib.pyplot as plt
 

@@ -57,8 +57,8 @@ from ._elbo import forward_draws, minimise_along_path, negative_elbo, prior_term
 from .bayesian import BayesianNetwork, as_data_pair
 from .curves import _family
 from .marginal import _check_inputs, marginal_loss
-from .matching import (Alignment, _aligned_guide, _prepare, _problem, _solver_threads,
-                       _torch_threads, match)
+from ._threads import torch_threads
+from .matching import Alignment, _aligned_guide, _prepare, _problem, _solver_threads, match
 from .paths import _buffers_of, factor_rotation, interpolate, lerp_buffers, lerp_views
 from .permute import permute_tensors, soft_permute_tensors
 from .posterior import GaussianView, as_gaussian, model_of
@@ -107,7 +107,7 @@ class _StraightThrough:
         from the previous ones."""
         problem, constant = _problem(self.copy, self.view_b, "wasserstein", self.spec,
                                      self.sizes)
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             self.perms = descend(problem, constant, self.perms, self.max_iter, self.rng,
                                  None).perms
         return self.perms

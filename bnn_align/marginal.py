@@ -55,6 +55,15 @@ class Barrier:
     t : float
         Where the excess peaks (0.5 for the midpoint barrier).
     metric : str
+
+    Examples
+    --------
+    :meth:`LossCurve.barrier` and :meth:`LossCurve.midpoint_barrier` return one; ``str``
+    gives the value with its standard error:
+
+    >>> import bnn_align as ba
+    >>> print(ba.Barrier(value=0.25, se=0.01, t=0.5, metric="nll"))
+    0.2500 +- 0.0100 (t=0.5, nll)
     """
 
     value: float
@@ -87,6 +96,29 @@ class LossCurve:
     common : bool
         Whether common random numbers were used along the path.
     seconds : float
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> other = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> path = ba.interpolate(guides.mean_field(model), guides.mean_field(other))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> curve = ba.marginal_loss(model, path, (x, y), ts=3, num_samples=4, num_bootstrap=50)
+    >>> curve.ts, curve.metrics
+    (array([0. , 0.5, 1. ]), ['nll', 'gibbs', 'accuracy', 'ece', 'brier'])
+    >>> curve.values["nll"].shape, curve.replicates["nll"].shape     # (T,) and (B, T)
+    ((3,), (50, 3))
+    >>> barrier = curve.barrier("accuracy")        # the largest drop below the line
+    >>> barrier.metric, barrier.t in curve.ts
+    ('accuracy', True)
+    >>> curve.midpoint_barrier().t
+    0.5
+    >>> sorted(curve.to_dict()["barriers"])
+    ['accuracy', 'brier', 'ece', 'gibbs', 'nll']
     """
 
     ts: np.ndarray
@@ -101,6 +133,7 @@ class LossCurve:
 
     @property
     def metrics(self) -> list[str]:
+        """The metrics computed, in the order of ``values``."""
         return list(self.values)
 
     def _check(self, metric: str) -> None:
@@ -446,6 +479,37 @@ def marginal_loss(
     (recurrent layers, data-dependent control flow) is evaluated one draw at a time, with a
     ``RuntimeWarning``. With ``num_samples=1`` the standard errors are NaN (a warning says so)
     unless the posteriors are point estimates.
+
+    Examples
+    --------
+    A trained posterior and a copy of it with relabelled hidden units: the straight path
+    between them crosses a barrier, the path to the aligned copy has none.
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(256, 4)
+    >>> y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    >>> model = ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> _ = ba.fit(model, guide_a, (x, y), epochs=20, lr=0.05, progress=False)
+    >>> guide_b = ba.permute(guide_a, {"P_0": torch.randperm(16)})
+    >>> naive = ba.marginal_loss(model, ba.interpolate(guide_a, guide_b), (x, y),
+    ...                          ts=5, num_samples=8)
+    >>> barrier = naive.barrier("nll")
+    >>> barrier.t, barrier.value > 10 * barrier.se
+    (0.5, True)
+    >>> aligned = ba.match(guide_a, guide_b).aligned
+    >>> curve = ba.marginal_loss(model, ba.interpolate(guide_a, aligned), (x, y),
+    ...                          ts=5, num_samples=8)
+    >>> round(curve.barrier("nll").value, 6)
+    0.0
+
+    A single posterior is evaluated once:
+
+    >>> ba.marginal_loss(model, guide_a, (x, y), num_samples=8, metrics="accuracy").values
+    {'accuracy': array([0.9...])}
     """
     started = time.perf_counter()
     if not isinstance(model, BayesianNetwork):

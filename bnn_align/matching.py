@@ -26,19 +26,19 @@ and the starts) lives in ``_descent``; this module turns posteriors into its arr
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from pyro.infer import autoguide
 from tqdm.auto import tqdm
 
-from ._checks import check_int, load_saved, positive_int
+from ._checks import load_saved, positive_int
+from ._threads import thread_count, torch_threads
 from ._descent import Descent, Problem, assign, cost_at, descend
 from .bayesian import BayesianNetwork
 from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
@@ -55,31 +55,11 @@ METHODS = ("wasserstein", "mean", "activation", "ste", "sinkhorn")
 LEARNED_METHODS = ("ste", "sinkhorn")
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Run torch's operations (and the solver's own thread pool, which follows torch's count)
-    on ``count`` threads; the setting is process-wide, so it is restored at once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-# A match whose largest similarity product stays below this many multiply-adds runs on one
-# thread: there every step is a few small operations, each split between threads that must
-# meet at its end, so threads save little on an idle machine and cost several times over when
-# another process holds a core (a thread descheduled at a barrier stalls the step). Products
-# above it are long enough to amortise the meeting. Measurements: benchmarks/NOTES.md.
-_THREADED_PRODUCT = 2 ** 30
-
-
 def _solver_threads(num_threads: int | None, view: GaussianView, spec: PermutationSpec,
                     sizes: Mapping[str, int]) -> int:
     """The thread count for the descent: ``num_threads``, or chosen from the problem's size."""
     if num_threads is not None:
-        return check_int("num_threads", num_threads)
+        return thread_count(num_threads, 0)
     largest = 0
     for site, loc in view.loc.items():
         for entry in spec.axes_to_perm.get(site, ()):
@@ -87,7 +67,7 @@ def _solver_threads(num_threads: int | None, view: GaussianView, spec: Permutati
             for group in groups:
                 if group is not None:  # a group's similarity: n units x all of the tensor
                     largest = max(largest, sizes[group] * loc.numel())
-    return 1 if largest < _THREADED_PRODUCT else torch.get_num_threads()
+    return thread_count(None, largest)
 
 
 # ------------------------------------------------------------------------------ the result --
@@ -136,6 +116,32 @@ class Alignment:
     kept : bool or None
         Learned methods only: whether the learned permutations were kept (their validation
         barrier is below the start's); otherwise ``perms`` are the ``"wasserstein"`` start's.
+
+    Examples
+    --------
+    Save an alignment, load it and apply it again:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> guide_a = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,)))
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,)))
+    >>> result = ba.match(guide_a, guide_b)
+    >>> result
+    Alignment(method='wasserstein', cost_before=..., perms=[P_0(16)])
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> result.save(Path(folder.name) / "alignment.pt")
+    >>> loaded = ba.Alignment.load(Path(folder.name) / "alignment.pt")
+    >>> loaded.aligned is None, loaded.cost_after == result.cost_after
+    (True, True)
+    >>> again = loaded.apply(guide_b)              # the same permutations, applied anew
+    >>> torch.equal(ba.as_gaussian(again).loc["0.weight"],
+    ...             ba.as_gaussian(result.aligned).loc["0.weight"])
+    True
+    >>> folder.cleanup()
     """
 
     perms: dict[str, torch.Tensor]
@@ -503,10 +509,25 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
 
     Examples
     --------
+    >>> import math
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> guide_a = guides.low_rank(ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,)),
+    ...                           rank=2, init_scale=0.1)
+    >>> guide_b = guides.low_rank(ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,)),
+    ...                           rank=2, init_scale=0.1)
+    >>> result = ba.match(guide_a, guide_b)
+    >>> ba.alignment_cost(guide_a, guide_b) == result.cost_before      # at the identity
+    True
+    >>> math.isclose(ba.alignment_cost(guide_a, guide_b, result.perms), result.cost_after)
+    True
+
     Compare what two methods achieve on the same objective:
 
-    >>> w2 = match(q0, q1)                                        # doctest: +SKIP
-    >>> alignment_cost(q0, q1, match(q0, q1, method="mean").perms) >= w2.cost_after  # doctest: +SKIP
+    >>> by_means = ba.match(guide_a, guide_b, method="mean").perms
+    >>> ba.alignment_cost(guide_a, guide_b, by_means) >= result.cost_after
     True
     """
     if method not in ("wasserstein", "mean"):
@@ -524,7 +545,7 @@ def _aligned_guide(guide_b: Any, perms: Mapping[str, torch.Tensor], spec: Permut
     low-rank guide, its factor rotated by ``rotation``: the ``aligned`` of an Alignment."""
     # OpenBLAS's workers (scipy's) keep spinning a while after a product, and a torch operation
     # split over two threads then waits for the half that shares their core
-    with _torch_threads(1):
+    with torch_threads(1):
         aligned = permute_into(guide_b, perms, spec, spare)
         adapter = adapter_for(aligned)
         if rotation is not None and hasattr(adapter, "rotate_"):
@@ -639,6 +660,34 @@ def match(
     TypeError
         Unsupported posterior kinds; for the learned methods posteriors that are not guides
         over a BayesianNetwork, data that is not a pair ``(x, y)``.
+
+    Examples
+    --------
+    A posterior and a copy of it with relabelled hidden units: ``match`` finds the inverse
+    relabelling, and the aligned copy is the posterior itself.
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> model = ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,))
+    >>> guide_a = guides.mean_field(model)
+    >>> hidden = torch.randperm(16)
+    >>> guide_b = ba.permute(guide_a, {"P_0": hidden})
+    >>> result = ba.match(guide_a, guide_b)
+    >>> torch.equal(result.perms["P_0"], torch.argsort(hidden))
+    True
+    >>> result.cost_before > 0, result.cost_after
+    (True, 0.0)
+
+    Two independent posteriors come closer, not together:
+
+    >>> guide_c = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [16], 3), input_shape=(4,)))
+    >>> result = ba.match(guide_a, guide_c, method="mean")
+    >>> 0 < result.cost_after < result.cost_before
+    True
+    >>> type(result.aligned).__name__
+    'AutoNormal'
     """
     started = time.perf_counter()
     if method not in METHODS:
@@ -656,7 +705,7 @@ def match(
                              num_threads=num_threads, progress=progress, unknown=unknown)
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown, "match")
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
-    with _torch_threads(_solver_threads(num_threads, va, spec, sizes)):
+    with torch_threads(_solver_threads(num_threads, va, spec, sizes)):
         rng = np.random.default_rng(seed)
 
         if method == "activation":

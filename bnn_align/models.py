@@ -61,6 +61,25 @@ def mlp(
     -------
     nn.Sequential
         Linear layers sit at even indices: ``"0.weight"``, ``"2.weight"``, ...
+
+    Raises
+    ------
+    ValueError
+        A size that is not a positive integer (naming it) or an unknown activation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align import models
+    >>> net = models.mlp(4, [8, 8], 3)
+    >>> [name for name, _ in net.named_parameters()]
+    ['0.weight', '0.bias', '2.weight', '2.bias', '4.weight', '4.bias']
+    >>> net(torch.randn(5, 4)).shape
+    torch.Size([5, 3])
+    >>> models.mlp(4, [0], 3)
+    Traceback (most recent call last):
+        ...
+    ValueError: widths[0] must be a positive integer, got 0
     """
     sizes = [check_int("in_features", in_features),
              *(check_int(f"widths[{i}]", w) for i, w in enumerate(widths)),
@@ -122,8 +141,49 @@ def cnn1d(
     """1-D convolutional network: ``[Conv1d -> act -> MaxPool1d] * k -> Flatten -> MLP``.
 
     Inputs have shape ``(batch, in_channels, length)``; for MNIST-1D (``(batch, 40)``) add the
-    channel axis with ``x.unsqueeze(1)``. The flatten makes the first linear layer's input axis a
-    block per channel, which :func:`bnn_align.spec_from_module` handles.
+    channel axis with ``x.unsqueeze(1)`` or load it with ``mnist1d(channel_axis=True)``. The
+    flatten makes the first linear layer's input axis a block per channel, which
+    :func:`bnn_align.spec_from_module` handles.
+
+    Parameters
+    ----------
+    in_channels, length : int
+        Shape of one input, ``(in_channels, length)``.
+    num_classes : int
+        Output size.
+    channels : sequence of int
+        Output channels of each convolution; each is followed by a max-pooling that halves the
+        length (while it is at least 2).
+    hidden : sequence of int
+        Widths of the hidden linear layers after the flatten (may be empty).
+    kernel_size : int
+        Odd kernel sizes keep the length (padding ``kernel_size // 2``).
+    activation : str
+        As in :func:`mlp`.
+
+    Returns
+    -------
+    nn.Sequential
+        Maps ``(batch, in_channels, length)`` to ``(batch, num_classes)``.
+
+    Raises
+    ------
+    ValueError
+        A channel count or hidden width that is not a positive integer, or an unknown
+        activation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align import models
+    >>> net = models.cnn1d(1, 40, 10, channels=(4, 4), hidden=(16,))
+    >>> net(torch.randn(2, 1, 40)).shape
+    torch.Size([2, 10])
+
+    Two poolings leave 10 positions, so the first linear layer reads 4 channels x 10:
+
+    >>> net[7]
+    Linear(in_features=40, out_features=16, bias=True)
     """
     return _cnn(1, in_channels, length, num_classes, channels, hidden, kernel_size, activation)
 
@@ -141,6 +201,38 @@ def cnn2d(
     """2-D convolutional network: ``[Conv2d -> act -> MaxPool2d] * k -> Flatten -> MLP``.
 
     Inputs have shape ``(batch, in_channels, height, width)``.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input (3 for RGB images).
+    image_size : int or (int, int)
+        ``height`` and ``width`` of one input (one int for square images).
+    num_classes : int
+        Output size.
+    channels, hidden, kernel_size, activation
+        As in :func:`cnn1d`; every pooling halves both spatial sizes.
+
+    Returns
+    -------
+    nn.Sequential
+        Maps ``(batch, in_channels, height, width)`` to ``(batch, num_classes)``.
+
+    Raises
+    ------
+    ValueError
+        ``image_size`` without two entries, a channel count or hidden width that is not a
+        positive integer, or an unknown activation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align import models
+    >>> net = models.cnn2d(1, 8, 10, channels=(4,), hidden=(16,))
+    >>> net(torch.randn(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    >>> net[4]                     # 4 channels x 4 x 4 positions after one pooling
+    Linear(in_features=64, out_features=16, bias=True)
     """
     return _cnn(2, in_channels, image_size, num_classes, channels, hidden, kernel_size, activation)
 
@@ -162,6 +254,27 @@ class BasicBlock(nn.Module):
 
     When the stride or width changes, the shortcut is a 1x1 convolution followed by a norm layer
     (a "downsampling shortcut", option B of He et al.); otherwise it is the identity.
+
+    Parameters
+    ----------
+    dim : {1, 2}
+        Convolutions over sequences or images.
+    in_channels, channels : int
+        Channels in and out.
+    stride : int
+        Stride of the first convolution (and of the shortcut): 2 halves the spatial size.
+    norm : {"layer", "batch", None}
+        As in :func:`resnet`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align import models
+    >>> block = models.BasicBlock(1, 4, 8, 2, "layer")
+    >>> block(torch.randn(2, 4, 40)).shape
+    torch.Size([2, 8, 20])
+    >>> [name for name, _ in block.named_parameters() if name.startswith("shortcut")]
+    ['shortcut.0.weight', 'shortcut.1.weight', 'shortcut.1.bias']
     """
 
     def __init__(self, dim: int, in_channels: int, channels: int, stride: int, norm: str | None):
@@ -190,7 +303,23 @@ class ResNet(nn.Module):
     """ResNet for small inputs (He et al. 2016, CIFAR variant): stem, three stages, pooled head.
 
     Parameter names follow torchvision's style: ``conv1``, ``norm1``, ``layer{1,2,3}.{i}.conv1``,
-    ``layer2.0.shortcut.0`` and ``fc``.
+    ``layer2.0.shortcut.0`` and ``fc``. Build it with :func:`resnet`, which documents the
+    parameters (same names, ``dim`` first here).
+
+    Raises
+    ------
+    ValueError
+        ``dim`` not 1 or 2, a depth that is not ``6 n + 2``, or a width that is not a positive
+        integer.
+
+    Examples
+    --------
+    >>> from bnn_align import models
+    >>> net = models.ResNet(dim=1, depth=8, in_channels=1)
+    >>> [len(stage) for stage in (net.layer1, net.layer2, net.layer3)]
+    [1, 1, 1]
+    >>> net.fc
+    Linear(in_features=64, out_features=10, bias=True)
     """
 
     def __init__(
@@ -259,5 +388,33 @@ def resnet(
         ``"layer"`` (default) normalises each sample on its own (``GroupNorm(1, C)``), which keeps
         the network a deterministic function of one input and its weights; ``"batch"`` uses
         BatchNorm, whose running statistics are buffers that permutations move too.
+    base_channels : int
+        Width of the first stage at ``width=1``.
+
+    Returns
+    -------
+    ResNet
+        Maps ``(batch, in_channels, *spatial)`` to ``(batch, num_classes)``.
+
+    Raises
+    ------
+    ValueError
+        A depth that is not ``6 n + 2``, ``dim`` not 1 or 2, or an unknown ``norm``.
+
+    Examples
+    --------
+    A 1-D ResNet-8 for MNIST-1D:
+
+    >>> import torch
+    >>> from bnn_align import models
+    >>> net = models.resnet(8, width=1, in_channels=1, dim=1)
+    >>> net(torch.randn(2, 1, 40)).shape
+    torch.Size([2, 10])
+    >>> [name for name, _ in net.named_parameters()][:4]
+    ['conv1.weight', 'norm1.weight', 'norm1.bias', 'layer1.0.conv1.weight']
+    >>> models.resnet(10)
+    Traceback (most recent call last):
+        ...
+    ValueError: depth must be 6n + 2 (8, 14, 20, 32, ...), got 10
     """
     return ResNet(dim, depth, width, num_classes, in_channels, norm, base_channels)

@@ -239,6 +239,27 @@ class Path(BasePath):
 
     Build it with :func:`interpolate`. Attributes as :class:`BasePath`; ``model`` is the
     BayesianNetwork of the endpoints if known.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> guide_a = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> path = ba.interpolate(guide_a, guide_b)
+    >>> path
+    Path(kind='wasserstein', q0=AutoNormal, q1=AutoNormal, sites=4)
+    >>> view = path.view_at(0.25)                  # every part moves linearly
+    >>> means = [ba.as_gaussian(q).loc["0.bias"] for q in (guide_a, guide_b)]
+    >>> torch.allclose(view.loc["0.bias"], 0.75 * means[0] + 0.25 * means[1])
+    True
+    >>> draws = path.sample([0.0, 0.5, 1.0], 4, torch.Generator().manual_seed(0))
+    >>> draws["0.weight"].shape                    # (len(ts), num_samples, *site_shape)
+    torch.Size([3, 4, 8, 4])
+    >>> path.buffers_at(0.5) is None               # no BatchNorm statistics to carry
+    True
     """
 
     def __init__(self, q0: Any, q1: Any, kind: str):
@@ -396,5 +417,29 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
     ValueError
         For posteriors on different devices (naming both), over different architectures
         (naming the first differing site), NaN parameters, or an unknown kind.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> guide_a = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> guide_b = guides.mean_field(ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,)))
+    >>> path = ba.interpolate(guide_a, guide_b)
+    >>> middle = path.at(0.5)                      # a new guide of the endpoints' kind
+    >>> type(middle).__name__
+    'AutoNormal'
+    >>> means = [ba.as_gaussian(q).loc["0.weight"] for q in (guide_a, guide_b, middle)]
+    >>> torch.allclose(means[2], (means[0] + means[1]) / 2)
+    True
+    >>> path.at(0.0) is guide_a
+    True
+    >>> ba.interpolate(guide_a, guide_b, kind="mixture").at(0.3)
+    Mixture(t=0.3, q0=AutoNormal, q1=AutoNormal)
+    >>> ba.interpolate(guide_a, guide_b, kind="straight")
+    Traceback (most recent call last):
+        ...
+    ValueError: kind must be one of ('wasserstein', 'mixture'), got 'straight'
     """
     return Path(q0, q1, kind)

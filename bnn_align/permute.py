@@ -157,12 +157,12 @@ def take(array: np.ndarray, gathers: Mapping[int, np.ndarray],
 
     The indices must be in range (positions of a permutation, or some of them): they are not
     checked. Gathering along an inner axis of a large array reads every row's items in a
-    shuffled order, which defeats the hardware prefetcher: along the inputs of a 1024 x 1024 x
-    3 x 3 kernel ``np.take`` took 12 ms, six times a plain copy. So arrays above 1 MB are
-    gathered a block of rows at a time: the rows (gathered along the first axis, if it is
+    shuffled order, which defeats the hardware prefetcher: ``np.take`` along the inputs of a
+    large convolution kernel took several times as long as a plain copy. So arrays above 1 MB
+    are gathered a block of rows at a time: the rows (gathered along the first axis, if it is
     permuted) are first copied in order into a buffer that stays in the core's cache, and the
-    inner axes are gathered from there (12 -> 5 ms at 1024 channels, 2.2-2.5 -> 1.3-1.6 ms at
-    512, 0.55 -> 0.41 ms at 256, from memory not in the cache).
+    inner axes are gathered from there, which more than halved the time for the largest
+    kernels (measurements: ``benchmarks/NOTES.md``).
     """
     if not gathers:
         if out is None:
@@ -240,9 +240,8 @@ def _numpy_gatherable(tensor: Any) -> bool:
     """Whether a torch tensor can be gathered by :func:`take`: on the CPU, of a dtype numpy
     has, and not recording a graph for autograd (so the result is the same).
 
-    :func:`take` was faster than ``index_select`` from 9 MB up (permuting a ResNet-20 x16
-    guide: 172 -> 121 ms; numpy's plain ``take`` had been twice as fast as ``index_select``
-    above 32 MB already) and the same below (ResNet-20 x4)."""
+    :func:`take` was faster than ``index_select`` on large tensors and as fast on small ones
+    (measurements: ``benchmarks/NOTES.md``)."""
     return (isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
             and tensor.dtype in _NUMPY_DTYPES and not tensor.is_conj() and not tensor.is_neg()
             and not (tensor.requires_grad and torch.is_grad_enabled()))
@@ -392,6 +391,46 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
         and covariance-factor rows moved together; a full-rank guide is re-factorised so it stays
         a valid ``AutoMultivariateNormal``. A guide whose model has permuted buffers (BatchNorm
         statistics) gets a permuted copy of the model; otherwise it shares the original model.
+
+    Raises
+    ------
+    ValueError
+        No ``spec`` for an object that is not (a guide over) a BayesianNetwork; a spec that
+        does not fit the object's tensors; ``perms`` missing a group of the spec or naming an
+        unknown one, or a value of the wrong length or that is not a permutation.
+    TypeError
+        An unsupported object, ``perms`` that is not a mapping, non-integer permutations.
+
+    Examples
+    --------
+    Permuting the hidden units of a network leaves its function unchanged:
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> _ = torch.manual_seed(0)
+    >>> net = models.mlp(4, [8], 3)
+    >>> spec = ba.spec_from_module(net, torch.zeros(1, 4))
+    >>> perm = torch.randperm(8)
+    >>> permuted = ba.permute(net, {"P_0": perm}, spec)
+    >>> torch.equal(permuted[0].weight, net[0].weight[perm])       # rows of the first layer
+    True
+    >>> torch.equal(permuted[2].weight, net[2].weight[:, perm])    # columns of the second
+    True
+    >>> x = torch.randn(5, 4)
+    >>> torch.allclose(permuted(x), net(x), atol=1e-6)
+    True
+
+    A guide over a BayesianNetwork carries its spec:
+
+    >>> guide = guides.mean_field(ba.BayesianNetwork(net, input_shape=(4,)))
+    >>> moved = ba.permute(guide, {"P_0": perm})
+    >>> torch.equal(ba.as_gaussian(moved).loc["0.bias"], ba.as_gaussian(guide).loc["0.bias"][perm])
+    True
+    >>> ba.permute(net, {"P_0": torch.arange(7)}, spec)
+    Traceback (most recent call last):
+        ...
+    ValueError: permutation of group 'P_0' must have shape (8,), got (7,)
     """
     return permute_into(obj, perms, spec, None)
 

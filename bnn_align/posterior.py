@@ -53,6 +53,26 @@ class GaussianView:
     factor : dict of str to Tensor or None
         Rows of the covariance factor ``W`` belonging to each site, shape ``site_shape + (rank,)``
         (``rank = D`` for a full-rank guide); ``None`` for point and diagonal posteriors.
+
+    Examples
+    --------
+    Read a low-rank guide and draw from it:
+
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> view = ba.as_gaussian(guides.low_rank(model, rank=2))
+    >>> view.kind, view.num_params, view.rank
+    ('low_rank', 67, 2)
+    >>> view.factor["0.weight"].shape                  # site shape + (rank,)
+    torch.Size([8, 4, 2])
+    >>> loc, scale, factor = view.flat()               # packed in site order
+    >>> loc.shape, scale.shape, factor.shape
+    (torch.Size([67]), torch.Size([67]), torch.Size([67, 2]))
+    >>> draws = view.sample(10, torch.Generator().manual_seed(0))
+    >>> draws["2.weight"].shape                        # (num_samples, *site_shape)
+    torch.Size([10, 3, 8])
     """
 
     kind: str
@@ -68,6 +88,7 @@ class GaussianView:
 
     @property
     def shapes(self) -> dict[str, torch.Size]:
+        """Site -> shape of the site, in execution order."""
         return {k: v.shape for k, v in self.loc.items()}
 
     @property
@@ -281,7 +302,8 @@ def _copy_modules(modules: list[nn.Module], memo: dict[int, Any],
     attributes that need no deep copy taken directly: deepcopy's pickling protocol
     (``__reduce_ex__``, a ``PyroModule.__getstate__`` that walks every parameter below the
     module, ``__setstate__``) and its handling of the dozen empty hook and state containers of
-    every module were 70 % of cloning a ResNet-20 guide (one module per site-name prefix).
+    every module were most of the time of cloning a guide with many modules (one per
+    site-name prefix, as a ResNet's; ``benchmarks/NOTES.md``).
     ``leave_out``: attributes of the root not to copy (it gets none of them)."""
     root = modules[0]
     fresh = [module for module in modules if id(module) not in memo]
@@ -621,6 +643,40 @@ def as_gaussian(posterior: Any, *, copy: bool = True) -> GaussianView:
     copy : bool
         Copy the means (the default). ``copy=False`` lets the view share memory with the
         posterior's parameters: cheaper, for code that only reads the view.
+
+    Returns
+    -------
+    GaussianView
+        ``kind`` ``"point"`` for ``AutoDelta``, state dicts and modules (zero scales; every
+        floating-point tensor of a state dict, the parameters of a module), ``"diagonal"`` for
+        ``AutoNormal`` and ``AutoDiagonalNormal``, ``"low_rank"`` and ``"full_rank"`` for the
+        multivariate guides. A view is returned as it is.
+
+    Raises
+    ------
+    TypeError
+        An unsupported kind of posterior (the message lists the supported ones).
+    ValueError
+        An autoguide whose parameters do not exist yet (never run nor trained).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import guides, models
+    >>> model = ba.BayesianNetwork(models.mlp(4, [8], 3), input_shape=(4,))
+    >>> view = ba.as_gaussian(guides.mean_field(model, init_scale=0.01))
+    >>> view.kind, view.sites
+    ('diagonal', ['0.weight', '0.bias', '2.weight', '2.bias'])
+    >>> torch.allclose(view.scale["0.bias"], torch.full((8,), 0.01))
+    True
+    >>> point = ba.as_gaussian(model.net.state_dict())      # a point estimate
+    >>> point.kind, float(point.scale["0.weight"].abs().max())
+    ('point', 0.0)
+    >>> ba.as_gaussian([1, 2])
+    Traceback (most recent call last):
+        ...
+    TypeError: expected a posterior (AutoNormal, AutoDiagonalNormal, ...), got list
     """
     if isinstance(posterior, GaussianView):
         return posterior

@@ -48,12 +48,38 @@ class PermutationSpec:
     blocks : mapping of str to mapping of int to int, optional
         Tensor name -> {axis: block length} for axes permuted in contiguous blocks.
 
+    Raises
+    ------
+    TypeError
+        ``axes_to_perm`` that is not a mapping of names to sequences of entries, or an entry
+        that is not a group name, ``None`` or a tuple of group names.
+    ValueError
+        ``blocks`` naming a tensor or axis the spec does not permute, or a block length
+        below 1.
+
     Examples
     --------
-    A two-layer MLP ``Linear(4, 8) -> ReLU -> Linear(8, 3)`` has one group::
+    A two-layer MLP ``Linear(4, 8) -> ReLU -> Linear(8, 3)`` has one group: the hidden units,
+    the rows of the first layer and the columns of the second.
 
-        PermutationSpec({"0.weight": ("P0", None), "0.bias": ("P0",),
-                         "2.weight": (None, "P0"), "2.bias": (None,)})
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import models
+    >>> spec = ba.PermutationSpec({"0.weight": ("P0", None), "0.bias": ("P0",),
+    ...                            "2.weight": (None, "P0"), "2.bias": (None,)})
+    >>> spec.groups
+    ['P0']
+    >>> spec.perm_to_axes
+    {'P0': [('0.weight', 0), ('0.bias', 0), ('2.weight', 1)]}
+    >>> net = models.mlp(4, [8], 3)
+    >>> spec.group_sizes({name: t.shape for name, t in net.state_dict().items()})
+    {'P0': 8}
+    >>> spec == ba.spec_from_module(net, torch.zeros(1, 4))   # group names are only labels
+    True
+    >>> spec.group_sizes({"0.weight": (8, 4), "0.bias": (8,), "2.weight": (3, 6), "2.bias": (3,)})
+    Traceback (most recent call last):
+        ...
+    ValueError: permutation group 'P0' has 8 units on '0.weight' but 6 on axis 1 of '2.weight'
     """
 
     def __init__(

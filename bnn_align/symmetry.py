@@ -648,6 +648,56 @@ def spec_from_module(
         If ``net`` is not an ``nn.Module``.
     ValueError
         If the module cannot be traced or contains an operation that cannot be proved safe.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> import bnn_align as ba
+    >>> from bnn_align import models
+    >>> ba.spec_from_module(models.mlp(4, [8], 3), torch.zeros(1, 4))
+    PermutationSpec({
+      '0.weight': ('P_0', None),
+      '0.bias': ('P_0',),
+      '2.weight': (None, 'P_0'),
+      '2.bias': (None,),
+    })
+
+    After a flatten, each channel owns a block of positions (here 20 after one pooling):
+
+    >>> spec = ba.spec_from_module(models.cnn1d(1, 40, 10, channels=(4,), hidden=()),
+    ...                            torch.zeros(1, 1, 40))
+    >>> spec["4.weight"], spec.blocks
+    ((None, 'P_0'), {'4.weight': {1: 20}})
+
+    A residual sum ties the units of both branches into one group:
+
+    >>> class Residual(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+    ...     def forward(self, x):
+    ...         h = self.a(x)
+    ...         return self.c(h + self.b(h).relu())
+    >>> ba.spec_from_module(Residual(), torch.zeros(1, 4))["b.weight"]
+    ('P_a', 'P_a')
+
+    An operation not known to commute with permutations is refused, or with
+    ``unknown="fix"`` its units stay in place:
+
+    >>> class Flipped(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+    ...     def forward(self, x):
+    ...         return self.b(self.a(x).flip(1))
+    >>> ba.spec_from_module(Flipped(), torch.zeros(1, 4))
+    Traceback (most recent call last):
+        ...
+    bnn_align.symmetry.UnsupportedOperation: spec_from_module cannot prove that permutations
+    commute with operation 'flip' ...
+    >>> ba.spec_from_module(Flipped(), torch.zeros(1, 4), unknown="fix").groups
+    []
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"spec_from_module needs an nn.Module, got {type(net).__name__}")

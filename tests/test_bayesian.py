@@ -330,3 +330,41 @@ def test_fit_shows_a_progress_bar_that_can_be_silenced(small_mlp_model, capfd):
     assert "epoch" in shown.lower() or "it/s" in shown or "2/2" in shown
     fit(small_mlp_model, guides.mean_field(small_mlp_model), (x, y), epochs=2, progress=False)
     assert capfd.readouterr().err == ""
+
+
+def test_fit_trains_small_networks_on_one_thread_and_restores_the_setting(monkeypatch,
+                                                                          small_mlp_model):
+    """A busy neighbour process slows a two-thread SVI step of a small network several times;
+    fit runs those on one thread, large ones on torch's count, ``num_threads`` overrides."""
+    import bnn_align._threads as _threads
+    import bnn_align.bayesian as bayesian
+
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    seen = []
+
+    def recording_loss(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_loss(self, *args, **kwargs)
+
+    real_loss = bayesian.Trace_ELBO.differentiable_loss
+    monkeypatch.setattr(bayesian.Trace_ELBO, "differentiable_loss", recording_loss)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = {}
+        for label, kwargs in (("default", {}), ("given", {"num_threads": 2})):
+            seen.clear()
+            runs[label] = fit(small_mlp_model, guides.mean_field(small_mlp_model), (x, y),
+                              epochs=2, batch_size=6, progress=False, **kwargs)
+            assert set(seen) == {1 if label == "default" else 2}
+        monkeypatch.setattr(_threads, "THREADED_WORK", 1)  # every network is "large"
+        seen.clear()
+        fit(small_mlp_model, guides.mean_field(small_mlp_model), (x, y), epochs=1,
+            progress=False)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+        assert runs["default"] == pytest.approx(runs["given"], rel=1e-5)
+        with pytest.raises(ValueError, match="num_threads must be a positive integer"):
+            fit(small_mlp_model, guides.mean_field(small_mlp_model), (x, y), num_threads=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -359,3 +359,23 @@ def _learned_noise():
     from bnn_align import Gaussian
 
     return Gaussian("learned")
+
+
+def test_a_state_dict_taken_during_training_is_a_snapshot():
+    """What a study stores after each checkpoint epoch: later epochs do not change it, and the
+    curve it rebuilds is the curve of that epoch."""
+    model = small_model()
+    q0, q1 = endpoints("mean_field", model)
+    snapshots, views = {}, {}
+
+    def record(epoch, curve):
+        snapshots[epoch] = curve.state_dict()
+        views[epoch] = copy.deepcopy(curve.view_at(0.5))
+
+    fit_curve(model, q0, q1, small_data(), epochs=2, batch_size=16, seed=2, progress=False,
+              callback=record)
+    for epoch in (1, 2):
+        rebuilt = Curve.from_state_dict(snapshots[epoch], model=model)
+        assert len(rebuilt.history) == epoch
+        assert_views_equal(rebuilt.view_at(0.5), views[epoch])
+    assert not torch.equal(snapshots[1]["bends"]["loc"], snapshots[2]["bends"]["loc"])

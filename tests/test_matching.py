@@ -207,6 +207,7 @@ def test_solver_threads_one_for_small_problems_the_given_count_else(monkeypatch)
     """Small problems run on one thread (a busy neighbour process slows a two-thread match
     several times); large ones on torch's count; ``num_threads`` overrides both. The
     process-wide setting is restored every time."""
+    import bnn_align._threads as _threads
     import bnn_align.matching as matching
 
     model = make("mlp")
@@ -225,7 +226,7 @@ def test_solver_threads_one_for_small_problems_the_given_count_else(monkeypatch)
     try:
         reference = match(a, b, spec=model.spec)
         explicit = match(a, b, spec=model.spec, num_threads=2)
-        monkeypatch.setattr(matching, "_THREADED_PRODUCT", 1)  # every problem is "large"
+        monkeypatch.setattr(_threads, "THREADED_WORK", 1)  # every problem is "large"
         large = match(a, b, spec=model.spec)
         assert seen == [1, 2, 2] and torch.get_num_threads() == 2
         for other in (explicit, large):

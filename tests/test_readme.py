@@ -9,7 +9,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_quick_start_runs_and_alignment_cuts_the_barrier(capsys):
-    code = re.search(r"## Quick start\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code = re.search(r"## Quick start\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     assert "epochs=60, seed=seed)" in code
     namespace: dict = {}
     exec(code.replace("epochs=60, seed=seed)", "epochs=3, seed=seed, progress=False)"),

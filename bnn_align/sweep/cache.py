@@ -26,18 +26,62 @@ _DIGEST_BYTES = 64  # hex SHA-256
 
 
 class CorruptEntry(ValueError):
-    """A cache entry whose checksum does not match its contents (or that is cut short)."""
+    """A cache entry whose checksum does not match its contents (or that is cut short).
+
+    A ``ValueError``: :meth:`Cache.load` raises it, :meth:`Cache.valid` says False instead
+    (see the example of :class:`Cache`).
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> issubclass(sweep.CorruptEntry, ValueError)
+    True
+    """
 
 
 class Cache:
     """A folder of step results keyed by :attr:`Step.key`; safe for concurrent writers of
-    different keys, and of the same key (the last rename wins with identical contents)."""
+    different keys, and of the same key (the last rename wins with identical contents).
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The folder (created on the first :meth:`store`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> from bnn_align import sweep
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> cache = sweep.Cache(folder.name)
+    >>> step = sweep.Step("train", {"seed": 0}, label="train seed 0")
+    >>> cache.valid(step)
+    False
+    >>> path = cache.store(step, {"losses": torch.tensor([3.0, 2.0])})
+    >>> path.name == f"train-seed-0-{step.key}.pt"
+    True
+    >>> cache.valid(step), cache.load(step)["losses"]
+    (True, tensor([3., 2.]))
+
+    An entry cut short fails its checksum: the step counts as not done.
+
+    >>> _ = path.write_bytes(path.read_bytes()[:-3])
+    >>> cache.valid(step)
+    False
+    >>> cache.load(step)
+    Traceback (most recent call last):
+        ...
+    bnn_align.sweep.cache.CorruptEntry: ...: checksum mismatch (truncated or altered)
+    >>> folder.cleanup()
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self._checked: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime) found valid
 
     def path(self, step) -> Path:
+        """Where the step's entry is: ``<root>/<label>-<key>.pt``, the label made a file name."""
         label = re.sub(r"[^\w.-]+", "-", step.label).strip("-")
         return self.root / f"{label}-{step.key}.pt"
 

@@ -25,6 +25,7 @@ else:  # the sweep extra installs tomli there
     import tomli as tomllib
 
 from ..marginal import CLASSIFICATION
+from ..curves import KINDS as CURVE_KINDS
 from ..matching import LEARNED_METHODS
 from ..paths import KINDS as PATH_KINDS
 
@@ -38,11 +39,15 @@ METHODS = ("naive", "mean", "wasserstein", "activation", *LEARNED_METHODS)
 _RESNET = re.compile(r"resnet(\d+)$")
 _MLP = re.compile(r"mlp(\d+)?$")
 
-_TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "learned",
-             "grid"}
+_TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "curve",
+             "learned", "grid"}
 _TRAIN_DEFAULTS = {"epochs": None, "batch_size": 128, "lr": 1e-2, "lr_end": 1e-3, "rank": 10,
                    "init_scale": 1e-3}
 _EVALUATE_DEFAULTS = {"samples": 64, "points": 11, "activation_points": 1000}
+# curves between the endpoints (paths "bezier", "polychain"): fit_curve's settings, and the
+# training epochs after which the curve is also evaluated (rows with path "bezier@E")
+_CURVE_DEFAULTS = {"epochs": 20, "bends": 1, "lr": 1e-2, "lr_end": 1e-3, "samples": 1,
+                   "checkpoints": []}
 # match(method="ste" | "sinkhorn", epochs=, batch_size=, num_samples=samples, lr=lr[method]);
 # lr: a table method -> float, missing methods at match's default
 _LEARNED_DEFAULTS = {"epochs": 5, "batch_size": 512, "samples": 64, "lr": {}}
@@ -51,7 +56,17 @@ _GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods"}
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One network and posterior family of the grid; every cell has ``pairs`` seed pairs."""
+    """One network and posterior family of the grid; every cell has ``pairs`` seed pairs.
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> cell = sweep.Cell("digits", "mlp", 64, "mean-field")
+    >>> cell.key
+    'digits-mlp64-mean-field'
+    >>> cell == sweep.Cell("digits", "mlp", 64, "mean-field")   # a value: usable as a key
+    True
+    """
 
     dataset: str
     arch: str    # "mlp" (two hidden layers of ``width``), "mlp<depth>" or "resnet<depth>"
@@ -89,17 +104,35 @@ class Study:
     cells : dict of Cell to tuple of str
         Every cell and the methods it runs, in the order of ``METHODS``.
     paths, metrics : tuple of str
-        Path kinds (``bnn_align.paths.KINDS``) and metrics of ``marginal_loss``.
+        Path kinds (``bnn_align.paths.KINDS`` and the learned curves of
+        ``bnn_align.curves.KINDS``) and metrics of ``marginal_loss``.
     train : dict
         ``epochs`` (dataset -> int), ``batch_size``, ``lr``, ``lr_end``, ``rank`` (of low-rank
         guides), ``init_scale``.
     evaluate : dict
         ``samples`` (posterior draws per point), ``points`` (along the path),
         ``activation_points`` (training inputs of ``"activation"`` matching).
+    curve : dict
+        For curve paths: ``epochs``, ``bends``, ``lr``, ``lr_end``, ``samples`` (weight draws
+        per step) of :func:`~bnn_align.fit_curve`, and ``checkpoints``: earlier epochs after
+        which the curve is also evaluated, as path ``"<kind>@<epochs>"``.
     learned : dict
         Settings of the learned match methods: ``epochs``, ``batch_size``, ``samples``
         (posterior draws of the validation barrier), ``lr`` (method -> learning rate; a
         missing method uses :func:`~bnn_align.match`'s default).
+
+    Examples
+    --------
+    Made by :func:`parse_study` or :func:`load_study`, with every default filled in:
+
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"pairs": 2, "train": {"epochs": 5},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8, 16], "guides": ["mean-field"]}]})
+    >>> study.name, study.pairs, study.paths, study.metrics
+    ('study', 2, ('wasserstein',), ('nll', 'accuracy'))
+    >>> study.train["epochs"], study.evaluate["samples"]
+    ({'digits': 5}, 64)
     """
 
     name: str
@@ -109,17 +142,54 @@ class Study:
     metrics: tuple[str, ...]
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
+    curve: dict[str, Any] = field(default_factory=lambda: dict(_CURVE_DEFAULTS))
     learned: dict[str, Any] = field(default_factory=dict)
 
 
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file (TOML).
 
+    Parameters
+    ----------
+    path : str or Path
+        The study file (see ``studies/barrier.toml``); its stem is the study's default name.
+
+    Returns
+    -------
+    Study
+
     Raises
     ------
     ValueError
         For TOML that does not parse, or any key or value :func:`parse_study` rejects; the
         message names the file and the key.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from bnn_align import sweep
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = Path(folder.name) / "tiny.toml"
+    >>> _ = path.write_text('''
+    ... pairs = 1
+    ... [train]
+    ... epochs = 1
+    ... [[grid]]
+    ... datasets = ["digits"]
+    ... archs = ["mlp"]
+    ... widths = [8, 16]
+    ... guides = ["mean-field"]
+    ... ''')
+    >>> study = sweep.load_study(path)
+    >>> study.name, [cell.key for cell in study.cells]
+    ('tiny', ['digits-mlp8-mean-field', 'digits-mlp16-mean-field'])
+    >>> _ = path.write_text(path.read_text().replace("pairs = 1", "pairs = 0"))
+    >>> sweep.load_study(path)
+    Traceback (most recent call last):
+        ...
+    ValueError: ...tiny.toml: pairs must be a positive integer, got 0
+    >>> folder.cleanup()
     """
     path = Path(path)
     try:
@@ -133,14 +203,52 @@ def load_study(path: str | Path) -> Study:
 
 
 def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study:
-    """Validate the parsed TOML of a study (a mapping, not modified) and return the Study."""
+    """Validate the parsed TOML of a study (a mapping, not modified) and return the Study.
+
+    Parameters
+    ----------
+    raw : mapping
+        The study's settings as :func:`load_study` reads them from TOML: top-level ``name``,
+        ``pairs``, ``methods``, ``paths``, ``metrics``, the tables ``train`` and ``evaluate``
+        and a list ``grid`` of blocks (see the module docstring).
+    default_name : str
+        The name when ``raw`` has none.
+
+    Returns
+    -------
+    Study
+        Every default filled in; cells in the order of the grid.
+
+    Raises
+    ------
+    ValueError
+        Naming the key: an unknown key, a value of the wrong type or out of range, an unknown
+        dataset, architecture, guide, method, path kind or metric, an empty grid, metrics
+        without ``"nll"``.
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"name": "tiny", "pairs": 2, "train": {"epochs": 1},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8, 16], "guides": ["mean-field"]}]})
+    >>> [cell.key for cell in study.cells]
+    ['digits-mlp8-mean-field', 'digits-mlp16-mean-field']
+    >>> study.cells[sweep.Cell("digits", "mlp", 8, "mean-field")]      # the default methods
+    ('naive', 'mean', 'wasserstein')
+    >>> sweep.parse_study({"samples": 3, "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                    "widths": [8, 16], "guides": ["mean-field"]}]})
+    Traceback (most recent call last):
+        ...
+    ValueError: unknown key samples; expected one of ['curve', 'evaluate', 'grid', ...]
+    """
     _known(raw, _TOP_KEYS, "")
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(f"name must be a file-name stem (letters, digits, _ . -), got {name!r}")
     pairs = _positive(raw.get("pairs", 3), "pairs")
     methods = _choices(raw.get("methods", ["naive", "mean", "wasserstein"]), METHODS, "methods")
-    paths = _choices(raw.get("paths", ["wasserstein"]), PATH_KINDS, "paths")
+    paths = _choices(raw.get("paths", ["wasserstein"]), PATH_KINDS + CURVE_KINDS, "paths")
     metrics = _choices(raw.get("metrics", ["nll", "accuracy"]), CLASSIFICATION, "metrics")
     if "nll" not in metrics:
         raise ValueError(f"metrics must include 'nll' (the study's barrier), got {list(metrics)}")
@@ -161,6 +269,21 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     if evaluate["points"] < 2:
         raise ValueError(f"evaluate.points must be at least 2 (the two endpoints), "
                          f"got {evaluate['points']}")
+    curve = _section(raw, "curve", _CURVE_DEFAULTS)
+    for key in ("epochs", "bends", "samples"):
+        _positive(curve[key], f"curve.{key}")
+    for key in ("lr", "lr_end"):
+        if isinstance(curve[key], bool) or not isinstance(curve[key], (int, float)) \
+                or not curve[key] > 0:
+            raise ValueError(f"curve.{key} must be a positive number, got {curve[key]!r}")
+        curve[key] = float(curve[key])
+    checkpoints = curve["checkpoints"]
+    if not isinstance(checkpoints, list) or any(
+            isinstance(e, bool) or not isinstance(e, int) or not 1 <= e < curve["epochs"]
+            for e in checkpoints):
+        raise ValueError(f"curve.checkpoints must be a list of epochs in 1..{curve['epochs'] - 1} "
+                         f"(the last, curve.epochs, is always evaluated), got {checkpoints!r}")
+    curve["checkpoints"] = sorted(set(checkpoints))
     learned = _section(raw, "learned", _LEARNED_DEFAULTS)
     for key in ("epochs", "batch_size", "samples"):
         _positive(learned[key], f"learned.{key}")
@@ -170,7 +293,7 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
             raise ValueError(f"learned.lr.{method} must be a positive number, got {lr!r}")
     learned["lr"] = {m: float(v) for m, v in learned["lr"].items()}
     return Study(name=name, pairs=pairs, cells=cells, paths=paths, metrics=metrics,
-                 train=train, evaluate=evaluate, learned=learned)
+                 train=train, evaluate=evaluate, curve=curve, learned=learned)
 
 
 def _known(table: Any, allowed: set[str], where: str) -> None:

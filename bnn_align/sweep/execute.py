@@ -18,9 +18,11 @@ import torch
 
 from .. import guides
 from ..bayesian import BayesianNetwork, fit
+from ..curves import Curve, fit_curve
 from ..data import DataSplit, digits, mnist1d
 from ..marginal import marginal_loss
-from ..matching import LEARNED_METHODS, _torch_threads, alignment_cost, match
+from .._threads import torch_threads
+from ..matching import LEARNED_METHODS, alignment_cost, match
 from ..models import mlp, resnet
 from ..paths import interpolate
 from .cache import Cache
@@ -47,7 +49,7 @@ def _short(metric: str) -> str:
 def one_thread() -> Iterator[None]:
     """torch and numpy's BLAS on one thread (the numbers depend on the thread count); both
     restored afterwards, and torch's global RNG state too."""
-    with _torch_threads(1), _blas_on_one_thread(), torch.random.fork_rng():
+    with torch_threads(1), _blas_on_one_thread(), torch.random.fork_rng():
         yield
 
 
@@ -68,6 +70,8 @@ def execute(step: Step, cache: Cache, device: str = "cpu") -> dict[str, Any]:
             payload = _train(step, device)
         elif step.kind == "match":
             payload = _match(step, cache)
+        elif step.kind == "curve":
+            payload = _curve(step, cache)
         elif step.kind == "evaluate":
             payload = _evaluate(step, cache)
         else:
@@ -147,19 +151,49 @@ def _match(step: Step, cache: Cache) -> dict[str, Any]:
     return payload
 
 
-def _evaluate(step: Step, cache: Cache) -> dict[str, Any]:
-    s = step.settings
+def _endpoints(step: Step, cache: Cache):
+    """(model, q0, the second endpoint as the step uses it, data, training seconds, the
+    match's permutations and seconds) of a curve or evaluate step."""
     model, q0, split, seconds0 = load_trained(step.inputs[0], cache)
     _, q1, _, seconds1 = load_trained(step.inputs[1], cache)
     other, perms, match_seconds = q1, None, 0.0
-    if s["method"] != "naive":
-        found = cache.load(step.inputs[2])
+    found = next((cache.load(s) for s in step.inputs if s.kind == "match"), None)
+    if found is not None:
         # the aligned guide exactly as match built it (a low-rank factor is also rotated)
         _, other, _ = _untrained(step.inputs[1].settings, step.inputs[1].settings["seed"])
         other.load_state_dict(found["aligned"])
         perms, match_seconds = found["perms"], found["seconds"]
+    return model, q0, q1, other, split, seconds0 + seconds1, perms, match_seconds
+
+
+def _curve(step: Step, cache: Cache) -> dict[str, Any]:
+    s = step.settings
+    model, q0, _, other, split, _, _, _ = _endpoints(step, cache)
+    snapshots: dict[int, dict] = {}
+    keep = set(s["checkpoints"]) | {s["epochs"]}
+
+    def snapshot(epoch: int, curve: Curve) -> None:
+        if epoch in keep:
+            snapshots[epoch] = curve.state_dict()
+
     started = time.perf_counter()
-    curve = marginal_loss(model, interpolate(q0, other, s["path"]), split.test,
+    fit_curve(model, q0, other, split.train, kind=s["kind"], bends=s["bends"],
+              epochs=s["epochs"], lr=s["lr"], lr_end=s["lr_end"], num_samples=s["samples"],
+              seed=s["seed"], progress=False, callback=snapshot)
+    return {"curves": snapshots, "seconds": time.perf_counter() - started}
+
+
+def _evaluate(step: Step, cache: Cache) -> dict[str, Any]:
+    s = step.settings
+    model, q0, q1, other, split, train_seconds, perms, match_seconds = _endpoints(step, cache)
+    if "curve_epochs" in s:
+        curve_step = next(i for i in step.inputs if i.kind == "curve")
+        state = cache.load(curve_step)["curves"][s["curve_epochs"]]
+        path = Curve.from_state_dict(state, model=model)
+    else:
+        path = interpolate(q0, other, s["path"])
+    started = time.perf_counter()
+    curve = marginal_loss(model, path, split.test,
                           ts=s["points"], num_samples=s["samples"], seed=s["pair"],
                           metrics=s["metrics"])
     row: dict[str, Any] = {k: s[k] for k in ROW_KEY}
@@ -174,7 +208,7 @@ def _evaluate(step: Step, cache: Cache) -> dict[str, Any]:
     row["w2_cost"] = alignment_cost(q0, q1, perms)
     row["mean_cost"] = alignment_cost(q0, q1, perms, method="mean")
     row["match_seconds"] = match_seconds
-    row["train_seconds"] = seconds0 + seconds1
+    row["train_seconds"] = train_seconds
     row["eval_seconds"] = time.perf_counter() - started
     row["step"] = step.key
     return {"row": {k: row[k] for k in row_fields(s["metrics"])}}

@@ -228,7 +228,43 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
                  ) -> list[Path]:
     """Write ``<stem>.md`` (the tables), ``<stem>.png`` (NLL barriers) and, with accuracy,
     ``<stem>_accuracy.png`` for the results table ``<stem>.csv`` (or ``.parquet``) into ``out``
-    (default: the table's folder); returns the paths written."""
+    (default: the table's folder); returns the paths written.
+
+    Parameters
+    ----------
+    results : str or os.PathLike
+        A results table written by :func:`run`.
+    out : str or os.PathLike, optional
+        Folder for the report (created if needed).
+
+    Returns
+    -------
+    list of Path
+        The markdown file, then the plots.
+
+    Raises
+    ------
+    ValueError
+        A table without rows (and what :func:`read_results` raises).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({
+    ...     "name": "tiny", "pairs": 1, "methods": ["naive", "wasserstein"],
+    ...     "train": {"epochs": 1}, "evaluate": {"samples": 4, "points": 3},
+    ...     "grid": [{"datasets": ["digits"], "archs": ["mlp"], "widths": [8],
+    ...               "guides": ["mean-field"]}]})
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> _ = sweep.run(study, folder.name, serial=True, progress=False)
+    >>> written = sweep.write_report(f"{folder.name}/tiny.csv")
+    >>> [path.name for path in written]
+    ['tiny.md', 'tiny.png', 'tiny_accuracy.png']
+    >>> print(written[0].read_text().splitlines()[2])
+    | data | network | guide | test acc | naive | W2 | MC s.e. |
+    >>> folder.cleanup()
+    """
     from .results import read_results
 
     results = Path(results)

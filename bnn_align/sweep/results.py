@@ -47,6 +47,10 @@ class ResultsTable:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def step_keys(self) -> set[str]:
+        """The keys of the evaluate steps that computed the rows (rows without one: none)."""
+        return {r["step"] for r in self._rows if r.get("step")}
+
     def retain(self, current: Mapping[tuple, str]) -> int:
         """Drop the rows whose key is in ``current`` (row key -> step key) with another step
         key: rows of settings that have changed since. Returns how many were dropped."""
@@ -101,6 +105,45 @@ def read_results(path: str | os.PathLike):
 
     Tables written before studies had several path kinds have no ``path`` column: their rows
     are of the Wasserstein path, and get ``path = "wasserstein"``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.parquet`` file, or a CSV (any other suffix), as :func:`run` writes them.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per evaluated path; floats exactly as written.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        A table without the columns that name a row.
+    ImportError
+        pandas (or, for Parquet, pyarrow) is not installed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import pandas as pd
+    >>> from bnn_align import sweep
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> old = pd.DataFrame({"dataset": ["digits"], "arch": ["mlp"], "width": [8],
+    ...                     "guide": ["mean-field"], "pair": [0], "method": ["mean"],
+    ...                     "nll_barrier": [0.25]})
+    >>> old.to_csv(Path(folder.name) / "old.csv", index=False)    # no path column yet
+    >>> sweep.read_results(Path(folder.name) / "old.csv")[["method", "path", "nll_barrier"]]
+      method         path  nll_barrier
+    0   mean  wasserstein         0.25
+    >>> sweep.read_results(Path(folder.name) / "missing.csv")
+    Traceback (most recent call last):
+        ...
+    FileNotFoundError: no results table at .../missing.csv
+    >>> folder.cleanup()
     """
     try:
         import pandas as pd
@@ -138,6 +181,27 @@ def compare_results(new: Any, reference: Any, *, rtol: float = 1e-9, atol: float
         One row per row of ``new``: its key, ``max_abs_diff`` and ``max_rel_diff`` over the
         result columns (``RESULT_FIELDS`` present in both), the column that differs most,
         ``in_reference`` and ``agrees`` (False for a row the reference lacks).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`read_results`, for paths.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from bnn_align import sweep
+    >>> cell = {"dataset": "digits", "arch": "mlp", "width": 8, "guide": "mean-field",
+    ...         "pair": 0, "path": "wasserstein"}
+    >>> reference = pd.DataFrame([{**cell, "method": "naive", "nll_barrier": 0.5},
+    ...                           {**cell, "method": "wasserstein", "nll_barrier": 0.1}])
+    >>> new = reference.assign(nll_barrier=[0.5, 0.1 + 1e-6])
+    >>> sweep.compare_results(new, reference)[["method", "worst_column", "agrees"]]
+            method worst_column  agrees
+    0        naive  nll_barrier    True
+    1  wasserstein  nll_barrier   False
+    >>> sweep.compare_results(new, reference, rtol=1e-4)["agrees"].tolist()
+    [True, True]
     """
     import pandas as pd
 

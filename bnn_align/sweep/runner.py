@@ -28,7 +28,7 @@ __all__ = ["run", "RunSummary", "GPU_SHARE"]
 
 # the share of a GPU a training task asks for where the cluster has GPUs
 GPU_SHARE = 0.25
-_PRIORITY = {"evaluate": 0, "match": 1, "train": 2}
+_PRIORITY = {"evaluate": 0, "curve": 1, "match": 2, "train": 3}
 
 
 @dataclass
@@ -50,6 +50,20 @@ class RunSummary:
     results : Path
         The results CSV (the Parquet copy is beside it).
     seconds : float
+
+    Examples
+    --------
+    What a dry run would do:
+
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"pairs": 2, "train": {"epochs": 1},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8], "guides": ["mean-field"]}]})
+    >>> summary = sweep.run(study, "unused-folder", dry_run=True, echo=lambda line: None)
+    >>> summary.total, summary.cached, summary.ran
+    (14, 0, {'train': 4, 'match': 4, 'curve': 0, 'evaluate': 6})
+    >>> summary.results.name
+    'study.csv'
     """
 
     total: int = 0
@@ -100,6 +114,47 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
         Where the dry run's lines go.
     gpu_share : float
         Share of a GPU a training task asks Ray for, where the cluster has GPUs.
+
+    Returns
+    -------
+    RunSummary
+        ``print(summary)`` tells what ran, what was cached and what failed; a failed step
+        does not stop the others (only the steps that need it).
+
+    Raises
+    ------
+    ValueError
+        Filters ``only`` that match no row; a results table of ``out`` with other columns.
+    ImportError
+        Ray is not installed (unless ``serial`` or ``dry_run``).
+
+    Examples
+    --------
+    A tiny study run serially (no Ray), then again: everything is cached the second time.
+
+    >>> import tempfile
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({
+    ...     "name": "tiny", "pairs": 1, "methods": ["naive", "wasserstein"],
+    ...     "train": {"epochs": 1}, "evaluate": {"samples": 4, "points": 3},
+    ...     "grid": [{"datasets": ["digits"], "archs": ["mlp"], "widths": [8],
+    ...               "guides": ["mean-field"]}]})
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> sweep.run(study, folder.name, dry_run=True)
+    run    train digits-mlp8-mean-field seed 0
+    run    train digits-mlp8-mean-field seed 1
+    run    match digits-mlp8-mean-field pair 0 wasserstein
+    run    evaluate digits-mlp8-mean-field pair 0 naive wasserstein-path
+    run    evaluate digits-mlp8-mean-field pair 0 wasserstein wasserstein-path
+    5 steps: 0 cached, 5 to run (train 2, match 1, curve 0, evaluate 2)
+    RunSummary(total=5, cached=0, ...)
+    >>> print(sweep.run(study, folder.name, serial=True, progress=False))
+    5 of 5 steps run (train 2, match 1, curve 0, evaluate 2), 0 cached; 2 rows added, 2 in .../tiny.csv
+    >>> print(sweep.run(study, folder.name, serial=True, progress=False))
+    0 of 5 steps run (train 0, match 0, curve 0, evaluate 0), 5 cached; 0 rows added, 2 in .../tiny.csv
+    >>> sweep.read_results(f"{folder.name}/tiny.csv")["method"].tolist()
+    ['naive', 'wasserstein']
+    >>> folder.cleanup()
     """
     started = time.perf_counter()
     out = Path(out)
@@ -110,12 +165,18 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     cache = Cache(out / "cache")
     table = ResultsTable(out / f"{study.name}.csv", row_fields(study.metrics))
     summary = RunSummary(total=len(steps), results=table.csv_path)
-    done = {step.key for step in steps if cache.valid(step)}
-    todo = [step for step in steps if step.key not in done]
+    # a row computed by this very step is a finished evaluation even without its cache entry,
+    # so a study resumed on another machine from its committed table runs only the missing
+    # rows and the steps they need
+    recorded = table.step_keys()
+    done = {step.key for step in steps if step.key in recorded or cache.valid(step)}
+    todo = _needed(steps, done)
     summary.cached = len(done)
     if dry_run:
-        for step in steps:
-            echo(f"{'cached' if step.key in done else 'run':<7}{step.label}")
+        running = {step.key for step in todo}
+        for step in steps:  # "not needed": every row that uses it is in the table
+            state = "cached" if step.key in done else "run" if step.key in running else "unused"
+            echo(f"{state:<7}{step.label}")
         counts = collections.Counter(step.kind for step in todo)
         summary.ran = {kind: counts[kind] for kind in KINDS}
         summary.rows = len(table)
@@ -150,6 +211,20 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     summary.rows = len(table)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _needed(steps: list[Step], done: set[str]) -> list[Step]:
+    """The steps not ``done`` that an unfinished evaluation needs (itself and its inputs,
+    transitively), in the order of ``steps``."""
+    needed: set[str] = set()
+    stack = [s for s in steps if s.kind == "evaluate" and s.key not in done]
+    while stack:
+        step = stack.pop()
+        if step.key in needed or step.key in done:
+            continue
+        needed.add(step.key)
+        stack.extend(step.inputs)
+    return [s for s in steps if s.key in needed]
 
 
 def _schedule(todo: list[Step], cached: int, executor, finished, summary: RunSummary,
@@ -257,7 +332,7 @@ class _Ray:
         return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
     def submit(self, step: Step) -> None:
-        gpus = self.gpu_share if step.kind == "train" else 0
+        gpus = self.gpu_share if step.kind in ("train", "curve") else 0
         ref = self.task.options(num_cpus=1, num_gpus=gpus, max_retries=3,
                                 name=step.label).remote(step, str(self.cache.root))
         self.running[ref] = step.key

@@ -33,7 +33,23 @@ _CONDITION = re.compile(r"\s*([a-z_]+)\s*(<=|>=|!=|<|>|=)\s*(.+?)\s*$")
 
 @dataclass(frozen=True)
 class RowFilter:
-    """A parsed filter (see the module docstring); ``str(f)`` is its text."""
+    """A parsed filter (see the module docstring); ``str(f)`` is its text.
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> only = sweep.parse_filter("digits-mlp*,width<=64,method!=mean")
+    >>> row = {"dataset": "digits", "arch": "mlp", "width": 64, "guide": "mean-field",
+    ...        "pair": 0, "method": "wasserstein", "path": "wasserstein"}
+    >>> only.matches(row, "digits-mlp64-mean-field")
+    True
+    >>> only.matches({**row, "width": 128}, "digits-mlp128-mean-field")   # 128 > 64
+    False
+    >>> only.matches({**row, "method": "mean"}, "digits-mlp64-mean-field")
+    False
+    >>> str(only)
+    'digits-mlp*,width<=64,method!=mean'
+    """
 
     text: str
     conditions: tuple[tuple[str, str, Any], ...]   # (field or "key", op, value)
@@ -57,7 +73,34 @@ class RowFilter:
 
 
 def parse_filter(text: str) -> RowFilter:
-    """Parse one ``--only`` filter; raises ``ValueError`` naming the part it cannot read."""
+    """Parse one ``--only`` filter (the syntax is in the module docstring).
+
+    Parameters
+    ----------
+    text : str
+        Conditions separated by commas, all of which must hold: ``FIELD OP VALUE`` or a glob
+        of the cell key.
+
+    Returns
+    -------
+    RowFilter
+
+    Raises
+    ------
+    ValueError
+        Naming the part it cannot read: an empty filter, an unknown field, a malformed
+        condition, a non-integer value for ``width`` or ``pair``.
+
+    Examples
+    --------
+    >>> from bnn_align import sweep
+    >>> sweep.parse_filter("*-low-rank,pair<2").conditions
+    (('key', '=', '*-low-rank'), ('pair', '<', 2))
+    >>> sweep.parse_filter("depth=3")
+    Traceback (most recent call last):
+        ...
+    ValueError: --only 'depth=3': unknown field 'depth'; choose from ['dataset', 'arch', ...]
+    """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"--only: empty filter {text!r}")
     conditions = []

@@ -1,4 +1,5 @@
-"""A study as a graph of steps: train a posterior -> match a pair -> evaluate a path.
+"""A study as a graph of steps: train a posterior -> match a pair -> (learn a curve) ->
+evaluate a path.
 
 Every step has a cache key: a hash of its kind, its settings, its inputs' keys and the package
 version. A step's result depends on nothing else, so a step whose key is cached is done, and a
@@ -12,13 +13,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from ..curves import KINDS as CURVE_KINDS
 from ..matching import LEARNED_METHODS
 from .config import Cell, Study
 from .select import RowFilter
 
 __all__ = ["Step", "expand", "ROW_KEY", "KINDS"]
 
-KINDS = ("train", "match", "evaluate")
+KINDS = ("train", "match", "curve", "evaluate")
 # the fields that name one result row (one evaluated path)
 ROW_KEY = ("dataset", "arch", "width", "guide", "pair", "method", "path")
 
@@ -29,16 +31,31 @@ class Step:
 
     Attributes
     ----------
-    kind : {"train", "match", "evaluate"}
+    kind : {"train", "match", "curve", "evaluate"}
     settings : mapping
         Everything the step's result depends on besides its inputs (JSON-serialisable).
     inputs : tuple of Step
-        Train: none; match: the two trained posteriors; evaluate: the two trained posteriors
-        and, unless the method is ``"naive"``, the match.
+        Train: none; match: the two trained posteriors; curve: the two trained posteriors
+        and, unless the method is ``"naive"``, the match; evaluate: the same, and the curve
+        for a curve path.
     label : str
         Readable name, e.g. ``train digits-mlp64-mean-field seed 0``.
     key : str
         Hex digest of kind, settings, the inputs' keys and ``bnn_align.__version__``.
+
+    Examples
+    --------
+    Steps are equal when their keys are, and a key changes with anything upstream:
+
+    >>> from bnn_align import sweep
+    >>> seed0 = sweep.Step("train", {"seed": 0}, label="train seed 0")
+    >>> seed0 == sweep.Step("train", {"seed": 0}), seed0 == sweep.Step("train", {"seed": 1})
+    (True, False)
+    >>> len(seed0.key)
+    24
+    >>> paired = sweep.Step("match", {"method": "mean"}, (seed0,))
+    >>> paired == sweep.Step("match", {"method": "mean"}, (sweep.Step("train", {"seed": 1}),))
+    False
     """
 
     kind: str
@@ -69,30 +86,90 @@ class Step:
 def expand(study: Study, only: Iterable[RowFilter] = ()) -> list[Step]:
     """Every step of the study whose row passes one of the filters ``only`` (all rows when
     there are none), with the steps those rows need; inputs come before the steps using them.
+
+    Parameters
+    ----------
+    study : Study
+        From :func:`load_study` or :func:`parse_study`.
+    only : iterable of RowFilter
+        From :func:`parse_filter`; a row is kept when any of them matches it.
+
+    Returns
+    -------
+    list of Step
+        The train steps, then the matches, then the evaluations (one per result row); each
+        step once, however many rows need it.
+
+    Examples
+    --------
+    Two cells, two pairs, three methods: 8 trainings, 8 matches (not for ``"naive"``) and
+    12 evaluations.
+
+    >>> import collections
+    >>> from bnn_align import sweep
+    >>> study = sweep.parse_study({"pairs": 2, "train": {"epochs": 1},
+    ...                            "grid": [{"datasets": ["digits"], "archs": ["mlp"],
+    ...                                      "widths": [8, 16], "guides": ["mean-field"]}]})
+    >>> collections.Counter(step.kind for step in sweep.expand(study))
+    Counter({'evaluate': 12, 'train': 8, 'match': 8})
+    >>> only = [sweep.parse_filter("width=8,pair=0,method!=mean")]
+    >>> for step in sweep.expand(study, only):
+    ...     print(step.label)
+    train digits-mlp8-mean-field seed 0
+    train digits-mlp8-mean-field seed 1
+    match digits-mlp8-mean-field pair 0 wasserstein
+    evaluate digits-mlp8-mean-field pair 0 naive wasserstein-path
+    evaluate digits-mlp8-mean-field pair 0 wasserstein wasserstein-path
     """
     only = list(only)
     trains: dict[tuple[Cell, int], Step] = {}
     matches: dict[tuple[Cell, int, str], Step] = {}
+    curves: dict[tuple, Step] = {}
     evaluates: list[Step] = []
     for cell, methods in sorted(study.cells.items()):
         for pair in range(study.pairs):
             for method in methods:
                 for path in study.paths:
-                    row = {"dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
-                           "guide": cell.guide, "pair": pair, "method": method, "path": path}
-                    if only and not any(f.matches(row, cell.key) for f in only):
-                        continue
-                    a = _train(study, cell, 2 * pair, trains)
-                    b = _train(study, cell, 2 * pair + 1, trains)
-                    inputs: tuple[Step, ...] = (a, b)
-                    if method != "naive":
-                        inputs += (_match(study, cell, pair, method, a, b, matches),)
-                    settings = {**row, "samples": study.evaluate["samples"],
-                                "points": study.evaluate["points"],
-                                "metrics": list(study.metrics)}
-                    evaluates.append(Step("evaluate", settings, inputs,
-                                          f"evaluate {cell.key} pair {pair} {method} {path}-path"))
-    return [*trains.values(), *matches.values(), *evaluates]
+                    for label, curve_epochs in _path_labels(study, path):
+                        row = {"dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
+                               "guide": cell.guide, "pair": pair, "method": method,
+                               "path": label}
+                        if only and not any(f.matches(row, cell.key) for f in only):
+                            continue
+                        a = _train(study, cell, 2 * pair, trains)
+                        b = _train(study, cell, 2 * pair + 1, trains)
+                        inputs: tuple[Step, ...] = (a, b)
+                        if method != "naive":
+                            inputs += (_match(study, cell, pair, method, a, b, matches),)
+                        settings = {**row, "samples": study.evaluate["samples"],
+                                    "points": study.evaluate["points"],
+                                    "metrics": list(study.metrics)}
+                        if curve_epochs is not None:
+                            inputs += (_curve(study, cell, pair, method, path, inputs,
+                                              curves),)
+                            settings["curve_epochs"] = curve_epochs
+                        evaluates.append(Step(
+                            "evaluate", settings, inputs,
+                            f"evaluate {cell.key} pair {pair} {method} {label}-path"))
+    return [*trains.values(), *matches.values(), *curves.values(), *evaluates]
+
+
+def _path_labels(study: Study, path: str) -> list[tuple[str, int | None]]:
+    """The rows' path labels of a path kind, with the curve's training epochs (None for the
+    paths that are not learned): ``bezier@5`` after 5 epochs, ``bezier`` after all of them."""
+    if path not in CURVE_KINDS:
+        return [(path, None)]
+    epochs = study.curve["epochs"]
+    return [*((f"{path}@{e}", e) for e in study.curve["checkpoints"]), (path, epochs)]
+
+
+def _curve(study: Study, cell: Cell, pair: int, method: str, kind: str,
+           endpoints: tuple[Step, ...], curves: dict) -> Step:
+    if (cell, pair, method, kind) not in curves:
+        settings = {"kind": kind, "seed": pair, **study.curve}
+        curves[cell, pair, method, kind] = Step(
+            "curve", settings, endpoints, f"curve {cell.key} pair {pair} {method} {kind}")
+    return curves[cell, pair, method, kind]
 
 
 def _train(study: Study, cell: Cell, seed: int, trains: dict) -> Step:
