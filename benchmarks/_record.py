@@ -18,8 +18,8 @@ import bnn_align
 def _kernels() -> dict:
     """Which matrix-product kernels the numbers came from: numpy's BLAS and the core type it
     runs (``OPENBLAS_CORETYPE`` can pin it), and whether the solver's large products go to
-    oneDNN (see ``bnn_align._gemm``)."""
-    from bnn_align import _gemm
+    oneDNN (see ``bnn_align.matching._gemm``)."""
+    from bnn_align.matching import _gemm
 
     blas = "unknown"
     try:

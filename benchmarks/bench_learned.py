@@ -33,7 +33,7 @@ import torch
 from _record import write_record
 from bnn_align import BayesianNetwork, fit, guides, interpolate, marginal_loss, match, models
 from bnn_align.data import mnist1d
-from bnn_align.learned import _split
+from bnn_align.matching.learned import _split
 from bnn_align.posterior import model_of
 
 RESULTS = Path(__file__).parent / "results" / "learned.json"

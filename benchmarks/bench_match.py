@@ -49,7 +49,7 @@ from scipy.optimize import linear_sum_assignment
 
 from _record import write_record
 from bnn_align import BayesianNetwork, as_gaussian, guides, match, models, permute
-from bnn_align.permute import invert, random_perms
+from bnn_align.symmetry.permutation import invert, random_perms
 
 RESULTS = Path(__file__).parent / "results" / "match.json"
 
@@ -274,7 +274,7 @@ class BusyNeighbour:
 def run_contention(cases, repeats):
     """``match`` on independent pairs with the default thread choice, one thread and two, on an
     idle machine and beside a busy process, in one process (interleaved rounds)."""
-    from bnn_align.matching import _solver_threads
+    from bnn_align.matching.weights import _solver_threads
     from bnn_align.posterior import as_gaussian as view_of
 
     rows = []

@@ -1,6 +1,15 @@
 """bnn_align: align Bayesian neural network posteriors over permutation symmetries.
 
-Data flows one way: model -> guide -> spec -> match -> path -> marginal estimates -> report.
+Data flows one way: model -> guide -> spec -> match -> path -> marginal estimates -> report,
+and the package is laid out in that order:
+
+* model: :mod:`~bnn_align.models` (network builders), :mod:`~bnn_align.bayesian`
+  (:class:`BayesianNetwork`, priors, :func:`fit`), :mod:`~bnn_align.data` (datasets);
+* guide: :mod:`~bnn_align.guides` (ready-made autoguides), :mod:`~bnn_align.posterior` (the
+  Gaussian view every posterior kind is read through);
+* spec: :mod:`bnn_align.symmetry`;  match: :mod:`bnn_align.matching`;  path: :mod:`bnn_align.paths`;
+* marginal and report: :mod:`~bnn_align.marginal`, :mod:`~bnn_align.diagnostics`;
+* studies of many cells on Ray: :mod:`bnn_align.sweep`; the command line: :mod:`~bnn_align.cli`.
 """
 
 import warnings
@@ -12,15 +21,12 @@ with warnings.catch_warnings():
 
 from . import diagnostics, guides
 from .bayesian import BayesianNetwork, Categorical, FanInPrior, Gaussian, NormalPrior, fit
-from .curves import Curve, fit_curve
 from .diagnostics import to_inference_data
 from .marginal import Barrier, LossCurve, marginal_loss
 from .matching import Alignment, alignment_cost, match
-from .paths import Path, interpolate
-from .permute import permute
+from .paths import Curve, Path, fit_curve, interpolate
 from .posterior import GaussianView, as_gaussian
-from .spec import PermutationSpec
-from .symmetry import spec_from_module
+from .symmetry import PermutationSpec, permute, spec_from_module
 
 __version__ = "0.1.0"
 

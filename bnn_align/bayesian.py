@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import pyro
@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ._checks import check_positive_float, device_of, positive_int, same_device
 from ._threads import thread_count, torch_threads
-from .spec import PermutationSpec
+
+if TYPE_CHECKING:  # the spec stage builds on this module
+    from .symmetry.spec import PermutationSpec
 
 __all__ = [
     "BayesianNetwork", "Prior", "NormalPrior", "FanInPrior", "Likelihood", "Categorical",
@@ -421,7 +423,7 @@ class BayesianNetwork(nn.Module):
         >>> model.spec.perm_to_axes["P_2"]
         [('2.weight', 0), ('2.bias', 0), ('4.weight', 1)]
         """
-        from .symmetry import UnsupportedOperation
+        from .symmetry.derive import UnsupportedOperation
 
         try:
             return self._derived_spec("error")
@@ -439,7 +441,7 @@ class BayesianNetwork(nn.Module):
         if unknown == "fix" and "error" in self._specs:
             return self._specs["error"]  # nothing was refused, so nothing would be fixed
         if unknown not in self._specs:
-            from .symmetry import spec_from_module
+            from .symmetry.derive import spec_from_module
 
             self._specs[unknown] = spec_from_module(self.net, self.example_input(),
                                                     unknown=unknown)

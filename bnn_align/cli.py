@@ -20,9 +20,9 @@ from . import data as datasets
 from . import guides
 from .bayesian import BayesianNetwork, fit
 from .marginal import LossCurve, marginal_loss
-from .matching import match
+from .matching.weights import match
 from .models import mlp
-from .paths import interpolate
+from .paths.interpolation import interpolate
 
 __all__ = ["main", "demo"]
 

@@ -28,8 +28,8 @@ import torch
 
 from ._checks import check_positive_float, positive_int, same_device
 from .bayesian import BayesianNetwork, Categorical
-from .matching import Alignment, match
-from .paths import Mixture, _model
+from .matching.weights import Alignment, match
+from .paths.interpolation import Mixture, _model
 from .posterior import GaussianView, as_gaussian, paired_views
 
 __all__ = ["to_inference_data", "rhat_report", "RhatReport", "plot_units"]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ._checks import check_int, positive_int, same_device
 from ._elbo import forward_draws
 from .bayesian import BayesianNetwork, Categorical, Gaussian, as_data_pair
-from .paths import BasePath, Mixture, Noise, interpolate
+from .paths.interpolation import BasePath, Mixture, Noise, interpolate
 from .posterior import POINT
 
 __all__ = ["marginal_loss", "LossCurve", "Barrier", "CLASSIFICATION", "REGRESSION"]

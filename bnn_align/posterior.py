@@ -776,3 +776,35 @@ def from_gaussian(template: Any, view: GaussianView, model: Any = None) -> Any:
     views, a low-rank guide low-rank views of its rank, ...). ``model`` replaces the guide's model.
     """
     return adapter_for(template).from_view(template, view, model)
+
+
+def rank_of(posterior: Any) -> int:
+    """The number of covariance-factor columns of a guide (0 for point and diagonal ones)."""
+    if isinstance(posterior, autoguide.AutoLowRankMultivariateNormal):
+        return posterior.cov_factor.shape[1]
+    if isinstance(posterior, autoguide.AutoMultivariateNormal):
+        return posterior.loc.shape[0]
+    return 0
+
+
+def shared_family(q0: Any, q1: Any, labels: tuple[str, str] = ("q0", "q1"),
+            user: str = "curves", why: str = "the endpoints of a curve",
+            because: str = "its bends are of that family") -> str:
+    """The family both posteriors share (point, diagonal or low-rank of one rank); else a
+    ValueError naming them by ``labels``, saying that ``user`` (e.g. ``"curves"``) needs it
+    for ``why`` and ``because``."""
+    kinds = []
+    for label, q in zip(labels, (q0, q1)):
+        kind = adapter_for(q).kind
+        if kind == FULL_RANK:
+            raise ValueError(f"{label} is a full-rank posterior ({type(q).__name__}): {user} "
+                             f"support point, diagonal and low-rank posteriors")
+        kinds.append(kind)
+    if kinds[0] != kinds[1]:
+        raise ValueError(
+            f"{why} must be of one family ({because}): {labels[0]} is a {kinds[0]} posterior "
+            f"({type(q0).__name__}), {labels[1]} a {kinds[1]} one ({type(q1).__name__})")
+    if kinds[0] == LOW_RANK and rank_of(q0) != rank_of(q1):
+        raise ValueError(f"low-rank {why.removeprefix('the ')} must have one rank: {labels[0]} "
+                         f"has rank {rank_of(q0)}, {labels[1]} rank {rank_of(q1)}")
+    return kinds[0]

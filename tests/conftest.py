@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnn_align import BayesianNetwork, guides, models
-from bnn_align.permute import permute_tensor
+from bnn_align.symmetry.permutation import permute_tensor
 
 GUIDE_KINDS = ["mean_field", "diagonal", "low_rank", "full_rank", "delta"]
 

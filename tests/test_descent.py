@@ -11,11 +11,11 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-import bnn_align._descent as descent
+import bnn_align.matching._descent as descent
 from bnn_align import PermutationSpec
-from bnn_align._descent import (Problem, assign, assign_reduced, coordinate_descent, cost_at,
+from bnn_align.matching._descent import (Problem, assign, assign_reduced, coordinate_descent, cost_at,
                                 descend, greedy_start, in_parallel, reduced)
-from bnn_align.permute import identity_perms, invert, permute_tensor
+from bnn_align.symmetry.permutation import identity_perms, invert, permute_tensor
 
 SPEC = PermutationSpec({"w1": ("h1", None), "b1": ("h1",), "w2": ("h2", "h1"),
                         "w3": (None, "h2")})

@@ -22,8 +22,8 @@ from bnn_align import BayesianNetwork, alignment_cost, fit, interpolate, margina
 from bnn_align import models, permute, to_inference_data
 from bnn_align._checks import device_of, same_device
 from bnn_align.marginal import _Evaluator
-from bnn_align.matching import _prepare, _problem
-from bnn_align.permute import permute_tensor, random_perms
+from bnn_align.matching.weights import _prepare, _problem
+from bnn_align.symmetry.permutation import permute_tensor, random_perms
 from bnn_align.posterior import _param, as_gaussian
 
 from conftest import GUIDE_KINDS, group_sizes, make_guide

@@ -10,7 +10,7 @@ import torch
 from bnn_align import BayesianNetwork, as_gaussian, match, models, permute, to_inference_data
 from bnn_align.diagnostics import (_RHAT_CEILING_TWO_CHAINS, _arviz, _standardized_differences,
                                    plot_units, rhat_report)
-from bnn_align.permute import random_perms
+from bnn_align.symmetry.permutation import random_perms
 from bnn_align.posterior import from_gaussian, paired_views
 
 from conftest import group_sizes, make_guide

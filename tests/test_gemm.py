@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnn_align import _gemm
+from bnn_align.matching import _gemm
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import torch
 from bnn_align import (Alignment, BayesianNetwork, alignment_cost, fit, guides, interpolate,
                        marginal_loss, match, models, permute)
 from bnn_align.data import digits
-from bnn_align.learned import VALIDATION_FRACTION, _Sinkhorn, _split, _StraightThrough
-from bnn_align.matching import _prepare
-from bnn_align.permute import identity_perms, invert, permute_tensors, random_perms
+from bnn_align.matching.learned import VALIDATION_FRACTION, _Sinkhorn, _split, _StraightThrough
+from bnn_align.matching.weights import _prepare
+from bnn_align.symmetry.permutation import identity_perms, invert, permute_tensors, random_perms
 from bnn_align.posterior import GaussianView, model_of
 
 from conftest import group_sizes, make_guide

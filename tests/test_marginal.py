@@ -252,7 +252,7 @@ def test_batchnorm_statistics_travel_with_each_posterior():
     """A permuted BatchNorm network computes the same function only with its own permuted
     running statistics: every kind of endpoint must bring them along."""
     from bnn_align import permute
-    from bnn_align.permute import random_perms
+    from bnn_align.symmetry.permutation import random_perms
 
     from conftest import group_sizes
 
@@ -340,7 +340,7 @@ def test_log_mean_survives_resamples_without_the_dominant_draw():
 
 
 def test_more_bad_input_and_lenient_input():
-    from bnn_align.paths import Mixture
+    from bnn_align.paths.interpolation import Mixture
 
     model, x, y = classification_case("mlp")
     path = interpolate(spread_guide(model, 1), spread_guide(model, 2))

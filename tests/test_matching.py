@@ -12,7 +12,7 @@ import torch
 from bnn_align import (Alignment, BayesianNetwork, Gaussian, PermutationSpec, alignment_cost,
                        as_gaussian, guides, match, models, permute, spec_from_module)
 from bnn_align.posterior import model_of
-from bnn_align.permute import identity_perms, invert, random_perms
+from bnn_align.symmetry.permutation import identity_perms, invert, random_perms
 
 from conftest import Recurrent, group_sizes, make_guide, permuted_noise
 
@@ -171,7 +171,7 @@ def test_same_seed_same_result_and_inputs_untouched():
 def test_aligned_guide_is_built_on_one_torch_thread_and_the_setting_restored(monkeypatch):
     """BLAS threads still spin after the descent; the aligned guide is built on torch's calling
     thread alone, and the process-wide thread count is given back, also on an error."""
-    import bnn_align.matching as matching
+    import bnn_align.matching.weights as matching
 
     model = make("mlp")
     a = make_guide("mean_field", model, seed=1, spread=0.3)
@@ -208,7 +208,7 @@ def test_solver_threads_one_for_small_problems_the_given_count_else(monkeypatch)
     several times); large ones on torch's count; ``num_threads`` overrides both. The
     process-wide setting is restored every time."""
     import bnn_align._threads as _threads
-    import bnn_align.matching as matching
+    import bnn_align.matching.weights as matching
 
     model = make("mlp")
     a = make_guide("mean_field", model, seed=1, spread=0.3)
@@ -245,7 +245,7 @@ def test_aligned_guide_owns_its_memory_and_the_inputs_stay_as_they_were(kind):
     fit (the scales computed for the objective), never into memory of the inputs: it equals
     permute(guide_b), no two of its parameters share memory, none shares memory with an input,
     and changing it leaves both inputs as they were."""
-    from bnn_align.matching import _working_copies
+    from bnn_align.matching.weights import _working_copies
 
     model = make("resnet")
     a = make_guide(kind, model, seed=1, spread=0.3)
@@ -599,7 +599,7 @@ def test_cached_and_updated_similarities_equal_fresh_ones(kind):
     """The solver's reuse of work (cached contributions, low-rank updates after a few units
     moved, work arrays reused from product to product) gives the same similarity matrices and
     cost as computing every product afresh."""
-    from bnn_align.matching import _problem
+    from bnn_align.matching.weights import _problem
 
     model = make("resnet")
     a = make_guide(kind, model, seed=1, spread=0.3)
@@ -646,7 +646,7 @@ def test_squared_distance_in_chunks_equals_the_whole_sum(shape):
     """The objective's per-tensor term, summed chunk by chunk over gathered rows (tensors above
     a chunk, 131072 numbers, and below), equals the float64 sum over the whole difference
     (squares of the float32 difference, as the solver has always summed them)."""
-    from bnn_align._descent import squared_distance
+    from bnn_align.matching._descent import squared_distance
 
     rng = np.random.default_rng(len(shape))
     a = rng.standard_normal(shape).astype(np.float32)
@@ -673,8 +673,8 @@ def test_similarity_is_the_sum_of_unfolded_products(arch, kind):
     permutes: recomputed here in torch from the definition, independently of the solver's own
     gathers and axis moves (convolution kernels moved as one item, blocks of a flattened
     feature map, the trailing rank axis of covariance factors)."""
-    from bnn_align.matching import _problem
-    from bnn_align.permute import axis_gathers
+    from bnn_align.matching.weights import _problem
+    from bnn_align.symmetry.permutation import axis_gathers
 
     model = make(arch)
     a = make_guide(kind, model, seed=1, spread=0.3)
@@ -751,7 +751,7 @@ def test_assignment_steps_are_exact_with_and_without_the_row_maxima_shortcut(sig
     without a strong diagonal it must not fire and the solver decides."""
     from scipy.optimize import linear_sum_assignment
 
-    from bnn_align._descent import assign, row_maxima_permutation
+    from bnn_align.matching._descent import assign, row_maxima_permutation
 
     rng = np.random.default_rng(7)
     fired = 0
@@ -775,8 +775,8 @@ def test_assignment_steps_are_exact_with_and_without_the_row_maxima_shortcut(sig
 @pytest.mark.parametrize("arch", list(ARCHES))
 def test_greedy_start_settles_a_planted_permutation_in_one_pass(arch):
     """Each group solved once from its already-solved neighbours: a near-copy needs no descent."""
-    from bnn_align._descent import greedy_start
-    from bnn_align.matching import _prepare, _problem
+    from bnn_align.matching._descent import greedy_start
+    from bnn_align.matching.weights import _prepare, _problem
 
     model = make(arch)
     a = make_guide("mean_field", model, spread=0.3)
@@ -789,7 +789,7 @@ def test_greedy_start_settles_a_planted_permutation_in_one_pass(arch):
 
 
 def test_a_given_init_is_used_without_the_greedy_start(monkeypatch):
-    from bnn_align import _descent
+    from bnn_align.matching import _descent
 
     model = make("resnet")
     a = make_guide("mean_field", model, seed=1, spread=0.3)
@@ -812,7 +812,7 @@ def test_certified_margin_bounds_every_other_assignment():
     pick every row's best entry."""
     import itertools
 
-    from bnn_align._descent import certified_margin
+    from bnn_align.matching._descent import certified_margin
 
     rng = np.random.default_rng(3)
     certified = 0
@@ -849,7 +849,7 @@ def test_certified_groups_end_where_solving_them_ends(arch, kind, monkeypatch):
     gain is not solved (or, see ``means_first``, solved on the means alone): the result must
     be the one solving it on everything gives, bit for bit. On a planted pair that spares
     solves, among them W2's over the standard deviations."""
-    from bnn_align._descent import Problem
+    from bnn_align.matching._descent import Problem
 
     model = make(arch)
     a = make_guide(kind, model, seed=1, spread=0.3)
@@ -911,7 +911,7 @@ def test_the_greedy_start_is_refined_on_the_means_only_where_they_vary_most(monk
     """Trained-like pairs (means varying more than the standard deviations) keep the descent
     on the means after the greedy start, and with it W2's edge over mean matching; pairs whose
     standard deviations vary more go from the greedy start to the W2 descent directly."""
-    from bnn_align import _descent
+    from bnn_align.matching import _descent
 
     means_descents = []
     original = _descent.coordinate_descent

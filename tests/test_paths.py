@@ -8,7 +8,7 @@ import torch
 from pyro.infer import autoguide
 
 from bnn_align import BayesianNetwork, as_gaussian, interpolate, match, models
-from bnn_align.paths import Mixture
+from bnn_align.paths.interpolation import Mixture
 
 from conftest import make_guide
 from test_matching import exact_w2_squared

@@ -13,7 +13,7 @@ from pyro.infer import autoguide
 from torch import nn
 
 from bnn_align import BayesianNetwork, PermutationSpec, as_gaussian, models, permute
-from bnn_align.permute import (Spare, check_perms, compose, invert, permute_tensor,
+from bnn_align.symmetry.permutation import (Spare, check_perms, compose, invert, permute_tensor,
                                permute_tensors, random_perms, soft_permute_tensor,
                                soft_permute_tensors, take)
 
@@ -256,7 +256,7 @@ def test_permute_tensor_gathers_every_axis_and_keeps_autograd(dtype, stage_bytes
     # the dtype; every path must give what indexing gives, and keep the graph when recording.
     # stage_bytes=16 sends even this small tensor through take()'s staged blocks of rows.
     if stage_bytes is not None:
-        monkeypatch.setattr(sys.modules["bnn_align.permute"], "_STAGE_BYTES", stage_bytes)
+        monkeypatch.setattr(sys.modules["bnn_align.symmetry.permutation"], "_STAGE_BYTES", stage_bytes)
     entries = ("a", None, "b")
     perms = random_perms({"a": 4, "b": 5}, torch.Generator().manual_seed(3))
     t = (torch.arange(4 * 2 * 5) * 3 % 17).reshape(4, 2, 5).to(dtype)
@@ -338,7 +338,7 @@ def test_take_equals_numpy_take_along_each_axis(stage_bytes, monkeypatch):
     # result must be np.take along each axis in turn, for any set of axes, for indices that
     # cover only part of an axis, and written into out= when given
     if stage_bytes is not None:
-        monkeypatch.setattr(sys.modules["bnn_align.permute"], "_STAGE_BYTES", stage_bytes)
+        monkeypatch.setattr(sys.modules["bnn_align.symmetry.permutation"], "_STAGE_BYTES", stage_bytes)
     rng = np.random.default_rng(0)
     for shape in [(7,), (5, 3), (6, 4, 3, 2), (3, 40)]:
         a = rng.standard_normal(shape).astype(np.float32)

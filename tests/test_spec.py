@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnn_align import PermutationSpec, models, permute, spec_from_module
-from bnn_align.permute import random_perms
+from bnn_align.symmetry.permutation import random_perms
 
 from conftest import Recurrent
 

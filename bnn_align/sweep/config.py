@@ -25,9 +25,9 @@ else:  # the sweep extra installs tomli there
     import tomli as tomllib
 
 from ..marginal import CLASSIFICATION
-from ..curves import KINDS as CURVE_KINDS
-from ..matching import LEARNED_METHODS
-from ..paths import KINDS as PATH_KINDS
+from ..paths.curves import KINDS as CURVE_KINDS
+from ..matching.weights import LEARNED_METHODS
+from ..paths.interpolation import KINDS as PATH_KINDS
 
 __all__ = ["Cell", "Study", "load_study", "parse_study", "hidden_layers", "DATASETS", "GUIDES",
            "METHODS"]
@@ -105,7 +105,7 @@ class Study:
         Every cell and the methods it runs, in the order of ``METHODS``.
     paths, metrics : tuple of str
         Path kinds (``bnn_align.paths.KINDS`` and the learned curves of
-        ``bnn_align.curves.KINDS``) and metrics of ``marginal_loss``.
+        ``bnn_align.paths.curves.KINDS``) and metrics of ``marginal_loss``.
     train : dict
         ``epochs`` (dataset -> int), ``batch_size``, ``lr``, ``lr_end``, ``rank`` (of low-rank
         guides), ``init_scale``.

@@ -18,13 +18,13 @@ import torch
 
 from .. import guides
 from ..bayesian import BayesianNetwork, fit
-from ..curves import Curve, fit_curve
+from ..paths.curves import Curve, fit_curve
 from ..data import DataSplit, digits, mnist1d
 from ..marginal import marginal_loss
 from .._threads import torch_threads
-from ..matching import LEARNED_METHODS, alignment_cost, match
+from ..matching.weights import LEARNED_METHODS, alignment_cost, match
 from ..models import mlp, resnet
-from ..paths import interpolate
+from ..paths.interpolation import interpolate
 from .cache import Cache
 from .config import hidden_layers
 from .steps import ROW_KEY, Step

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..matching import LEARNED_METHODS
+from ..matching.weights import LEARNED_METHODS
 from .config import DATASETS, METHODS, hidden_layers
 
 __all__ = ["summarise", "markdown", "plot", "write_report"]

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from ..curves import KINDS as CURVE_KINDS
-from ..matching import LEARNED_METHODS
+from ..paths.curves import KINDS as CURVE_KINDS
+from ..matching.weights import LEARNED_METHODS
 from .config import Cell, Study
 from .select import RowFilter
 

@@ -37,21 +37,21 @@ import torch
 from pyro.infer import autoguide
 from tqdm.auto import tqdm
 
-from ._checks import load_saved, positive_int
-from ._threads import thread_count, torch_threads
+from .._checks import load_saved, positive_int
+from .._threads import thread_count, torch_threads
 from ._descent import Descent, Problem, assign, cost_at, descend
-from .bayesian import BayesianNetwork
-from .permute import (Spare, check_perms, identity_perms, permute, permute_into,
+from ..bayesian import BayesianNetwork
+from ..symmetry.permutation import (Spare, check_perms, identity_perms, permute, permute_into,
                       random_perms)
-from .posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
+from ..posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
-from .spec import PermutationSpec
-from .symmetry import UnsupportedOperation, check_unknown
+from ..symmetry.spec import PermutationSpec
+from ..symmetry.derive import UnsupportedOperation, check_unknown
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
 METHODS = ("wasserstein", "mean", "activation", "ste", "sinkhorn")
-# learned on the loss along the path (bnn_align.learned), starting from "wasserstein"
+# learned on the loss along the path (bnn_align.matching.learned), starting from "wasserstein"
 LEARNED_METHODS = ("ste", "sinkhorn")
 
 
@@ -604,7 +604,7 @@ def match(
         sums over every layer that writes to the stream.
         ``"ste"`` and ``"sinkhorn"`` start from the ``"wasserstein"`` result and learn the
         permutations on the loss itself: the negative ELBO of the posteriors along the
-        Wasserstein path, on ``data`` (see :mod:`bnn_align.learned`). A seeded random fifth of
+        Wasserstein path, on ``data`` (see :mod:`bnn_align.matching.learned`). A seeded random fifth of
         ``data`` is held out, and the learned permutations are kept only if their NLL barrier
         on it is below the start's (see ``kept``). Both need guides (point, diagonal or
         low-rank, of one family) over a BayesianNetwork.
@@ -641,7 +641,7 @@ def match(
         around it unpermuted.
     epochs, lr : int, float
         ``"ste"`` and ``"sinkhorn"`` only: passes over the training part of ``data``, and
-        Adam's learning rate (default: ``bnn_align.learned.DEFAULT_LR`` of the method).
+        Adam's learning rate (default: ``bnn_align.matching.learned.DEFAULT_LR`` of the method).
 
     Returns
     -------

@@ -34,8 +34,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ._gemm import product
-from .permute import axis_gathers, gathered_shape, identity_perms, take
-from .spec import PermutationSpec, _groups_of
+from ..symmetry.permutation import axis_gathers, gathered_shape, identity_perms, take
+from ..symmetry.spec import PermutationSpec, _groups_of
 
 
 # --------------------------------------------------------------------------- the problem --
@@ -51,8 +51,8 @@ class Problem:
 
     The arithmetic runs in numpy (sharing memory with the torch views on the CPU, on CPU
     copies of tensors on another device), except the matrix
-    products: every one goes through :func:`~bnn_align._gemm.product`, on torch's threads
-    (see :mod:`bnn_align._gemm`).
+    products: every one goes through :func:`~bnn_align.matching._gemm.product`, on torch's threads
+    (see :mod:`bnn_align.matching._gemm`).
     """
 
     # above this fraction of moved units a full recomputation is cheaper than the update

@@ -16,8 +16,8 @@ import torch
 from pyro.infer import autoguide
 from torch import nn
 
-from .bayesian import BayesianNetwork
-from .posterior import adapter_for, model_of, replacement_memo
+from ..bayesian import BayesianNetwork
+from ..posterior import adapter_for, model_of, replacement_memo
 from .spec import PermutationSpec, _groups_of, axis_index
 
 __all__ = ["permute", "permute_tensor", "invert", "compose", "random_perms", "identity_perms",
@@ -302,7 +302,7 @@ def soft_permute_tensor(tensor: torch.Tensor, entries: tuple,
     Unit ``i`` of the result is ``sum_j S[i, j]`` times unit ``j`` of the input, so the matrix
     of a permutation ``p`` (``S[i, p[i]] = 1``, i.e. ``eye(n)[p]``) gives what
     :func:`permute_tensor` gives. A concatenated axis applies each group's matrix to its own
-    segment, a blocked axis to whole blocks, as :func:`~bnn_align.spec.axis_index` lays them
+    segment, a blocked axis to whole blocks, as :func:`~bnn_align.symmetry.spec.axis_index` lays them
     out. Differentiable in the tensor and the matrices.
 
     Parameters

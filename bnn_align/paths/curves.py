@@ -47,13 +47,13 @@ from torch.func import functional_call, replace_all_batch_norm_modules_
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from . import guides
-from ._checks import check_int, load_saved, positive_int
-from ._elbo import forward_draws, minimise_along_path, negative_elbo, prior_terms
-from .bayesian import BayesianNetwork, as_data_pair
-from .marginal import _check_inputs, _check_sites, marginal_loss
-from .paths import BasePath, _check_t, _rank_of, _with_buffers
-from .posterior import FULL_RANK, LOW_RANK, POINT, GaussianView, adapter_for
+from .. import guides
+from .._checks import check_int, load_saved, positive_int
+from .._elbo import forward_draws, minimise_along_path, negative_elbo, prior_terms
+from ..bayesian import BayesianNetwork, as_data_pair
+from ..marginal import _check_inputs, _check_sites, marginal_loss
+from .interpolation import BasePath, _check_t, _with_buffers
+from ..posterior import FULL_RANK, LOW_RANK, POINT, GaussianView, adapter_for, shared_family
 
 __all__ = ["fit_curve", "Curve", "KINDS"]
 
@@ -135,7 +135,7 @@ class Curve(BasePath):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.num_bends = check_int("bends", bends)
-        self.family = _family(q0, q1)
+        self.family = shared_family(q0, q1)
         self.kind = kind
         super().__init__(q0, q1)
         _check_sites(model, self)
@@ -562,29 +562,6 @@ class _PlaneRow(BasePath):
 
 
 # ------------------------------------------------------------------------------ endpoints --
-def _family(q0: Any, q1: Any, labels: tuple[str, str] = ("q0", "q1"),
-            user: str = "curves", why: str = "the endpoints of a curve",
-            because: str = "its bends are of that family") -> str:
-    """The family both posteriors share (point, diagonal or low-rank of one rank); else a
-    ValueError naming them by ``labels``, saying that ``user`` (e.g. ``"curves"``) needs it
-    for ``why`` and ``because``."""
-    kinds = []
-    for label, q in zip(labels, (q0, q1)):
-        kind = adapter_for(q).kind
-        if kind == FULL_RANK:
-            raise ValueError(f"{label} is a full-rank posterior ({type(q).__name__}): {user} "
-                             f"support point, diagonal and low-rank posteriors")
-        kinds.append(kind)
-    if kinds[0] != kinds[1]:
-        raise ValueError(
-            f"{why} must be of one family ({because}): {labels[0]} is a {kinds[0]} posterior "
-            f"({type(q0).__name__}), {labels[1]} a {kinds[1]} one ({type(q1).__name__})")
-    if kinds[0] == LOW_RANK and _rank_of(q0) != _rank_of(q1):
-        raise ValueError(f"low-rank {why.removeprefix('the ')} must have one rank: {labels[0]} "
-                         f"has rank {_rank_of(q0)}, {labels[1]} rank {_rank_of(q1)}")
-    return kinds[0]
-
-
 def _endpoint_record(q: Any) -> dict[str, Any]:
     if isinstance(q, autoguide.AutoGuide):
         for name in _GUIDE_BUILDERS:

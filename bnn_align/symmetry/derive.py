@@ -694,7 +694,7 @@ def spec_from_module(
     >>> ba.spec_from_module(Flipped(), torch.zeros(1, 4))
     Traceback (most recent call last):
         ...
-    bnn_align.symmetry.UnsupportedOperation: spec_from_module cannot prove that permutations
+    bnn_align.symmetry.derive.UnsupportedOperation: spec_from_module cannot prove that permutations
     commute with operation 'flip' ...
     >>> ba.spec_from_module(Flipped(), torch.zeros(1, 4), unknown="fix").groups
     []

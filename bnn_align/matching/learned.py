@@ -15,7 +15,7 @@ factors of ``P(q_b)`` are rotated onto ``q_a``'s first, as :func:`~bnn_align.int
   continuous stand-in ``theta~`` for ``guide_b``'s means, standard deviations and factors is
   projected on the forward pass to the nearest permutation of ``guide_b``,
   ``P = argmin_P ||theta~ - P(theta_b)||^2`` (the ``"wasserstein"`` objective, solved by
-  :func:`bnn_align._descent.descend` warm-started from the previous step's permutations, so a
+  :func:`bnn_align.matching._descent.descend` warm-started from the previous step's permutations, so a
   step that moves nothing costs one pass of similarities), and ``P(theta_b)`` enters the loss;
   the backward pass hands its gradient to ``theta~`` unchanged. As in Git Re-Basin,
   ``theta~`` starts at ``guide_a``'s parameters, whose projection is the ``"wasserstein"``
@@ -51,18 +51,17 @@ import numpy as np
 import torch
 from pyro.infer import autoguide
 
-from ._checks import check_int, check_positive_float
+from .._checks import check_int, check_positive_float
 from ._descent import assign, cost_at, descend
-from ._elbo import forward_draws, minimise_along_path, negative_elbo, prior_terms
-from .bayesian import BayesianNetwork, as_data_pair
-from .curves import _family
-from .marginal import _check_inputs, marginal_loss
-from ._threads import torch_threads
-from .matching import Alignment, _aligned_guide, _prepare, _problem, _solver_threads, match
-from .paths import _buffers_of, factor_rotation, interpolate, lerp_buffers, lerp_views
-from .permute import permute_tensors, soft_permute_tensors
-from .posterior import GaussianView, as_gaussian, model_of
-from .spec import PermutationSpec
+from .._elbo import forward_draws, minimise_along_path, negative_elbo, prior_terms
+from ..bayesian import BayesianNetwork, as_data_pair
+from ..marginal import _check_inputs, marginal_loss
+from .._threads import torch_threads
+from .weights import Alignment, _aligned_guide, _prepare, _problem, _solver_threads, match
+from ..paths.interpolation import _buffers_of, factor_rotation, interpolate, lerp_buffers, lerp_views
+from ..symmetry.permutation import permute_tensors, soft_permute_tensors
+from ..posterior import GaussianView, as_gaussian, model_of, shared_family
+from ..symmetry.spec import PermutationSpec
 
 __all__ = ["learned_match", "DEFAULT_LR", "VALIDATION_FRACTION", "TEMPERATURE_END"]
 
@@ -289,7 +288,7 @@ def learned_match(method: str, guide_a: Any, guide_b: Any, data: Any, *,
     epochs = check_int("epochs", epochs)
     lr = DEFAULT_LR[method] if lr is None else check_positive_float("lr", lr)
     model = _model(guide_a, guide_b, method)
-    family = _family(guide_a, guide_b, ("guide_a", "guide_b"), f"method={method!r}",
+    family = shared_family(guide_a, guide_b, ("guide_a", "guide_b"), f"method={method!r}",
                      "guide_a and guide_b", "the posteriors along the path are of that family")
     prior = prior_terms(model)  # a likelihood the objective cannot handle fails here
     train, validation = _split(model, guide_a, data, method, seed)

@@ -17,7 +17,7 @@
 Common random numbers: a path draws one set of standard-normal numbers and reuses it at every
 ``t``, so differences along the path are not drowned in Monte-Carlo noise.
 
-:class:`BasePath` is what every path provides (the learned curves of :mod:`bnn_align.curves`
+:class:`BasePath` is what every path provides (the learned curves of :mod:`bnn_align.paths.curves`
 too): :func:`~bnn_align.marginal_loss` and the rest use only that.
 """
 
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from pyro.infer import autoguide
 
-from ._checks import positive_int
-from .bayesian import BayesianNetwork
-from .posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView,
-                        from_gaussian, model_of, paired_views)
+from .._checks import positive_int
+from ..bayesian import BayesianNetwork
+from ..posterior import (DIAGONAL, FULL_RANK, LOW_RANK, POINT, GaussianView, from_gaussian,
+                         model_of, paired_views, rank_of)
 
 __all__ = ["interpolate", "BasePath", "Path", "Noise", "Mixture", "KINDS"]
 
@@ -98,7 +98,7 @@ class BasePath:
 
     A path draws weights at ``t`` from standard-normal noise shared by every ``t`` (common
     random numbers) and says which buffers (BatchNorm statistics) go with them. Subclasses
-    (:class:`Path`, :class:`~bnn_align.curves.Curve`) implement :meth:`view_at`, and may
+    (:class:`Path`, :class:`~bnn_align.paths.curves.Curve`) implement :meth:`view_at`, and may
     override :meth:`draw`, :meth:`buffers_at` and :meth:`at`.
 
     Attributes
@@ -162,7 +162,7 @@ class BasePath:
         model = self._model_at(t)
         for template in (self.q0, self.q1):
             try:
-                if self.view0.rank and view.rank != _rank_of(template):
+                if self.view0.rank and view.rank != rank_of(template):
                     continue
                 if isinstance(template, autoguide.AutoGuide):
                     return from_gaussian(template, view, model)
@@ -330,14 +330,6 @@ def _with_buffers(obj: Any, buffers: Mapping[str, torch.Tensor] | None) -> Any:
         return obj
     obj.update({k: v.clone() for k, v in buffers.items() if k in obj})
     return obj
-
-
-def _rank_of(posterior: Any) -> int:
-    if isinstance(posterior, autoguide.AutoLowRankMultivariateNormal):
-        return posterior.cov_factor.shape[1]
-    if isinstance(posterior, autoguide.AutoMultivariateNormal):
-        return posterior.loc.shape[0]
-    return 0
 
 
 def lerp_views(v0: GaussianView, v1: GaussianView, t: float, kind: str) -> GaussianView:

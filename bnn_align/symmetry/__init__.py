@@ -1,0 +1,16 @@
+"""The spec stage: which axes of which tensors a permutation moves, derived from the network's
+graph, and the one function that applies permutations.
+
+* :mod:`~bnn_align.symmetry.spec`: :class:`PermutationSpec`, the permutation groups and the
+  tensor axes each one moves.
+* :mod:`~bnn_align.symmetry.derive`: :func:`spec_from_module`, the spec of a module read off its
+  traced graph, refusing what it cannot prove safe.
+* :mod:`~bnn_align.symmetry.permutation`: :func:`permute`, applying permutations to tensors, state
+  dicts, modules and guides.
+"""
+
+from .derive import UnsupportedOperation, spec_from_module
+from .permutation import permute
+from .spec import PermutationSpec
+
+__all__ = ["PermutationSpec", "UnsupportedOperation", "permute", "spec_from_module"]
