@@ -3,7 +3,7 @@
 Data flows one way: model -> guide -> spec -> match -> path -> marginal estimates -> report,
 and the package is laid out in that order:
 
-* model: :mod:`~bnn_align.models` (network builders), :mod:`~bnn_align.bayesian`
+* model: :mod:`bnn_align.models` (network builders), :mod:`~bnn_align.bayesian`
   (:class:`BayesianNetwork`, priors, :func:`fit`), :mod:`~bnn_align.data` (datasets);
 * guide: :mod:`~bnn_align.guides` (ready-made autoguides), :mod:`~bnn_align.posterior` (the
   Gaussian view every posterior kind is read through);

@@ -1,4 +1,4 @@
-"""Plain ``nn.Module`` builders for the networks the studies need.
+"""MLPs, CNNs and ResNets: the standard (fully permutation-symmetric) networks.
 
 Every builder returns an ordinary deterministic PyTorch module with readable parameter names
 (``"0.weight"`` for the MLP, ``"layer1.0.conv1.weight"`` for the ResNet). Nothing here knows about
@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_int
+from .._checks import check_int
 
 __all__ = ["mlp", "cnn1d", "cnn2d", "resnet", "BasicBlock", "ResNet"]
 

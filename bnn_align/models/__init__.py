@@ -1,0 +1,12 @@
+"""The model stage: plain ``nn.Module`` builders for the networks the studies need.
+
+* :mod:`~bnn_align.models.networks`: MLPs, 1-D and 2-D CNNs and ResNets with readable parameter
+  names (``"0.weight"``, ``"layer1.0.conv1.weight"``).
+
+Nothing here knows about Pyro: :class:`bnn_align.BayesianNetwork` turns any of them (or any other
+module) into a Bayesian model, and :func:`bnn_align.spec_from_module` derives their symmetries.
+"""
+
+from .networks import BasicBlock, ResNet, cnn1d, cnn2d, mlp, resnet
+
+__all__ = ["mlp", "cnn1d", "cnn2d", "resnet", "BasicBlock", "ResNet"]
