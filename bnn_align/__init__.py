@@ -27,6 +27,7 @@ from .matching import Alignment, alignment_cost, match
 from .paths import Curve, Path, fit_curve, interpolate
 from .posterior import GaussianView, as_gaussian
 from .symmetry import PermutationSpec, permute, spec_from_module
+from .symmetry import ScaleSymmetry, canonicalize, rescale
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "alignment_cost",
     "as_gaussian", "fit", "fit_curve", "diagnostics", "guides", "interpolate", "marginal_loss",
     "match", "permute", "spec_from_module", "to_inference_data",
+    "ScaleSymmetry", "canonicalize", "rescale",
 ]
