@@ -31,19 +31,13 @@ from torch import nn
 from ..bayesian import BayesianNetwork
 from ..posterior import as_gaussian, from_gaussian
 from .permutation import _copy_module, spec_for
-from .scale import scale_along
+from .scale import scale_along, unit_rows
 from .spec import PermutationSpec
 
 __all__ = ["canonicalize", "rescale", "unit_norms"]
 
 _TOLERANCE = 1e-6
 _MAX_SWEEPS = 200
-
-
-def _unit_sq_norms(tensor: torch.Tensor, axis: int, block: int) -> torch.Tensor:
-    """Squared norm of every unit's slice of ``axis`` (blocks of ``block`` entries)."""
-    moved = tensor.movedim(axis, 0)
-    return moved.reshape(moved.shape[0] // block, -1).pow(2).sum(1)
 
 
 def unit_norms(tensors: Mapping[str, torch.Tensor], spec: PermutationSpec,
@@ -54,16 +48,9 @@ def unit_norms(tensors: Mapping[str, torch.Tensor], spec: PermutationSpec,
     The incoming vector of unit ``i`` is the concatenation of slice ``i`` of every incoming
     axis of its group (``spec.scalable[group].incoming``).
     """
-    out = {}
     scalable = spec.scalable
-    for group in (scalable if groups is None else groups):
-        sym = scalable[group]
-        total = None
-        for name, axis in sym.incoming:
-            part = _unit_sq_norms(tensors[name], axis, spec.block(name, axis))
-            total = part if total is None else total + part
-        out[group] = total.sqrt()
-    return out
+    return {group: unit_rows(tensors, scalable[group].incoming, spec.block).norm(dim=1)
+            for group in (scalable if groups is None else groups)}
 
 
 def rescale_tensors(tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],

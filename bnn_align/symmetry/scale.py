@@ -39,7 +39,7 @@ from torch import nn
 if TYPE_CHECKING:  # the deriver imports this module
     from .derive import _Deriver
 
-__all__ = ["ScaleSymmetry", "scale_symmetries", "scale_along"]
+__all__ = ["ScaleSymmetry", "scale_symmetries", "scale_along", "unit_rows", "from_unit_rows"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,32 @@ def scale_along(tensor: torch.Tensor, axis: int, factors: torch.Tensor, block: i
     shape = [1] * tensor.dim()
     shape[axis] = -1
     return tensor * per_entry.reshape(shape)
+
+
+def unit_rows(tensors: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, int]],
+              blocks: Callable[[str, int], int]) -> torch.Tensor:
+    """The units' slices of several ``(tensor, axis)`` pairs side by side: ``(units, d)``, row
+    ``i`` the concatenation of unit ``i``'s slice of every pair (its incoming vector, for a
+    group's incoming pairs). ``blocks(name, axis)`` gives the block length."""
+    parts = []
+    for name, axis in pairs:
+        moved = tensors[name].movedim(axis, 0)
+        parts.append(moved.reshape(moved.shape[0] // blocks(name, axis), -1))
+    return torch.cat(parts, dim=1)
+
+
+def from_unit_rows(rows: torch.Tensor, like: Mapping[str, torch.Tensor],
+                   pairs: Sequence[tuple[str, int]], blocks: Callable[[str, int], int]
+                   ) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`unit_rows`: name -> tensor shaped like ``like[name]``."""
+    out, start = {}, 0
+    for name, axis in pairs:
+        moved = like[name].movedim(axis, 0)
+        width = moved.numel() // (moved.shape[0] // blocks(name, axis))
+        part = rows[:, start:start + width].reshape(moved.shape)
+        out[name] = part.movedim(0, axis)
+        start += width
+    return out
 
 
 # -- derivation --------------------------------------------------------------------------------
