@@ -57,6 +57,17 @@ class ScaleSymmetry:
         biases, a normalisation layer's affine parameters).
     outgoing : tuple of (str, int)
         ``(tensor name, axis)`` pairs that read the units (the next layers' input axes).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import bnn_align as ba
+    >>> from bnn_align import models
+    >>> spec = ba.spec_from_module(models.mlp(4, [8], 3), torch.zeros(1, 4))
+    >>> spec.scalable["P_0"]
+    ScaleSymmetry(incoming=(('0.weight', 0), ('0.bias', 0)), outgoing=(('2.weight', 1),))
+    >>> ba.spec_from_module(models.mlp(4, [8], 3, activation="gelu"), torch.zeros(1, 4)).scalable
+    {}
     """
 
     incoming: tuple[tuple[str, int], ...]
