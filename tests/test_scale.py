@@ -267,6 +267,17 @@ def batched_spec(spec):
                            scalable=spec.scalable)
 
 
+def test_canonicalize_a_bayesian_network_and_a_state_dict(small_mlp_model):
+    canonical = ba.canonicalize(small_mlp_model)
+    assert isinstance(canonical, BayesianNetwork)
+    state = ba.canonicalize(small_mlp_model.net.state_dict(), small_mlp_model.spec)
+    for k, v in canonical.net.state_dict().items():
+        torch.testing.assert_close(state[k], v)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(canonical.net(x), small_mlp_model.net(x), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(state["0.weight"], small_mlp_model.net.state_dict()["0.weight"])
+
+
 def test_rescale_of_a_guide_moves_its_distribution_and_bad_scales_are_refused(small_mlp_model):
     guide = make_guide("mean_field", small_mlp_model)
     sizes = group_sizes(small_mlp_model)

@@ -642,6 +642,8 @@ def spec_from_module(
     PermutationSpec
         An entry for every parameter and buffer in ``net.state_dict()``; groups are named
         ``"P_<module>"`` after the first layer that creates their units.
+        ``spec.scalable`` lists the groups with a positive-scale symmetry (see
+        :mod:`bnn_align.symmetry.scale`).
 
     Raises
     ------
