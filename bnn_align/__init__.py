@@ -8,7 +8,8 @@ and the package is laid out in that order:
 * guide: :mod:`~bnn_align.guides` (ready-made autoguides), :mod:`~bnn_align.posterior` (the
   Gaussian view every posterior kind is read through);
 * spec: :mod:`bnn_align.symmetry`;  match: :mod:`bnn_align.matching`;  path: :mod:`bnn_align.paths`;
-* marginal and report: :mod:`~bnn_align.marginal`, :mod:`~bnn_align.diagnostics`;
+* marginal and report: :mod:`~bnn_align.marginal`, :mod:`~bnn_align.flatness`,
+  :mod:`~bnn_align.diagnostics`;
 * studies of many cells on Ray: :mod:`bnn_align.sweep`; the command line: :mod:`~bnn_align.cli`.
 """
 
@@ -27,6 +28,8 @@ from .matching import Alignment, alignment_cost, match
 from .paths import Curve, Path, fit_curve, interpolate
 from .posterior import GaussianView, as_gaussian
 from .symmetry import PermutationSpec, permute, spec_from_module
+from .symmetry import ScaleSymmetry, canonicalize, rescale
+from .flatness import LocalEnergy, local_energy
 
 __version__ = "0.1.0"
 
@@ -35,4 +38,5 @@ __all__ = [
     "GaussianView", "LossCurve", "NormalPrior", "Path", "PermutationSpec", "alignment_cost",
     "as_gaussian", "fit", "fit_curve", "diagnostics", "guides", "interpolate", "marginal_loss",
     "match", "permute", "spec_from_module", "to_inference_data",
+    "ScaleSymmetry", "canonicalize", "rescale", "LocalEnergy", "local_energy",
 ]
