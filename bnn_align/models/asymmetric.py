@@ -78,6 +78,23 @@ def layer_seed(seed: int, index: int) -> int:
     """The seed of layer ``index`` of a network built with ``seed`` (builders use it so that
     different layers get different fixed entries, and two builds with one seed the same ones).
 
+    Parameters
+    ----------
+    seed : int
+        The network's ``asymmetry_seed`` (``>= 0``).
+    index : int
+        The layer's index among the network's asymmetric layers (``>= 0``).
+
+    Returns
+    -------
+    int
+        A seed in ``0 .. 2**32 - 1`` mixed from both by ``numpy.random.SeedSequence``.
+
+    Raises
+    ------
+    ValueError
+        A negative or non-integer ``seed`` or ``index``.
+
     Examples
     --------
     >>> from bnn_align.models import layer_seed
