@@ -305,3 +305,18 @@ def test_bad_arguments_are_refused_clearly(make, message):
 def test_figlu_refuses_inputs_with_the_wrong_number_of_units():
     with pytest.raises(ValueError, match=r"FiGLU\(4\) got an input of shape \(2, 5\)"):
         FiGLU(4)(torch.randn(2, 5))
+
+
+def test_fit_callback_sees_every_epoch_and_does_not_change_the_training():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+    histories, seen = [], []
+    for callback in (None, lambda epoch, guide: seen.append((epoch, torch.randn(3)))):
+        torch.manual_seed(0)
+        model = ba.BayesianNetwork(models.mlp(4, [8], 2, asymmetry="sigma"), input_shape=(4,))
+        guide = guides.mean_field(model)
+        histories.append(ba.fit(model, guide, (x, y), epochs=4, batch_size=16, progress=False,
+                                callback=callback))
+    assert [epoch for epoch, _ in seen] == [1, 2, 3, 4]
+    assert (histories[0] == histories[1]).all()                 # the callback's draws are its own
