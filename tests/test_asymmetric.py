@@ -320,3 +320,89 @@ def test_fit_callback_sees_every_epoch_and_does_not_change_the_training():
                                 callback=callback))
     assert [epoch for epoch, _ in seen] == [1, 2, 3, 4]
     assert (histories[0] == histories[1]).all()                 # the callback's draws are its own
+
+
+# ------------------------------------------------------------------------ the study's axis --
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_the_asymmetric_study_config_has_the_asymmetry_axis():
+    from bnn_align import sweep
+
+    study = sweep.load_study(ROOT / "studies" / "asymmetric.toml")
+    variants = {cell.asymmetry for cell in study.cells}
+    assert variants == {"none", "w", "sigma"}
+    for cell, methods in study.cells.items():
+        # only the standard networks have something to align
+        assert methods == (("naive", "wasserstein") if cell.asymmetry == "none" else ("naive",))
+        assert cell.key.endswith("" if cell.asymmetry == "none" else f"-{cell.asymmetry}")
+    assert len(study.cells) == (2 * 2 * 2 + 2) * 3           # (MLPs + ResNet-8) x variants
+    steps = sweep.expand(study)
+    trains = [s for s in steps if s.kind == "train"]
+    assert len(trains) == len(study.cells) * 3 * 2 == len({s.key for s in trains})
+    for step in trains:
+        assert step.settings["history_samples"] == 16
+        asymmetric = "-w seed" in step.label or "-sigma seed" in step.label
+        assert ("asymmetry" in step.settings) == asymmetric
+    # the same cell and seed in two variants: different steps
+    keys = {(s.settings["dataset"], s.settings["arch"], s.settings["width"],
+             s.settings["guide"], s.settings["seed"], s.settings.get("asymmetry", "none"))
+            for s in trains}
+    assert len(keys) == len(trains)
+    # a study without the axis keeps the settings (hence the cache keys) it always had
+    for step in sweep.expand(sweep.load_study(ROOT / "studies" / "barrier.toml")):
+        assert not {"asymmetry", "asymmetry_seed", "history_samples"} & set(step.settings)
+    with pytest.raises(ValueError, match=r"grid\[0\]\.asymmetries: unknown 'both'"):
+        sweep.parse_study({"train": {"epochs": 1}, "grid": [
+            {"datasets": ["digits"], "archs": ["mlp"], "widths": [8], "guides": ["mean-field"],
+             "asymmetries": ["both"]}]})
+    with pytest.raises(ValueError, match=r"train\.asymmetry_seed must be an integer >= 0"):
+        sweep.parse_study({"train": {"epochs": 1, "asymmetry_seed": -1}, "grid": [
+            {"datasets": ["digits"], "archs": ["mlp"], "widths": [8], "guides": ["mean-field"]}]})
+
+
+def test_a_tiny_asymmetric_study_runs_records_histories_and_reports(tmp_path):
+    import csv
+
+    from bnn_align import sweep
+
+    study = sweep.parse_study({
+        "name": "tiny_asym", "pairs": 1, "metrics": ["nll", "accuracy"],
+        "train": {"epochs": 2, "history_samples": 2},
+        "evaluate": {"samples": 4, "points": 3},
+        "grid": [{"datasets": ["digits"], "archs": ["mlp"], "widths": [8],
+                  "guides": ["mean-field"], "asymmetries": ["none"],
+                  "methods": ["naive", "wasserstein"]},
+                 {"datasets": ["digits"], "archs": ["mlp"], "widths": [8],
+                  "guides": ["mean-field"], "asymmetries": ["w", "sigma"],
+                  "methods": ["naive"]}]})
+    summary = sweep.run(study, tmp_path, serial=True, progress=False)
+    assert summary.ran == {"train": 6, "match": 1, "curve": 0, "evaluate": 4}
+    assert not summary.failed
+    rows = list(csv.DictReader(summary.results.open()))
+    assert sorted((r["asymmetry"], r["method"]) for r in rows) == [
+        ("none", "naive"), ("none", "wasserstein"), ("sigma", "naive"), ("w", "naive")]
+    naive = {r["asymmetry"]: float(r["nll_barrier"]) for r in rows if r["method"] == "naive"}
+    assert len(set(naive.values())) == 3        # three different networks, three barriers
+    cache = sweep.Cache(tmp_path / "cache")
+    trains = {s.label: s for s in sweep.expand(study) if s.kind == "train"}
+    w_state = cache.load(trains["train digits-mlp8-mean-field-w seed 0"])["guide"]
+    assert "locs.0.free_unconstrained" in w_state and "locs.0.weight_unconstrained" not in w_state
+    # the per-epoch history: every training, every epoch, the ELBO fit returned
+    history = list(csv.DictReader((tmp_path / "tiny_asym_history.csv").open()))
+    assert len(history) == 6 * 2
+    for label, step in trains.items():
+        found = cache.load(step)
+        mine = [r for r in history if r["asymmetry"] == step.settings.get("asymmetry", "none")
+                and int(r["seed"]) == step.settings["seed"]]
+        assert [float(r["neg_elbo"]) for r in mine] == found["elbo"]
+        assert all(0 <= float(r["test_accuracy"]) <= 1 for r in mine)
+    # a second run finds everything cached and adds no row
+    again = sweep.run(study, tmp_path, serial=True, progress=False)
+    assert sum(again.ran.values()) == 0 and again.rows_added == 0 and again.rows == 4
+    # the report keeps the variants apart
+    written = sweep.write_report(summary.results, tmp_path / "report")
+    text = written[0].read_text()
+    assert "| digits | MLP 8x2, w-asym. | mean-field |" in text
+    assert "| digits | MLP 8x2, sigma-asym. | mean-field |" in text
+    assert "| digits | MLP 8x2 | mean-field |" in text

@@ -35,7 +35,7 @@ def summarise(frame) -> list[dict[str, Any]]:
     metrics = _metrics(frame)
     groups: dict[tuple, list[dict]] = {}
     for r in frame.to_dict("records"):
-        groups.setdefault((r["dataset"], r["arch"], int(r["width"]), r["guide"], r["method"],
+        groups.setdefault((r["dataset"], _variant(r), int(r["width"]), r["guide"], r["method"],
                            r["path"]), []).append(r)
     out = []
     for (dataset, arch, width, guide, method, path), rs in sorted(groups.items(), key=_order):
@@ -55,6 +55,19 @@ def summarise(frame) -> list[dict[str, Any]]:
     return out
 
 
+def _variant(row: dict) -> str:
+    """The row's architecture, with ``+w`` or ``+sigma`` for an asymmetric network (tables of
+    studies with an ``asymmetry`` column), so the variants of one cell are reported apart."""
+    asymmetry = row.get("asymmetry", "none")
+    if not isinstance(asymmetry, str) or asymmetry == "none":
+        return row["arch"]
+    return f"{row['arch']}+{asymmetry}"
+
+
+def _layers(arch: str) -> int | None:
+    return hidden_layers(arch.partition("+")[0])
+
+
 def _metrics(frame) -> list[str]:
     found = [c[:-len("_barrier")] for c in frame.columns if c.endswith("_barrier")]
     return sorted(found, key=lambda m: (m != "nll", m != "acc", m))
@@ -66,8 +79,10 @@ def _order(item):
 
 
 def _network(arch: str, width: int) -> str:
+    arch, _, asymmetry = arch.partition("+")
     layers = hidden_layers(arch)
-    return f"MLP {width}x{layers}" if layers else f"ResNet-{arch[len('resnet'):]} x{width}"
+    name = f"MLP {width}x{layers}" if layers else f"ResNet-{arch[len('resnet'):]} x{width}"
+    return f"{name}, {asymmetry}-asym." if asymmetry else name
 
 
 def markdown(summary: list[dict[str, Any]]) -> str:
@@ -158,10 +173,10 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll
         here = [s for s in summary if s["dataset"] == dataset]
         panels = []
         for arch in sorted({s["arch"] for s in here},
-                           key=lambda a: (hidden_layers(a) is None, hidden_layers(a) or 0, a)):
+                           key=lambda a: (_layers(a) is None, _layers(a) or 0, a)):
             guides = [g for g in _STYLES if any((s["arch"], s["guide"]) == (arch, g)
                                                  for s in here)]
-            panels += [(dataset, arch, g) for g in guides] if hidden_layers(arch) else \
+            panels += [(dataset, arch, g) for g in guides] if _layers(arch) else \
                 [(dataset, arch, None)]
         rows.append(panels)
     ncols = max(len(r) for r in rows)
@@ -207,7 +222,8 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
             ax.errorbar(w, np.maximum(m, floor), yerr=(lower, e), marker="o", ms=4, capsize=2,
                         color=color, linestyle=style, label=f"{LABELS[method]} ({g})")
     ax.set_xscale("log", base=2)
-    layers = hidden_layers(arch)
+    layers = _layers(arch)
+    arch, _, asymmetry = arch.partition("+")
     if layers is None:
         ax.set_xlim(min(widths) * 0.8, max(widths) * 1.25)
         ax.set_xticks(sorted(widths), [f"x{w}" for w in sorted(widths)])
@@ -219,6 +235,8 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
         f"MLP, {layers} layers" if layers else f"ResNet-{arch[len('resnet'):]}")
     if dataset == "mnist1d" and not layers:
         network += " (1-D)"
+    if asymmetry:
+        network += f", {asymmetry}-asym."
     ax.set_title(f"{dataset}, {network}" + (f", {guide}" if guide else ", both guides"),
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")

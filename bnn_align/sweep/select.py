@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["RowFilter", "parse_filter"]
 
-_FIELDS = ("dataset", "arch", "width", "guide", "pair", "method", "path")
+_FIELDS = ("dataset", "arch", "width", "guide", "pair", "method", "path", "asymmetry")
 _NUMERIC = ("width", "pair")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le, ">=": operator.ge, "!=": operator.ne, "<": operator.lt,
