@@ -713,12 +713,23 @@ for name, path_name, curve in rows:
                color="tab:purple" if path_name == "aligned" else colors[name])
 plt.show()"""),
     md("""
-The numbers above come from one pair per variant and are a demonstration, not a result:
-`studies/asymmetric.toml` runs the comparison over MNIST-1D and digits, two widths and the 1-D
-ResNet-8, mean-field and low-rank guides and three pairs per cell. What to look at: whether the
-asymmetric variants' *naive* barrier comes down to the order of the standard network's
-*aligned* one (linear connectivity without alignment, as Lim et al. report for deterministic
-networks), and whether they reach the standard network's accuracy and ELBO in as many epochs.
+In the full-budget run committed here (one pair per variant, width 128, 100 epochs on digits)
+the standard MLP's naive barrier was about 0.7 nats and 0.01 after alignment; the
+W-asymmetric MLP's naive barrier about 0.12, a sixth of the standard naive one but still about
+ten times the aligned one; the sigma-asymmetric one about 0.5, little below the standard naive
+barrier. All three reached 0.97-0.98 test accuracy. The W-asymmetric ELBO is lower partly
+because that model has fewer latent weights (the fixed entries carry no KL term), so compare
+ELBOs across variants with care. The default fixed entries are deliberately mild (scale
+`1 / sqrt(num_fixed)`, an eighth of each row); larger `scale` or `num_fixed` on the layers
+break the symmetry more strongly.
+
+One pair is a demonstration, not a result: `studies/asymmetric.toml` runs the comparison over
+MNIST-1D and digits, two widths and the 1-D ResNet-8, mean-field and low-rank guides and three
+pairs per cell, and records the ELBO and test accuracy after every epoch. What to look at:
+whether the asymmetric variants' *naive* barrier comes down to the order of the standard
+network's *aligned* one (linear connectivity without alignment, as Lim et al. report for
+deterministic networks), and whether they reach the standard network's accuracy in as many
+epochs.
 """),
 ]
 
