@@ -295,6 +295,7 @@ def test_match_on_a_network_without_groups_warns_and_returns_the_identity():
     (lambda: models.resnet(8, asymmetry="both"), "asymmetry"),
     (lambda: models.cnn1d(asymmetry="x"), "asymmetry"),
     (lambda: models.mlp(4, [8], 3, asymmetry="w", asymmetry_seed=-2), "asymmetry_seed"),
+    (lambda: models.mlp(1, [8], 3, asymmetry="w"), "at least 2 weights per unit"),
 ])
 def test_bad_arguments_are_refused_clearly(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")

@@ -61,6 +61,7 @@ class _Layers:
     def linear(self, fan_in: int, fan_out: int, last: bool = False) -> nn.Module:
         if self.kind != "w":
             return nn.Linear(fan_in, fan_out)
+        self._check_row(fan_in)
         num_fixed = default_num_fixed(fan_in, last=last)
         # the last layer: half the row fixed at half the default scale (Lim et al.'s output
         # layer had 256 of 512 fixed at a quarter of the hidden layers' scale)
@@ -70,15 +71,19 @@ class _Layers:
     def conv(self, dim: int, fan_in: int, fan_out: int, kernel: int, **kwargs: Any) -> nn.Module:
         if self.kind != "w":
             return {1: nn.Conv1d, 2: nn.Conv2d}[dim](fan_in, fan_out, kernel, **kwargs)
+        self._check_row(fan_in * kernel ** dim)
         layer = {1: AsymConv1d, 2: AsymConv2d}[dim]
         return layer(fan_in, fan_out, kernel, seed=self._next_seed(), **kwargs)
+
+    def _check_row(self, row: int) -> None:
+        if row < 2:
+            raise ValueError(f"asymmetry='w' needs at least 2 weights per unit (one fixed, one "
+                             f"free), but a layer of this network has {row}")
 
     def act(self, units: int, axis: int = -1) -> nn.Module:
         if self.kind != "sigma":
             return _activation(self.activation)
         return FiGLU(units, self._next_seed(), axis=axis)
-
-
 
 
 def mlp(

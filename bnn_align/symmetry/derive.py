@@ -554,7 +554,6 @@ class _Deriver(torch.fx.Interpreter):
             return new
         return self.refuse("this layer type is not known to commute with permutations", [units])
 
-
     def asymmetric(self, m: nn.Module, units: _Units, out: torch.Tensor) -> _Units:
         """A layer built to break permutation symmetry (bnn_align.models.asymmetric).
 
