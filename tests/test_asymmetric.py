@@ -407,3 +407,11 @@ def test_a_tiny_asymmetric_study_runs_records_histories_and_reports(tmp_path):
     assert "| digits | MLP 8x2, w-asym. | mean-field |" in text
     assert "| digits | MLP 8x2, sigma-asym. | mean-field |" in text
     assert "| digits | MLP 8x2 | mean-field |" in text
+    # and the training histories beside the table: a table per variant and their plot
+    assert [p.name for p in written][-1] == "tiny_asym_history.png"
+    last = {v: [r for r in history if r["asymmetry"] == v and r["epoch"] == "2"]
+            for v in ("none", "w", "sigma")}
+    for variant, label in (("none", "standard"), ("w", "W-asym."), ("sigma", "sigma-asym.")):
+        accuracy = sum(float(r["test_accuracy"]) for r in last[variant]) / 2
+        assert f"| digits | MLP 8x2 | mean-field | {label} | 2 |" in text
+        assert f"| {accuracy:.3f} |" in text

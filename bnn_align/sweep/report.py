@@ -17,7 +17,7 @@ import numpy as np
 from ..matching.weights import LEARNED_METHODS
 from .config import DATASETS, METHODS, hidden_layers
 
-__all__ = ["summarise", "markdown", "plot", "write_report"]
+__all__ = ["summarise", "markdown", "plot", "write_report", "history_markdown", "plot_history"]
 
 LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation",
           "ste": "STE", "sinkhorn": "Sinkhorn"}
@@ -242,11 +242,79 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+_VARIANTS = {"none": "standard", "w": "W-asym.", "sigma": "sigma-asym."}
+_VARIANT_COLORS = {"none": "tab:blue", "w": "tab:red", "sigma": "tab:green"}
+
+
+def _history_groups(history) -> dict[tuple, Any]:
+    """(dataset, arch, width, guide) -> asymmetry -> DataFrame of the mean over seeds by epoch."""
+    groups: dict[tuple, Any] = {}
+    columns = ["neg_elbo", "test_accuracy", "test_nll"]
+    for key, frame in history.groupby(["dataset", "arch", "width", "guide", "asymmetry"],
+                                      sort=False):
+        *cell, asymmetry = key
+        means = frame.groupby("epoch")[columns].mean()
+        means["seeds"] = frame.groupby("epoch")["seed"].nunique()
+        groups.setdefault(tuple(cell), {})[asymmetry] = means
+    return groups
+
+
+def history_markdown(history) -> str:
+    """The training histories (``<name>_history.csv`` as a DataFrame) as a table: per cell and
+    variant, the test accuracy of the model average after a tenth, half and all of the epochs,
+    and the final negative ELBO and test NLL, means over the seeds."""
+    lines = ["Training: test accuracy of the model average after 10 %, 50 % and 100 % of the "
+             "epochs, final negative ELBO and test NLL (means over the trained seeds; the "
+             "W-asymmetric networks have fewer latent weights, hence a smaller KL term).", "",
+             "| data | network | guide | variant | seeds | acc 10 % | acc 50 % | acc 100 % | "
+             "neg. ELBO | test NLL |", _rule(10)]
+    for (dataset, arch, width, guide), variants in _history_groups(history).items():
+        for asymmetry in [a for a in _VARIANTS if a in variants]:
+            m = variants[asymmetry]
+            epochs = len(m)
+            at = [m["test_accuracy"].iloc[max(round(f * epochs), 1) - 1] for f in (0.1, 0.5, 1)]
+            lines.append(f"| {dataset} | {_network(arch, int(width))} | {guide} | "
+                         f"{_VARIANTS[asymmetry]} | {int(m['seeds'].min())} | "
+                         + " | ".join(f"{a:.3f}" for a in at)
+                         + f" | {m['neg_elbo'].iloc[-1]:.4g} | {m['test_nll'].iloc[-1]:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_history(history, path: str | os.PathLike) -> None:
+    """Negative ELBO and test accuracy against the epoch, one row of two panels per cell, a
+    line per variant (the mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _history_groups(history)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(9, 2.8 * len(groups)), squeeze=False)
+    for (left, right), ((dataset, arch, width, guide), variants) in zip(axes, groups.items()):
+        for asymmetry in [a for a in _VARIANTS if a in variants]:
+            m = variants[asymmetry]
+            style = dict(color=_VARIANT_COLORS[asymmetry], label=_VARIANTS[asymmetry])
+            left.plot(m.index, m["neg_elbo"], **style)
+            right.plot(m.index, m["test_accuracy"], **style)
+        title = f"{dataset}, {_network(arch, int(width))}, {guide}"
+        left.set(yscale="log", xlabel="epoch", ylabel="negative ELBO", title=title)
+        right.set(xlabel="epoch", ylabel="test accuracy", title=title)
+        for ax in (left, right):
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None
                  ) -> list[Path]:
     """Write ``<stem>.md`` (the tables), ``<stem>.png`` (NLL barriers) and, with accuracy,
     ``<stem>_accuracy.png`` for the results table ``<stem>.csv`` (or ``.parquet``) into ``out``
-    (default: the table's folder); returns the paths written.
+    (default: the table's folder); returns the paths written. Where the training histories
+    ``<stem>_history.csv`` lie beside the table (``train.history_samples``), their table is
+    added to the markdown and ``<stem>_history.png`` plotted (see :func:`plot_history`).
 
     Parameters
     ----------
@@ -293,9 +361,19 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(frame)
     written = [out / f"{results.stem}.md", out / f"{results.stem}.png"]
-    written[0].write_text(markdown(summary) + "\n")
+    text = markdown(summary)
+    history_path = results.with_name(f"{results.stem}_history.csv")
+    if history_path.exists():
+        import pandas as pd
+
+        history = pd.read_csv(history_path, keep_default_na=False)
+        text += "\n\n" + history_markdown(history)
+    written[0].write_text(text + "\n")
     plot(summary, written[1], "nll")
     if "acc_barrier" in frame.columns:
         written.append(out / f"{results.stem}_accuracy.png")
         plot(summary, written[-1], "acc")
+    if history_path.exists():
+        written.append(out / f"{results.stem}_history.png")
+        plot_history(history, written[-1])
     return written
