@@ -303,6 +303,16 @@ def test_bad_arguments_are_refused_clearly(make, message):
         make()
 
 
+def test_figlu_over_channels_gates_each_position_by_all_channels():
+    act = FiGLU(4, seed=2, axis=1).double()
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    gate = torch.sigmoid(torch.einsum("ij,bjt->bit", act.C, x))
+    assert torch.allclose(act(x), gate * x)
+    # a permutation of the channels is not a symmetry: the gate of each channel changes
+    p = torch.tensor([1, 0, 3, 2])
+    assert not torch.allclose(act(x[:, p])[:, torch.argsort(p)], act(x))
+
+
 def test_figlu_refuses_inputs_with_the_wrong_number_of_units():
     with pytest.raises(ValueError, match=r"FiGLU\(4\) got an input of shape \(2, 5\)"):
         FiGLU(4)(torch.randn(2, 5))
