@@ -33,13 +33,18 @@ def summarise(frame) -> list[dict[str, Any]]:
     """One entry per (dataset, arch, width, guide, method, path) of a results DataFrame (see
     :func:`~bnn_align.sweep.read_results`): ``pairs``, ``test_acc``, ``train_seconds`` (per
     guide), ``<metric>_mean``, ``<metric>_spread``, ``<metric>_mc_se`` for every barrier column
-    ``<metric>_barrier``, and ``w2_cost``, ``mean_cost``, ``match_seconds``. Ordered by
-    dataset, arch, guide, width, method."""
+    ``<metric>_barrier``, and ``w2_cost``, ``mean_cost``, ``match_seconds``; for a learned
+    method ``changed``, the number of pairs whose permutations it changed (its W2 objective
+    differs from the ``"wasserstein"`` row's: a learned matching keeps its start unless it
+    lowers the validation barrier). Ordered by dataset, arch, guide, width, method."""
     metrics = _metrics(frame)
     groups: dict[tuple, list[dict]] = {}
+    w2_costs: dict[tuple, float] = {}
     for r in frame.to_dict("records"):
         groups.setdefault((r["dataset"], _variant(r), int(r["width"]), r["guide"], r["method"],
                            r["path"]), []).append(r)
+        if r["method"] == "wasserstein":
+            w2_costs[_pair_of(r)] = r["w2_cost"]
     out = []
     for (dataset, arch, width, guide, method, path), rs in sorted(groups.items(), key=_order):
         entry = {"dataset": dataset, "arch": arch, "width": width, "guide": guide,
@@ -54,8 +59,16 @@ def summarise(frame) -> list[dict[str, Any]]:
             entry[f"{key}_mc_se"] = float(np.mean([r[f"{key}_se"] for r in rs]))
         for key in ("w2_cost", "mean_cost", "match_seconds"):
             entry[key] = float(np.mean([r[key] for r in rs]))
+        if method in LEARNED_METHODS:
+            entry["changed"] = sum(r["w2_cost"] != w2_costs.get(_pair_of(r), r["w2_cost"])
+                                   for r in rs)
         out.append(entry)
     return out
+
+
+def _pair_of(row: dict) -> tuple:
+    return (row["dataset"], _variant(row), int(row["width"]), row["guide"], row["path"],
+            int(row["pair"]))
 
 
 def _variant(row: dict) -> str:
@@ -207,12 +220,15 @@ def _tables(summary: list[dict[str, Any]]) -> str:
     if any(m in LEARNED_METHODS for m in methods):
         matched = [m for m in methods if m != "naive"]
         lines += ["", "Seconds per match (mean over pairs; the learned methods include the "
-                  "W2 match they start from and their validation barriers).", "",
+                  "W2 match they start from and their validation barriers), and for the "
+                  "learned methods in how many pairs they changed W2's permutations.", "",
                   f"| data | network | guide | {' | '.join(LABELS[m] for m in matched)} |",
                   _rule(3 + len(matched))]
         for (dataset, arch, width, guide), by_method in cells.items():
             lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | " + " | ".join(
-                "" if m not in by_method else f"{by_method[m]['match_seconds']:.1f}"
+                "" if m not in by_method else f"{by_method[m]['match_seconds']:.1f}" + (
+                    f" ({by_method[m]['changed']}/{by_method[m]['pairs']} changed)"
+                    if "changed" in by_method[m] else "")
                 for m in matched) + " |")
     return "\n".join(lines)
 
