@@ -53,11 +53,14 @@ class Noise:
         Noise of the covariance factor.
     u : Tensor of shape ``(S,)``
         Uniform draws that pick a mixture component (unused by the Wasserstein path).
+    index : LongTensor of shape ``(S,)`` or None
+        Which samples a path between sample sets takes (``eps`` then has no columns).
     """
 
     eps: torch.Tensor
     z: torch.Tensor | None
     u: torch.Tensor
+    index: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -396,19 +399,24 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
     q0, q1 : posterior
         Guides, state dicts or modules over the same network (e.g. ``guide_a`` and
         ``match(guide_a, guide_b).aligned``), on one device (any; the path is computed
-        there). Not modified.
+        there). Not modified. Two :class:`~bnn_align.SamplePosterior` of one size give a
+        :class:`~bnn_align.paths.samples.SamplePath`: their samples coupled optimally (exact
+        assignment), each pair moving linearly.
     kind : {"wasserstein", "mixture"}
         See the module docstring.
 
     Returns
     -------
-    Path
+    Path or SamplePath
 
     Raises
     ------
     ValueError
         For posteriors on different devices (naming both), over different architectures
-        (naming the first differing site), NaN parameters, or an unknown kind.
+        (naming the first differing site), NaN parameters, or an unknown kind; sample sets
+        of different sizes.
+    TypeError
+        A sample set and a posterior of another kind.
 
     Examples
     --------
@@ -434,4 +442,10 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
         ...
     ValueError: kind must be one of ('wasserstein', 'mixture'), got 'straight'
     """
+    from ..samples import SamplePosterior
+
+    if isinstance(q0, SamplePosterior) or isinstance(q1, SamplePosterior):
+        from .samples import SamplePath  # it builds on this module
+
+        return SamplePath(q0, q1, kind)
     return Path(q0, q1, kind)
