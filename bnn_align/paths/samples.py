@@ -81,7 +81,7 @@ class SamplePath(BasePath):
         for label, q in (("q0", q0), ("q1", q1)):
             if not isinstance(q, SamplePosterior):
                 raise TypeError(f"a path between sample sets needs two SamplePosteriors; {label} "
-                                f"is a {type(q).__name__} (make one with SamplePosterior."
+                                f"is {"an" if type(q).__name__[0] in "AEIOU" else "a"} {type(q).__name__} (make one with SamplePosterior."
                                 f"from_modules or draw from it)")
         if kind not in ("wasserstein", "mixture"):
             raise ValueError(f"kind must be one of ('wasserstein', 'mixture'), got {kind!r}")
