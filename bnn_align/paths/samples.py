@@ -80,8 +80,10 @@ class SamplePath(BasePath):
     def __init__(self, q0: SamplePosterior, q1: SamplePosterior, kind: str = "wasserstein"):
         for label, q in (("q0", q0), ("q1", q1)):
             if not isinstance(q, SamplePosterior):
+                name = type(q).__name__
+                article = "an" if name[0] in "AEIOU" else "a"
                 raise TypeError(f"a path between sample sets needs two SamplePosteriors; {label} "
-                                f"is {"an" if type(q).__name__[0] in "AEIOU" else "a"} {type(q).__name__} (make one with SamplePosterior."
+                                f"is {article} {name} (make one with SamplePosterior."
                                 f"from_modules or draw from it)")
         if kind not in ("wasserstein", "mixture"):
             raise ValueError(f"kind must be one of ('wasserstein', 'mixture'), got {kind!r}")
