@@ -287,3 +287,27 @@ def test_transposition_distance_against_swap_counting():
         diagnostics.transposition_distance(p, {"y": torch.arange(4)})
     with pytest.raises(ValueError, match="not a permutation"):
         diagnostics.transposition_distance(p, {"x": torch.tensor([0, 0, 1, 2])})
+
+
+def test_batchnorm_buffers_move_and_merge():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.randn(8))
+        net[1].running_var.copy_(torch.rand(8) + 0.5)
+    model = BayesianNetwork(net, input_shape=(4,))
+    guide = make_guide("mean_field", model)
+    copies, planted = planted_copies(guide, model, count=3)
+    result = match_many(copies)
+    for i, j in itertools.product(range(3), repeat=2):
+        assert_perms_equal(result.pairwise(i, j), true_pairwise(planted, i, j))
+    merged = merge(result)
+    from bnn_align.posterior import model_of
+
+    buffers = model_of(merged).net[1].running_mean
+    expected = model_of(result.aligned[0]).net[1].running_mean
+    torch.testing.assert_close(buffers, expected)
+    # in the frame of copy 0 the merged posterior is the original one, statistics included
+    back = permute(merged, invert(result.perms[0]))
+    torch.testing.assert_close(model_of(back).net[1].running_mean,
+                               model_of(copies[0]).net[1].running_mean)

@@ -338,29 +338,38 @@ def match_many(
         check_int("reference", reference, low=0, high=count - 1)
     positive_int(max_iter=max_iter)
     views = [_view(p) for p in posteriors]
+    # what match aligns: the posterior itself (its model's buffers move with it), a sample set
+    # through its moments
+    inputs = [v if isinstance(p, SamplePosterior) else p for p, v in zip(posteriors, views)]
     for k in range(1, count):  # one architecture, finite values: clear errors naming the pair
         paired_views(views[0], views[k], ("posteriors[0]", f"posteriors[{k}]"), copy=False)
     kind = _family(views)
     spec = _spec_of(posteriors, spec)
-    sizes = _spec_sizes(spec, views[0], posteriors[0])
+    sizes = _spec_sizes(spec, views[0], inputs[0])
     perms: list[dict[str, torch.Tensor] | None] = [None] * count
     ref = views[0] if reference == "barycenter" else views[reference]
     rounds = 1 if isinstance(reference, int) else max_iter
     history: list[float] = []
     converged = False
     aligned_views: list[GaussianView] = list(views)
+    aligned: list[Any] = list(inputs)
     bar = tqdm(total=rounds, desc="match_many", disable=not progress, leave=False)
     for round_ in range(rounds):
         changed = False
         for k in range(count):
-            result = match(ref, views[k], spec=spec, method=method, seed=seed, init=perms[k])
+            result = match(ref, inputs[k], spec=spec, method=method, seed=seed,
+                           init=perms[k])
             if perms[k] is None or any(not torch.equal(result.perms[g], perms[k][g])
                                        for g in sizes):
                 changed = True
             perms[k] = result.perms
-            aligned_views[k] = _rotated(result.aligned, result.rotation)
+            if isinstance(result.aligned, GaussianView):  # match leaves a view's factor alone
+                aligned[k] = aligned_views[k] = _rotated(result.aligned, result.rotation)
+            else:  # a guide's factor is rotated already
+                aligned[k] = result.aligned
+                aligned_views[k] = as_gaussian(result.aligned, copy=False)
         ref = _barycenter(aligned_views, kind)
-        costs = [alignment_cost(ref, v, spec=spec, method=method) for v in aligned_views]
+        costs = [alignment_cost(ref, a, spec=spec, method=method) for a in aligned]
         history.append(float(sum(costs)))
         bar.update()
         if not changed and round_ > 0:
@@ -369,23 +378,13 @@ def match_many(
     bar.close()
     if isinstance(reference, int):
         converged = True
-    aligned = [_aligned(p, perms[k], spec, aligned_views[k]) for k, p in enumerate(posteriors)]
+    aligned = [permute(p, perms[k], spec) if isinstance(p, SamplePosterior) else aligned[k]
+               for k, p in enumerate(posteriors)]
     return MultiAlignment(
         perms=[check_perms(p, sizes) for p in perms], aligned=aligned, barycenter=ref,
         history=history, costs=costs, rounds=len(history), converged=converged,
         seconds=time.perf_counter() - started, method=method, reference=reference, spec=spec,
         posteriors=posteriors)
-
-
-def _aligned(posterior: Any, perms: Mapping[str, torch.Tensor], spec: PermutationSpec,
-             view: GaussianView) -> Any:
-    """A posterior permuted; a low-rank guide written from its rotated, aligned view."""
-    if isinstance(posterior, GaussianView):
-        return view
-    if view.factor is not None and not isinstance(posterior, SamplePosterior):
-        moved = permute(posterior, perms, spec)  # the model's buffers move too
-        return from_gaussian(moved, view, None)
-    return permute(posterior, perms, spec)
 
 
 # ---------------------------------------------------------------------------------- merge --

@@ -447,7 +447,10 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
               "mean": ("scale", "covariance factor")}.get(objective, FINITE_PARTS)
     va, vb = paired_views(guide_a, guide_b, _LABELS, copy=False, finite=finite)
     spec = _resolve_spec(guide_a, guide_b, spec, data, unknown, caller)
-    return va, vb, spec, _spec_sizes(spec, va, guide_a)
+    # a view carries no buffers (BatchNorm statistics the spec may name): read them off the
+    # other posterior
+    return va, vb, spec, _spec_sizes(spec, va, guide_b if isinstance(guide_a, GaussianView)
+                                     else guide_a)
 
 
 def _working_copies(views: tuple[GaussianView, ...], posteriors: tuple[Any, ...]
