@@ -540,6 +540,9 @@ def _many_chains(target: Any, method: str, seed: int) -> tuple[list, list] | Non
     for an Alignment or a pair."""
     if isinstance(target, MultiAlignment):
         return list(target.posteriors), list(target.aligned)
+    if (isinstance(target, (list, tuple)) and len(target) >= 2
+            and all(isinstance(t, SamplePosterior) for t in target)):
+        target = _pooled_chains(target)  # several MCMC runs: their chains side by side
     if isinstance(target, SamplePosterior):
         if target.num_chains < 2:
             raise ValueError("a sample set needs at least 2 chains for R-hat "
@@ -553,6 +556,19 @@ def _many_chains(target: Any, method: str, seed: int) -> tuple[list, list] | Non
         result = match_many(list(target), method=method, seed=seed)
         return list(result.posteriors), list(result.aligned)
     return None
+
+
+def _pooled_chains(runs: Sequence[SamplePosterior]) -> SamplePosterior:
+    """Sample sets (MCMC runs) as one set whose chains are all of theirs."""
+    lengths = {r.num_samples // r.num_chains for r in runs}
+    if len(lengths) > 1:
+        raise ValueError(f"the runs' chains must have one length to be compared as chains, got "
+                         f"{sorted(lengths)} draws per chain")
+    first = runs[0]
+    for k, r in enumerate(runs[1:], start=1):
+        paired_views(first.moments(), r.moments(), ("runs[0]", f"runs[{k}]"), copy=False)
+    samples = {s: torch.cat([r.samples[s] for r in runs]) for s in first.sites}
+    return first.with_samples(samples, num_chains=sum(r.num_chains for r in runs))
 
 
 def transposition_distance(p: Any, q: Any) -> int:
@@ -623,7 +639,8 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
         The result of :func:`bnn_align.match` (which keeps its posteriors), or a pair to match
         now with ``method``. ``K`` chains: a :class:`~bnn_align.MultiAlignment` (its
         posteriors before, its aligned ones after), a list of three or more posteriors
-        (matched now with :func:`~bnn_align.match_many`), a
+        (matched now with :func:`~bnn_align.match_many`), a list of two or more sample sets
+        (MCMC runs: their chains side by side, aligned sample by sample), a
         :class:`~bnn_align.SamplePosterior` of two or more chains (every sample aligned now
         with :func:`~bnn_align.align_samples` to the chains' barycenter) or a
         :class:`~bnn_align.SampleAlignment` of one.

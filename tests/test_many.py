@@ -311,3 +311,15 @@ def test_batchnorm_buffers_move_and_merge():
     back = permute(merged, invert(result.perms[0]))
     torch.testing.assert_close(model_of(back).net[1].running_mean,
                                model_of(copies[0]).net[1].running_mean)
+
+
+def test_rhat_of_several_mcmc_runs(small_mlp_model):
+    chains = planted_chains(small_mlp_model, chains=3)
+    runs = chains.chains()                       # three runs of one chain each
+    report = diagnostics.rhat_report(runs, threshold=1.05)
+    assert report.num_chains == 3
+    # the output bias (3 of 111 weights) is never permuted: it mixes before alignment too
+    assert report.fraction_before > 0.8 and report.fraction_after < 0.05
+    short = runs[1].with_samples({k: v[:10] for k, v in runs[1].samples.items()})
+    with pytest.raises(ValueError, match="one length"):
+        diagnostics.rhat_report([runs[0], short])

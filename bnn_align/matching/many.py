@@ -529,7 +529,7 @@ def repair(merged: torch.nn.Module, endpoints: Sequence[torch.nn.Module], data: 
     batch_size : int
     layers : sequence of str, optional
         Names of the linear/convolutional layers to repair (default: all of them but the last
-        one, whose outputs are the network's).
+        one, whose outputs are the network's). A layer without a bias gets one.
 
     Returns
     -------
@@ -539,8 +539,7 @@ def repair(merged: torch.nn.Module, endpoints: Sequence[torch.nn.Module], data: 
     Raises
     ------
     ValueError
-        No endpoints, unknown layer names, layers without a bias-free rescaling (no bias is
-        fine: one is added as zero only if the layer has one), a non-positive batch size.
+        No endpoints, unknown layer names, a non-positive batch size.
     TypeError
         A merged network or endpoint that is not an ``nn.Module``.
 

@@ -381,8 +381,9 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
 
     Parameters
     ----------
-    obj : state dict, nn.Module, BayesianNetwork, Pyro autoguide or SamplePosterior
-        Any posterior kind bnn_align supports. Never modified.
+    obj : state dict, nn.Module, BayesianNetwork, Pyro autoguide, SamplePosterior or GaussianView
+        Any posterior kind bnn_align supports. Never modified. A view's means, scales and
+        covariance-factor rows move together (``spec`` is then required).
     perms : mapping of str to permutation
         Group name -> LongTensor (or array, or list) of shape ``(n_group,)`` for every group of
         the spec; ``perm[i]`` is the input unit that becomes unit ``i``. For a
