@@ -9,7 +9,8 @@ and the package is laid out in that order:
   Gaussian view every posterior kind is read through), :mod:`~bnn_align.samples` (sample sets:
   MCMC chains, ensembles);
 * spec: :mod:`bnn_align.symmetry`;  match: :mod:`bnn_align.matching`;  path: :mod:`bnn_align.paths`;
-* marginal and report: :mod:`~bnn_align.marginal`, :mod:`~bnn_align.diagnostics`;
+* marginal and report: :mod:`~bnn_align.marginal`, :mod:`~bnn_align.flatness`,
+  :mod:`~bnn_align.diagnostics`;
 * studies of many cells on Ray: :mod:`bnn_align.sweep`; the command line: :mod:`~bnn_align.cli`.
 """
 
@@ -30,6 +31,8 @@ from .paths import Curve, Path, fit_curve, interpolate
 from .posterior import GaussianView, as_gaussian
 from .samples import SamplePosterior
 from .symmetry import PermutationSpec, permute, spec_from_module
+from .symmetry import ScaleSymmetry, canonicalize, rescale
+from .flatness import LocalEnergy, local_energy
 
 __version__ = "0.1.0"
 
@@ -39,4 +42,5 @@ __all__ = [
     "SampleAlignment", "SamplePosterior", "align_samples", "alignment_cost", "as_gaussian",
     "fit", "fit_curve", "diagnostics", "guides", "interpolate", "marginal_loss", "match",
     "match_many", "merge", "permute", "repair", "spec_from_module", "to_inference_data",
+    "ScaleSymmetry", "canonicalize", "rescale", "LocalEnergy", "local_energy",
 ]

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from .bayesian import BayesianNetwork
+from .bayesian import BayesianNetwork, DecayingAdam
 from .posterior import FULL_RANK, POINT, GaussianView
 
 Forward = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -211,16 +211,13 @@ def minimise_along_path(params: Sequence[torch.Tensor],
     n = len(x)
     batch_size = min(batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    gamma = (lr_end / lr) ** (1.0 / max(total - 1, 1)) if lr_end is not None else 1.0
     history = np.zeros(epochs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for p in params:
             p.requires_grad_(True)
         try:
-            optimizer = torch.optim.Adam(params, lr=lr)
-            schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+            optimizer = DecayingAdam(params, lr, lr_end, epochs * steps_per_epoch, clip_norm)
             bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
             for epoch in bar:
                 order = torch.randperm(n)
@@ -228,17 +225,8 @@ def minimise_along_path(params: Sequence[torch.Tensor],
                 for start in range(0, n, batch_size):
                     idx = order[start:start + batch_size]
                     t = float(torch.rand(()))
-                    optimizer.zero_grad()
-                    value = loss(x[idx], y[idx], t)
-                    if not torch.isfinite(value):
-                        raise FloatingPointError(f"{objective} became {value.item()} at epoch "
-                                                 f"{epoch}; lower lr")
-                    value.backward()
-                    if clip_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                    optimizer.step()
-                    schedule.step()
-                    total_loss += value.item()
+                    total_loss += optimizer.step(loss(x[idx], y[idx], t),
+                                                 f"{objective} at epoch {epoch}", "lower lr")
                 history[epoch] = total_loss / steps_per_epoch
                 bar.set_postfix(loss=f"{history[epoch]:.4g}")
                 if on_epoch is not None:

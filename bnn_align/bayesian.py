@@ -545,8 +545,42 @@ def as_data_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
                 raise ValueError(f"data has {len(x)} inputs but {len(y)} targets")
             if len(x) == 0:
                 raise ValueError("data is empty")
+            for name, tensor in (("inputs", x), ("targets", y)):
+                # one bad value otherwise surfaces as a distribution's constraint error deep in
+                # Pyro, or as a NaN barrier
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(f"data's {name} hold {bad} NaN or infinite values")
             return x, y
     raise TypeError("data must be a pair of tensors (x, y) or a TensorDataset of two tensors")
+
+
+class DecayingAdam:
+    """Adam whose learning rate decays exponentially from ``lr`` to ``lr_end`` at the last of
+    ``total_steps`` steps (``lr_end=None``: constant), with gradients clipped to norm
+    ``clip_norm`` (``None``: not): the optimiser of :func:`fit` and of the objectives trained
+    along paths (curves, learned matchings)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, lr_end: float | None,
+                 total_steps: int, clip_norm: float | None):
+        self.params = list(params)
+        self.clip_norm = clip_norm
+        gamma = (lr_end / lr) ** (1.0 / max(total_steps - 1, 1)) if lr_end is not None else 1.0
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma)
+
+    def step(self, loss: torch.Tensor, what: str, advice: str) -> float:
+        """One step down ``loss`` (a scalar not yet differentiated); returns its value. A
+        non-finite loss raises ``FloatingPointError("{what} became {value}; {advice}")``."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{what} became {loss.item()}; {advice}")
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.item()
 
 
 def fit(
@@ -647,8 +681,6 @@ def fit(
     n = len(x)
     batch_size = min(batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    gamma = (lr_end / lr) ** (1.0 / max(total - 1, 1)) if lr_end is not None else 1.0
     kwargs = {"num_data": n} if isinstance(model, BayesianNetwork) else {}
     elbo = Trace_ELBO(num_particles=num_particles)
     history = np.zeros(epochs)
@@ -660,8 +692,7 @@ def fit(
         params = [p for p in guide.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the guide has no trainable parameters")
-        optimizer = torch.optim.Adam(params, lr=lr)
-        schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+        optimizer = DecayingAdam(params, lr, lr_end, epochs * steps_per_epoch, clip_norm)
         bar = tqdm(range(epochs), desc="fit", disable=not progress, leave=False)
         for epoch in bar:
             beta = float(kl_weight(epoch) if callable(kl_weight) else kl_weight)
@@ -671,20 +702,10 @@ def fit(
             total_loss = 0.0
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                optimizer.zero_grad()
                 loss = elbo.differentiable_loss(scaled_model, scaled_guide, x[idx].to(device),
                                                 y[idx].to(device), **kwargs)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the ELBO became {loss.item()} at epoch {epoch}; lower lr or the "
-                        f"guide's init_scale"
-                    )
-                loss.backward()
-                if clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-                optimizer.step()
-                schedule.step()
-                total_loss += loss.item()
+                total_loss += optimizer.step(loss, f"the ELBO at epoch {epoch}",
+                                             "lower lr or the guide's init_scale")
             history[epoch] = total_loss / steps_per_epoch
             bar.set_postfix(loss=f"{history[epoch]:.4g}")
     return history

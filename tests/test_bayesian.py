@@ -132,6 +132,20 @@ def test_bad_data_gives_clear_errors():
         BayesianNetwork(models.mlp(3, [4], 5)).spec
 
 
+def test_non_finite_data_is_refused_before_training_and_evaluation():
+    model = BayesianNetwork(models.mlp(3, [4], 5), input_shape=(3,))
+    guide = guides.mean_field(model)
+    x, y = torch.randn(16, 3), torch.randint(0, 5, (16,))
+    x[3, 1] = float("nan")
+    x[7, 0] = float("inf")
+    before = {k: v.detach().clone() for k, v in guide.named_parameters()}
+    with pytest.raises(ValueError, match="data's inputs hold 2 NaN or infinite values"):
+        fit(model, guide, (x, y), epochs=1, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in guide.named_parameters())
+    with pytest.raises(ValueError, match="data's inputs hold 2 NaN"):
+        ba.marginal_loss(model, guide, (x, y), num_samples=2)
+
+
 def test_input_shape_is_remembered_for_the_spec():
     model = BayesianNetwork(models.cnn1d(1, 12, 3, channels=(4,), hidden=(5,)))
     model(torch.randn(2, 1, 12))

@@ -18,7 +18,7 @@ import pytest
 
 from bnn_align.cli import main
 from bnn_align.sweep import (Cache, CorruptEntry, compare_results, expand, load_study,
-                             parse_filter, parse_study, read_results, run)
+                             parse_filter, parse_study, read_results, run, write_report)
 from bnn_align.sweep.steps import ROW_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,3 +456,14 @@ def test_a_curve_study_learns_one_curve_per_pair_and_evaluates_its_checkpoints(t
     by_hand = marginal_loss(model, curve, split.test, ts=3, num_samples=4, seed=0)
     assert float(rows["naive", "bezier"]["nll_barrier"]) == by_hand.barrier("nll").value
     assert rows["naive", "bezier@1"]["nll_barrier"] != rows["naive", "bezier"]["nll_barrier"]
+    # the report sets the straight path against the curve and the barrier against epochs
+    written = write_report(tmp_path / "out" / "tiny.csv", tmp_path / "report")
+    assert [p.name for p in written][-1] == "tiny_curve_epochs.png"
+    text = written[0].read_text()
+    assert "| naive: line | naive: bezier | W2: line | W2: bezier |" in text
+    line = next(s for s in text.splitlines()
+                if s.startswith("| digits | MLP 8x2 | mean-field | W2 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")][4:]
+    expected = [rows["wasserstein", p]["nll_barrier"]
+                for p in ("wasserstein", "bezier@1", "bezier")]
+    assert cells == [f"{float(v):.3f} ± 0.000" for v in expected]  # one pair: no spread

@@ -52,6 +52,7 @@ from ..symmetry.derive import UnsupportedOperation, check_unknown
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
 
 METHODS = ("wasserstein", "mean", "activation", "ste", "sinkhorn")
+SYMMETRIES = ("permutation", "scale")
 # learned on the loss along the path (bnn_align.matching.learned), starting from "wasserstein"
 LEARNED_METHODS = ("ste", "sinkhorn")
 
@@ -117,6 +118,15 @@ class Alignment:
     kept : bool or None
         Learned methods only: whether the learned permutations were kept (their validation
         barrier is below the start's); otherwise ``perms`` are the ``"wasserstein"`` start's.
+    symmetries : tuple of str
+        The symmetries removed: ``("permutation",)`` or ``("permutation", "scale")``.
+    scales : tuple of two dicts or None
+        With ``"scale"``: the factors that made ``guide_a`` and ``guide_b`` canonical (group ->
+        ``(n_group,)``, see :func:`~bnn_align.canonicalize`); the permutations were found
+        between the canonical forms, and ``aligned`` is the permuted canonical ``guide_b``.
+    canonical : tuple of two posteriors or None
+        With ``"scale"``: the canonical forms of ``guide_a`` and ``guide_b`` (compare
+        ``aligned`` with ``canonical[0]``).
 
     Examples
     --------
@@ -162,13 +172,21 @@ class Alignment:
     validation_barrier_start: float | None = None
     validation_barrier: float | None = None
     kept: bool | None = None
+    symmetries: tuple[str, ...] = ("permutation",)
+    scales: tuple[dict, dict] | None = field(default=None, repr=False, compare=False)
+    canonical: tuple[Any, Any] | None = field(default=None, repr=False, compare=False)
 
     def apply(self, obj: Any) -> Any:
         """Permute any other object over the same spec (state dict, module, guide, ...).
 
         Only the permutations are applied: ``alignment.apply(guide_b)`` has the distribution
         of ``aligned``, but a low-rank factor keeps its columns (``aligned``'s are also
-        rotated by ``rotation``, which does not change the distribution)."""
+        rotated by ``rotation``, which does not change the distribution). When the scale
+        symmetry was removed too, ``obj`` is first made canonical (with its own scales)."""
+        if "scale" in self.symmetries:
+            from ..symmetry.canonical import canonicalize
+
+            obj = canonicalize(obj, self.spec)
         return permute(obj, self.perms, self.spec)
 
     def save(self, path: str | Path) -> None:
@@ -181,6 +199,7 @@ class Alignment:
             "restart_costs": list(self.restart_costs), "format": "bnn_align.Alignment/1",
             "validation_barrier_start": self.validation_barrier_start,
             "validation_barrier": self.validation_barrier, "kept": self.kept,
+            "symmetries": list(self.symmetries), "scales": self.scales,
         }, Path(path))
 
     @classmethod
@@ -197,6 +216,9 @@ class Alignment:
             # absent from files saved before the learned methods
             validation_barrier_start=state.get("validation_barrier_start"),
             validation_barrier=state.get("validation_barrier"), kept=state.get("kept"),
+            # absent from files saved before scale symmetries
+            symmetries=tuple(state.get("symmetries", ("permutation",))),
+            scales=state.get("scales"),
         )
 
     def __repr__(self) -> str:
@@ -212,6 +234,19 @@ class Alignment:
 
 
 # ------------------------------------------------------------------------------ inputs --
+def _check_symmetries(symmetries: Any) -> tuple[str, ...]:
+    if isinstance(symmetries, str) or not isinstance(symmetries, (tuple, list)):
+        raise TypeError(f"symmetries must be a tuple of names from {SYMMETRIES}, got "
+                        f"{symmetries!r}")
+    unknown = [s for s in symmetries if s not in SYMMETRIES]
+    if unknown:
+        raise ValueError(f"symmetries has unknown name(s) {unknown}; known: {SYMMETRIES}")
+    if "permutation" not in symmetries:
+        raise ValueError(f"symmetries must include 'permutation' (match finds permutations; "
+                         f"canonicalize alone removes the scale symmetry), got {symmetries!r}")
+    return tuple(s for s in SYMMETRIES if s in symmetries)
+
+
 def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
                   data: Any, unknown: str = "error", caller: str = "match") -> PermutationSpec:
     if spec is not None:
@@ -581,6 +616,7 @@ def match(
     unknown: str = "error",
     epochs: int = 5,
     lr: float | None = None,
+    symmetries: tuple[str, ...] = ("permutation",),
 ) -> Alignment:
     """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
 
@@ -651,6 +687,11 @@ def match(
     epochs, lr : int, float
         ``"ste"`` and ``"sinkhorn"`` only: passes over the training part of ``data``, and
         Adam's learning rate (default: ``bnn_align.matching.learned.DEFAULT_LR`` of the method).
+    symmetries : tuple of str
+        ``("permutation",)`` (the default) or ``("permutation", "scale")``: both posteriors
+        are first made canonical (:func:`~bnn_align.canonicalize`: every scalable unit's
+        incoming weights of unit norm) and the permutations found between the canonical forms
+        (see ``Alignment.scales`` and ``Alignment.canonical``).
 
     Returns
     -------
@@ -667,7 +708,8 @@ def match(
         the same parameters, different permutation symmetries), NaN or infinite parameters
         (naming the site) or parameters whose squared distance overflows, a spec that does not
         fit or cannot be derived, an unknown method or ``unknown``, ``"activation"`` without
-        data; for the learned methods no data, data that does not fit the network,
+        data, ``symmetries`` naming an unknown symmetry or leaving out ``"permutation"``;
+        for the learned methods no data, data that does not fit the network,
         ``epochs < 1``, a non-positive ``lr``, full-rank or mixed posterior families.
     TypeError
         Unsupported posterior kinds; for the learned methods posteriors that are not guides
@@ -700,8 +742,32 @@ def match(
     True
     >>> type(result.aligned).__name__
     'AutoNormal'
+
+    Removing the scale symmetry too: a copy with relabelled and rescaled hidden units has the
+    same canonical form up to the relabelling.
+
+    >>> guide_d = ba.rescale(guide_b, {"P_0": torch.rand(16) + 0.5})
+    >>> result = ba.match(guide_a, guide_d, symmetries=("permutation", "scale"))
+    >>> torch.equal(result.perms["P_0"], torch.argsort(hidden)), result.cost_after < 1e-10
+    (True, True)
     """
     started = time.perf_counter()
+    symmetries = _check_symmetries(symmetries)
+    if "scale" in symmetries:
+        from ..symmetry.canonical import canonicalize
+
+        spec = _resolve_spec(guide_a, guide_b, spec, data, unknown)
+        canonical_a, scales_a = canonicalize(guide_a, spec, return_scales=True)
+        canonical_b, scales_b = canonicalize(guide_b, spec, return_scales=True)
+        result = match(canonical_a, canonical_b, spec=spec, method=method, data=data,
+                       max_iter=max_iter, seed=seed, init=init, num_restarts=num_restarts,
+                       num_samples=num_samples, batch_size=batch_size, num_threads=num_threads,
+                       progress=progress, unknown=unknown, epochs=epochs, lr=lr)
+        result.symmetries = symmetries
+        result.scales = (scales_a, scales_b)
+        result.canonical = (canonical_a, canonical_b)
+        result.seconds = time.perf_counter() - started
+        return result
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(guide_a, SamplePosterior):

@@ -5,12 +5,16 @@
   :func:`~bnn_align.marginal_loss`.
 * :mod:`~bnn_align.paths.samples`: :class:`SamplePath`, between two sample sets (their
   samples coupled optimally, each pair moved linearly).
+* :mod:`~bnn_align.paths.geodesic`: :class:`GeodesicPath`, great circles between canonical
+  posteriors (``interpolate(..., kind="geodesic")``).
 * :mod:`~bnn_align.paths.curves`: :func:`fit_curve` and its :class:`Curve`, learned Bezier curves
   and polygonal chains whose every point is a posterior.
 """
 
 from .interpolation import KINDS, BasePath, Path, interpolate
 from .curves import Curve, fit_curve
+from .geodesic import GeodesicPath
 from .samples import SamplePath
 
-__all__ = ["BasePath", "Curve", "KINDS", "Path", "SamplePath", "fit_curve", "interpolate"]
+__all__ = ["BasePath", "Curve", "GeodesicPath", "KINDS", "Path", "SamplePath", "fit_curve",
+           "interpolate"]

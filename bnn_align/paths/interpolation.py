@@ -391,7 +391,8 @@ def _align_factors(v0: GaussianView, v1: GaussianView) -> tuple[GaussianView, Ga
             GaussianView(kind1, v1.loc, v1.scale, f1, v1._source))
 
 
-def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
+def interpolate(q0: Any, q1: Any, kind: str = "wasserstein", *,
+                spec: Any = None) -> BasePath:
     """The path from posterior ``q0`` to posterior ``q1``.
 
     Parameters
@@ -402,12 +403,17 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
         there). Not modified. Two :class:`~bnn_align.SamplePosterior` of one size give a
         :class:`~bnn_align.paths.samples.SamplePath`: their samples coupled optimally (exact
         assignment), each pair moving linearly.
-    kind : {"wasserstein", "mixture"}
-        See the module docstring.
+    kind : {"wasserstein", "mixture", "geodesic"}
+        See the module docstring; ``"geodesic"`` slerps every scalable unit's incoming mean
+        vector (for canonical endpoints, see :func:`~bnn_align.canonicalize` and
+        :mod:`bnn_align.paths.geodesic`). Sample sets take ``"wasserstein"`` or ``"mixture"``.
+    spec : PermutationSpec, optional
+        ``"geodesic"`` only: whose ``scalable`` groups to slerp (default: the spec of the
+        endpoints' BayesianNetwork).
 
     Returns
     -------
-    Path or SamplePath
+    Path, a GeodesicPath for ``"geodesic"``, or a SamplePath for sample sets
 
     Raises
     ------
@@ -440,7 +446,7 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
     >>> ba.interpolate(guide_a, guide_b, kind="straight")
     Traceback (most recent call last):
         ...
-    ValueError: kind must be one of ('wasserstein', 'mixture'), got 'straight'
+    ValueError: kind must be one of ('wasserstein', 'mixture', 'geodesic'), got 'straight'
     """
     from ..samples import SamplePosterior
 
@@ -448,4 +454,10 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein") -> Path:
         from .samples import SamplePath  # it builds on this module
 
         return SamplePath(q0, q1, kind)
+    if kind == "geodesic":
+        from .geodesic import GeodesicPath  # it builds on this module
+
+        return GeodesicPath(q0, q1, spec)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {(*KINDS, 'geodesic')}, got {kind!r}")
     return Path(q0, q1, kind)

@@ -24,6 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # the sweep extra installs tomli there
     import tomli as tomllib
 
+from .._checks import check_int, check_positive_float
 from ..marginal import CLASSIFICATION
 from ..paths.curves import KINDS as CURVE_KINDS
 from ..matching.weights import LEARNED_METHODS
@@ -246,7 +247,7 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(f"name must be a file-name stem (letters, digits, _ . -), got {name!r}")
-    pairs = _positive(raw.get("pairs", 3), "pairs")
+    pairs = check_int("pairs", raw.get("pairs", 3))
     methods = _choices(raw.get("methods", ["naive", "mean", "wasserstein"]), METHODS, "methods")
     paths = _choices(raw.get("paths", ["wasserstein"]), PATH_KINDS + CURVE_KINDS, "paths")
     metrics = _choices(raw.get("metrics", ["nll", "accuracy"]), CLASSIFICATION, "metrics")
@@ -257,26 +258,20 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     train = _section(raw, "train", _TRAIN_DEFAULTS)
     train["epochs"] = _epochs(train["epochs"], datasets)
     for key in ("batch_size", "rank"):
-        _positive(train[key], f"train.{key}")
+        check_int(f"train.{key}", train[key])
     for key in ("lr", "lr_end", "init_scale"):
-        if isinstance(train[key], bool) or not isinstance(train[key], (int, float)) \
-                or not train[key] > 0:
-            raise ValueError(f"train.{key} must be a positive number, got {train[key]!r}")
-        train[key] = float(train[key])
+        train[key] = check_positive_float(f"train.{key}", train[key])
     evaluate = _section(raw, "evaluate", _EVALUATE_DEFAULTS)
     for key in ("samples", "points", "activation_points"):
-        _positive(evaluate[key], f"evaluate.{key}")
+        check_int(f"evaluate.{key}", evaluate[key])
     if evaluate["points"] < 2:
         raise ValueError(f"evaluate.points must be at least 2 (the two endpoints), "
                          f"got {evaluate['points']}")
     curve = _section(raw, "curve", _CURVE_DEFAULTS)
     for key in ("epochs", "bends", "samples"):
-        _positive(curve[key], f"curve.{key}")
+        check_int(f"curve.{key}", curve[key])
     for key in ("lr", "lr_end"):
-        if isinstance(curve[key], bool) or not isinstance(curve[key], (int, float)) \
-                or not curve[key] > 0:
-            raise ValueError(f"curve.{key} must be a positive number, got {curve[key]!r}")
-        curve[key] = float(curve[key])
+        curve[key] = check_positive_float(f"curve.{key}", curve[key])
     checkpoints = curve["checkpoints"]
     if not isinstance(checkpoints, list) or any(
             isinstance(e, bool) or not isinstance(e, int) or not 1 <= e < curve["epochs"]
@@ -286,12 +281,10 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     curve["checkpoints"] = sorted(set(checkpoints))
     learned = _section(raw, "learned", _LEARNED_DEFAULTS)
     for key in ("epochs", "batch_size", "samples"):
-        _positive(learned[key], f"learned.{key}")
+        check_int(f"learned.{key}", learned[key])
     _known(learned["lr"], set(LEARNED_METHODS), "learned.lr")
-    for method, lr in learned["lr"].items():
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"learned.lr.{method} must be a positive number, got {lr!r}")
-    learned["lr"] = {m: float(v) for m, v in learned["lr"].items()}
+    learned["lr"] = {m: check_positive_float(f"learned.lr.{m}", v)
+                     for m, v in learned["lr"].items()}
     return Study(name=name, pairs=pairs, cells=cells, paths=paths, metrics=metrics,
                  train=train, evaluate=evaluate, curve=curve, learned=learned)
 
@@ -303,12 +296,6 @@ def _known(table: Any, allowed: set[str], where: str) -> None:
     if unknown:
         raise ValueError(f"unknown key {where + '.' if where else ''}{unknown[0]!s}; "
                          f"expected one of {sorted(allowed)}")
-
-
-def _positive(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    return value
 
 
 def _choices(values: Any, allowed: tuple[str, ...], key: str) -> tuple[str, ...]:
@@ -357,7 +344,7 @@ def _cells(grid: Any, methods: tuple[str, ...]) -> dict[Cell, tuple[str, ...]]:
         datasets = _choices(block["datasets"], DATASETS, f"{where}.datasets")
         guides = _choices(block["guides"], GUIDES, f"{where}.guides")
         archs = [_arch(a, f"{where}.archs") for a in block["archs"]]
-        widths = [_positive(w, f"{where}.widths") for w in block["widths"]]
+        widths = [check_int(f"{where}.widths", w) for w in block["widths"]]
         block_methods = _choices(block.get("methods", list(methods)), METHODS,
                                  f"{where}.methods")
         for d in datasets:
@@ -370,12 +357,12 @@ def _cells(grid: Any, methods: tuple[str, ...]) -> dict[Cell, tuple[str, ...]]:
 
 def _epochs(value: Any, datasets: list[str]) -> dict[str, int]:
     if isinstance(value, int) and not isinstance(value, bool):
-        return {d: _positive(value, "train.epochs") for d in datasets}
+        return {d: check_int("train.epochs", value) for d in datasets}
     if isinstance(value, Mapping):
         _known(value, set(DATASETS), "train.epochs")
         missing = [d for d in datasets if d not in value]
         if missing:
             raise ValueError(f"train.epochs has no entry for dataset {missing[0]!r}")
-        return {d: _positive(value[d], f"train.epochs.{d}") for d in datasets}
+        return {d: check_int(f"train.epochs.{d}", value[d]) for d in datasets}
     raise ValueError(f"train.epochs must be an integer or a table dataset -> integer, "
                      f"got {value!r}")

@@ -2,7 +2,9 @@
 
 Every (cell, method, path) is summarised over its pairs: the mean of each barrier, its spread
 (the standard deviation over pairs) and the mean Monte-Carlo standard error; the endpoints'
-mean test accuracy; the mean matching objectives at the method's permutations.
+mean test accuracy; the mean matching objectives at the method's permutations. A study with
+learned curves is reported as the straight path against the curves (``bezier`` after the full
+training budget) and as the barrier against the curve's training epochs (``bezier@E``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from ..matching.weights import LEARNED_METHODS
+from ..paths.curves import KINDS as CURVE_KINDS
 from .config import DATASETS, METHODS, hidden_layers
 
-__all__ = ["summarise", "markdown", "plot", "write_report"]
+__all__ = ["summarise", "markdown", "plot", "plot_curve_epochs", "write_report"]
 
 LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation",
           "ste": "STE", "sinkhorn": "Sinkhorn"}
@@ -77,11 +80,76 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     path kind when there are several."""
     paths = sorted({s["path"] for s in summary})
     parts = []
+    if any(_curve_epochs(p) is not None for p in paths):
+        parts.append(_curve_tables(summary))
+        paths = [p for p in paths if _curve_epochs(p) is None]
     for path in paths:
         rows = [s for s in summary if s["path"] == path]
         text = _tables(rows)
-        parts.append(text if len(paths) == 1 else f"### Path: {path}\n\n{text}")
+        parts.append(text if len(paths) == 1 and not parts else f"### Path: {path}\n\n{text}")
     return "\n\n".join(parts)
+
+
+def _curve_epochs(path: str) -> tuple[str, int | None] | None:
+    """``("bezier", 5)`` for ``bezier@5``, ``("bezier", None)`` (the full budget) for
+    ``bezier``; None for a path that is not a learned curve."""
+    kind, _, epochs = path.partition("@")
+    if kind not in CURVE_KINDS:
+        return None
+    return kind, int(epochs) if epochs else None
+
+
+def _curve_tables(summary: list[dict[str, Any]]) -> str:
+    """Straight against learned paths per method, then the barrier against training epochs."""
+    straight = sorted({s["path"] for s in summary if _curve_epochs(s["path"]) is None})
+    kinds = [k for k in CURVE_KINDS if any(_curve_epochs(s["path"]) == (k, None)
+                                           for s in summary)]
+    methods = [m for m in METHODS if any(s["method"] == m for s in summary)]
+    cells: dict[tuple, dict] = {}
+    for s in summary:
+        cells.setdefault((s["dataset"], s["arch"], s["width"], s["guide"]), {})[
+            (s["method"], s["path"])] = s
+    columns = [(m, p) for m in methods for p in straight + kinds]
+    head = " | ".join(f"{LABELS[m]}: {'line' if p in straight and len(straight) == 1 else p}"
+                      for m, p in columns)
+    metrics = [k[:-len("_mean")] for k in summary[0] if k.endswith("_mean")]
+    lines = []
+    for metric in metrics:
+        what = {"nll": "NLL barrier (nats)",
+                "acc": "Accuracy barrier (largest drop below the line between the endpoints)"
+                }.get(metric, f"{metric} barrier")
+        lines += [f"{what} along the straight path and the learned curve (full training "
+                  "budget): mean ± spread over pairs.", "",
+                  f"| data | network | guide | {head} |", _rule(3 + len(columns))]
+        for (dataset, arch, width, guide), by in cells.items():
+            lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | " + " | ".join(
+                _cell(by.get(c), metric) for c in columns) + " |")
+        lines.append("")
+    for kind in kinds:
+        checkpoints = sorted({e for s in summary
+                              for k, e in [_curve_epochs(s["path"]) or (None, None)]
+                              if k == kind and e is not None})
+        labels = [f"{kind}@{e}" for e in checkpoints] + [kind]
+        lines += [f"NLL barrier against the {kind} curve's training epochs (0: the straight "
+                  "W2 path; last column: the full budget), mean ± spread over pairs.", "",
+                  "| data | network | guide | method | 0 | "
+                  + " | ".join(str(e) for e in checkpoints) + " | all |",
+                  _rule(5 + len(labels))]
+        for (dataset, arch, width, guide), by in cells.items():
+            for m in methods:
+                start = by.get((m, "wasserstein"))
+                lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | {LABELS[m]} | "
+                             + " | ".join(_cell(e, "nll") for e in
+                                          [start] + [by.get((m, label)) for label in labels])
+                             + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    if entry is None:
+        return ""
+    return f"{entry[key + '_mean']:.3f} ± {entry[key + '_spread']:.3f}"
 
 
 def _tables(summary: list[dict[str, Any]]) -> str:
@@ -110,13 +178,13 @@ def _tables(summary: list[dict[str, Any]]) -> str:
         for (dataset, arch, width, guide), by_method in cells.items():
             lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
                          + _row(by_method, methods, metric) + " |")
-    lines += ["", "Matching objectives at each method's permutations (mean over pairs): the "
-              "W2 objective (coupled squared distance) and the squared distance of the means.",
-              "", "| data | network | guide | W2 obj.: mean | W2 obj.: W2 | "
-              "mean obj.: mean | mean obj.: W2 |", _rule(7)]
-    for (dataset, arch, width, guide), by_method in cells.items():
-        if "mean" not in by_method or "wasserstein" not in by_method:
-            continue
+    compared = {k: by for k, by in cells.items() if "mean" in by and "wasserstein" in by}
+    if compared:
+        lines += ["", "Matching objectives at each method's permutations (mean over pairs): the "
+                  "W2 objective (coupled squared distance) and the squared distance of the "
+                  "means.", "", "| data | network | guide | W2 obj.: mean | W2 obj.: W2 | "
+                  "mean obj.: mean | mean obj.: W2 |", _rule(7)]
+    for (dataset, arch, width, guide), by_method in compared.items():
         m, w = by_method["mean"], by_method["wasserstein"]
         lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | {m['w2_cost']:.1f} | "
                      f"{w['w2_cost']:.1f} | {m['mean_cost']:.1f} | {w['mean_cost']:.1f} |")
@@ -138,9 +206,7 @@ def _rule(columns: int) -> str:
 
 
 def _row(by_method: dict, methods: list[str], key: str) -> str:
-    return " | ".join("" if m not in by_method else
-                      f"{by_method[m][key + '_mean']:.3f} ± {by_method[m][key + '_spread']:.3f}"
-                      for m in methods)
+    return " | ".join(_cell(by_method.get(m), key) for m in methods)
 
 
 def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll") -> None:
@@ -190,6 +256,43 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll
     plt.close(fig)
 
 
+def plot_curve_epochs(summary: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """The NLL barrier against the learned curves' training epochs, one panel per cell and
+    curve kind, one line per method (0: the straight W2 path; error bars: spread over pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(s["dataset"], s["arch"], s["width"], s["guide"], kind) for s in summary
+                     for kind, _ in [_curve_epochs(s["path"]) or (None, None)] if kind})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    for ax, (dataset, arch, width, guide, kind) in zip(axes[0], panels):
+        here = [s for s in summary if (s["dataset"], s["arch"], s["width"], s["guide"]) ==
+                (dataset, arch, width, guide)]
+        epochs = sorted({e for s in here for k, e in [_curve_epochs(s["path"]) or (None, None)]
+                         if k == kind and e is not None})
+        labels = ["wasserstein"] + [f"{kind}@{e}" for e in epochs] + [kind]
+        for method, color in COLORS.items():
+            by_path = {s["path"]: s for s in here if s["method"] == method}
+            xs = [i for i, label in enumerate(labels) if label in by_path]
+            if len(xs) < 2:
+                continue
+            ax.errorbar(xs, [by_path[labels[i]]["nll_mean"] for i in xs],
+                        yerr=[by_path[labels[i]]["nll_spread"] for i in xs], marker="o", ms=4,
+                        capsize=2, color=color, label=LABELS[method])
+        ax.set_xticks(range(len(labels)), ["0"] + [str(e) for e in epochs] + ["all"])
+        ax.set_xlabel(f"{kind} training epochs (0: straight path)")
+        ax.set_ylabel("NLL barrier (nats)")
+        ax.set_yscale("log")
+        ax.set_title(f"{dataset}, {_network(arch, width)}, {guide}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
     widths = set()
     for method, color in COLORS.items():
@@ -226,8 +329,9 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
 
 def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None
                  ) -> list[Path]:
-    """Write ``<stem>.md`` (the tables), ``<stem>.png`` (NLL barriers) and, with accuracy,
-    ``<stem>_accuracy.png`` for the results table ``<stem>.csv`` (or ``.parquet``) into ``out``
+    """Write ``<stem>.md`` (the tables), ``<stem>.png`` (NLL barriers), with accuracy
+    ``<stem>_accuracy.png`` and with learned curves ``<stem>_curve_epochs.png`` (the barrier
+    against the curves' training epochs) for the results table ``<stem>.csv`` (or ``.parquet``) into ``out``
     (default: the table's folder); returns the paths written.
 
     Parameters
@@ -280,4 +384,7 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     if "acc_barrier" in frame.columns:
         written.append(out / f"{results.stem}_accuracy.png")
         plot(summary, written[-1], "acc")
+    if any(_curve_epochs(s["path"]) for s in summary):
+        written.append(out / f"{results.stem}_curve_epochs.png")
+        plot_curve_epochs(summary, written[-1])
     return written

@@ -7,10 +7,16 @@ graph, and the one function that applies permutations.
   traced graph, refusing what it cannot prove safe.
 * :mod:`~bnn_align.symmetry.permutation`: :func:`permute`, applying permutations to tensors, state
   dicts, modules and guides.
+* :mod:`~bnn_align.symmetry.scale`: the positive-scale symmetries of a traced graph
+  (``spec.scalable``); :mod:`~bnn_align.symmetry.canonical`: :func:`rescale` and
+  :func:`canonicalize`, which removes them (unit-norm incoming weights).
 """
 
 from .derive import UnsupportedOperation, spec_from_module
 from .permutation import permute
 from .spec import PermutationSpec
+from .canonical import canonicalize, rescale
+from .scale import ScaleSymmetry
 
-__all__ = ["PermutationSpec", "UnsupportedOperation", "permute", "spec_from_module"]
+__all__ = ["PermutationSpec", "ScaleSymmetry", "UnsupportedOperation", "canonicalize", "permute",
+           "rescale", "spec_from_module"]

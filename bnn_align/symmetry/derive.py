@@ -25,6 +25,7 @@ import torch.fx
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
+from .scale import scale_symmetries
 from .spec import PermutationSpec
 
 __all__ = ["spec_from_module"]
@@ -641,6 +642,8 @@ def spec_from_module(
     PermutationSpec
         An entry for every parameter and buffer in ``net.state_dict()``; groups are named
         ``"P_<module>"`` after the first layer that creates their units.
+        ``spec.scalable`` lists the groups with a positive-scale symmetry (see
+        :mod:`bnn_align.symmetry.scale`).
 
     Raises
     ------
@@ -788,4 +791,5 @@ def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
             if e is not None and d.blocks.get((name, axis), 1) > 1:
                 blocks.setdefault(name, {})[axis] = d.blocks[(name, axis)]
         axes[name] = tuple(row)
-    return PermutationSpec(axes, blocks=blocks)
+    scalable = scale_symmetries(d, lambda v: None if v is None else names.get(uf.find(v)))
+    return PermutationSpec(axes, blocks=blocks, scalable=scalable)

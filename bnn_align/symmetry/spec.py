@@ -12,15 +12,21 @@ format exact for networks the original could not describe, and reduce to it when
 * **Concatenation.** An entry may be a tuple of group names: the axis is the concatenation of those
   groups' units (each in blocks of the same ``k``), as after ``torch.cat`` along the feature axis.
 
+A spec may also say which groups carry a positive-scale symmetry (``scalable``: group ->
+:class:`~bnn_align.symmetry.scale.ScaleSymmetry`, the axes a rescaling multiplies and divides).
+It is empty unless given; :func:`bnn_align.spec_from_module` derives it from the graph.
+
 Specs are derived automatically by :func:`bnn_align.spec_from_module`; this module only holds the
 format, its validation against tensor shapes and the index arithmetic every permutation uses.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
+
+from .scale import ScaleSymmetry
 
 __all__ = ["PermutationSpec", "AxisEntry"]
 
@@ -47,6 +53,11 @@ class PermutationSpec:
         are never permuted.
     blocks : mapping of str to mapping of int to int, optional
         Tensor name -> {axis: block length} for axes permuted in contiguous blocks.
+    scalable : mapping of str to ScaleSymmetry, optional
+        Group -> the ``(tensor, axis)`` pairs that a positive rescaling of its units multiplies
+        (``incoming``) and divides (``outgoing``); a mapping ``{"incoming": [...],
+        "outgoing": [...]}`` is accepted too. Groups not listed are not scalable. Scale
+        symmetries are not compared by ``==`` (compare :attr:`scalable` itself).
 
     Raises
     ------
@@ -55,7 +66,7 @@ class PermutationSpec:
         that is not a group name, ``None`` or a tuple of group names.
     ValueError
         ``blocks`` naming a tensor or axis the spec does not permute, or a block length
-        below 1.
+        below 1; ``scalable`` naming an unknown group, or an axis that group does not permute.
 
     Examples
     --------
@@ -87,6 +98,7 @@ class PermutationSpec:
         axes_to_perm: Mapping[str, Sequence[AxisEntry]],
         *,
         blocks: Mapping[str, Mapping[int, int]] | None = None,
+        scalable: Mapping[str, Any] | None = None,
     ):
         if not isinstance(axes_to_perm, Mapping):
             raise TypeError(
@@ -133,6 +145,28 @@ class PermutationSpec:
                     raise ValueError(f"blocks[{name!r}][{axis}] must be >= 1, got {block}")
                 if block > 1:
                     self._blocks.setdefault(name, {})[axis] = block
+        self._scalable = self._check_scalable(scalable or {})
+
+    def _check_scalable(self, scalable: Mapping[str, Any]) -> dict[str, ScaleSymmetry]:
+        if not isinstance(scalable, Mapping):
+            raise TypeError(f"scalable must be a mapping of group name to ScaleSymmetry, got "
+                            f"{type(scalable).__name__}")
+        out = {}
+        for group, value in scalable.items():
+            sym = ScaleSymmetry.from_any(value, group)
+            for name, axis in (*sym.incoming, *sym.outgoing):
+                entries = self._axes_to_perm.get(name, ())
+                if not 0 <= axis < len(entries) or entries[axis] != group:
+                    raise ValueError(f"scalable[{group!r}] names axis {axis} of {name!r}, which "
+                                     f"group {group!r} does not permute")
+            out[group] = sym
+        return out
+
+    @property
+    def scalable(self) -> dict[str, ScaleSymmetry]:
+        """Group -> :class:`~bnn_align.symmetry.scale.ScaleSymmetry` for the groups whose
+        units may be rescaled by any positive factor (a copy; empty if none are)."""
+        return dict(self._scalable)
 
     # -- the exchange format -------------------------------------------------------------------
     @property
@@ -189,6 +223,7 @@ class PermutationSpec:
                              for k, v in self._axes_to_perm.items()},
             "perm_to_axes": {g: [list(a) for a in axes] for g, axes in self.perm_to_axes.items()},
             "blocks": {name: {str(a): k for a, k in b.items()} for name, b in self._blocks.items()},
+            "scalable": {g: sym.to_dict() for g, sym in self._scalable.items()},
         }
 
     @classmethod
@@ -196,7 +231,8 @@ class PermutationSpec:
         """Inverse of :meth:`to_dict`; also accepts a bare ``axes_to_perm`` mapping."""
         if "axes_to_perm" not in data:
             return cls(data)
-        return cls(data["axes_to_perm"], blocks=data.get("blocks"))
+        return cls(data["axes_to_perm"], blocks=data.get("blocks"),
+                   scalable=data.get("scalable"))
 
     # -- comparison ----------------------------------------------------------------------------
     def _canonical(self) -> tuple:
@@ -233,9 +269,14 @@ class PermutationSpec:
     def restrict(self, names: Iterable[str]) -> "PermutationSpec":
         """The spec for a subset of tensors (e.g. only the sample sites of a guide)."""
         keep = [n for n in names if n in self._axes_to_perm]
+        kept = set(keep)
+        # a rescaling is only exact with all its axes: drop those that lose one
+        scalable = {g: sym for g, sym in self._scalable.items()
+                    if all(n in kept for n, _ in (*sym.incoming, *sym.outgoing))}
         return PermutationSpec(
             {n: self._axes_to_perm[n] for n in keep},
             blocks={n: self._blocks[n] for n in keep if n in self._blocks},
+            scalable=scalable,
         )
 
     # -- validation against shapes -------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Study (issue #27): does removing the scale symmetry lower the barrier further, and are flatter
+endpoints better connected (Pittorino et al., ICML 2022)?
+
+For MNIST-1D MLPs (40-w-w-10, ReLU) of each width, and for MAP point estimates (``AutoDelta``)
+and mean-field posteriors (``AutoNormal``), several independently trained pairs are aligned with
+permutations only and with permutations and scale (``match(..., symmetries=...)``); the NLL and
+accuracy barriers of the model average are measured along the linear (Wasserstein) and the
+geodesic path, next to the unaligned baseline. The local energy (training error under
+multiplicative weight noise) is measured at both endpoints and at the midpoints of the aligned
+paths, and for mean-field posteriors the mean standard deviation per layer.
+
+Results go to a long-format CSV (one value per row: cell, quantity, alignment, path, sigma,
+value, se). The study is resumable: cells (width, family, pair) already in the CSV are skipped,
+and each finished cell is appended at once.
+
+Usage (the full study trains 2 x 2 x 3 x 2 = 24 networks, an hour or more on 2 busy cores)::
+
+    python benchmarks/study_symmetries.py                       # widths 128 512, 3 pairs
+    python benchmarks/study_symmetries.py --widths 16 --pairs 1 --epochs 1 --samples 4 \\
+        --out benchmarks/results/study_symmetries_smoke.csv     # a smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import bnn_align as ba
+from bnn_align import data, guides, models
+
+FIELDS = ["width", "family", "pair", "quantity", "alignment", "path", "point", "sigma", "value",
+          "se"]
+FAMILIES = {"map": lambda model: guides.delta(model),
+            "mean_field": lambda model: guides.mean_field(model, init_scale=1e-3)}
+
+
+def done_cells(out: Path) -> set[tuple[str, str, str]]:
+    if not out.exists():
+        return set()
+    with out.open() as handle:
+        return {(r["width"], r["family"], r["pair"]) for r in csv.DictReader(handle)}
+
+
+def train(width: int, family: str, seed: int, split, epochs: int):
+    torch.manual_seed(seed)
+    model = ba.BayesianNetwork(models.mlp(40, [width, width], 10), prior=1.0,
+                               input_shape=(40,))
+    guide = FAMILIES[family](model)
+    ba.fit(model, guide, split.train, epochs=epochs, seed=seed, progress=False)
+    return model, guide
+
+
+def run_cell(width: int, family: str, pair: int, split, args) -> list[dict]:
+    key = {"width": width, "family": family, "pair": pair}
+    rows: list[dict] = []
+
+    def add(quantity, value, se=float("nan"), alignment="", path="", point="", sigma=""):
+        rows.append({**key, "quantity": quantity, "alignment": alignment, "path": path,
+                     "point": point, "sigma": sigma, "value": float(value), "se": float(se)})
+
+    started = time.perf_counter()
+    model, guide_a = train(width, family, 2 * pair, split, args.epochs)
+    _, guide_b = train(width, family, 2 * pair + 1, split, args.epochs)
+    add("train_seconds", time.perf_counter() - started)
+    samples = 1 if family == "map" else args.samples
+    perm_only = ba.match(guide_a, guide_b)
+    both = ba.match(guide_a, guide_b, symmetries=("permutation", "scale"))
+    pairs = {"none": (guide_a, guide_b), "permutation": (guide_a, perm_only.aligned),
+             "permutation+scale": (both.canonical[0], both.aligned)}
+    add("match_cost_after", perm_only.cost_after, alignment="permutation")
+    add("match_cost_after", both.cost_after, alignment="permutation+scale")
+    agree = sum(int((perm_only.perms[g] == both.perms[g]).sum()) for g in perm_only.perms)
+    add("units_matched_alike", agree / sum(len(p) for p in perm_only.perms.values()))
+    for alignment, (q0, q1) in pairs.items():
+        for kind in ("wasserstein", "geodesic"):
+            curve = ba.marginal_loss(model, ba.interpolate(q0, q1, kind=kind), split.test,
+                                     ts=args.points, num_samples=samples, seed=pair)
+            for metric in ("nll", "accuracy"):
+                barrier = curve.barrier(metric)
+                add(f"barrier_{metric}", barrier.value, barrier.se, alignment, kind)
+    points = {"a": guide_a, "b": guide_b,
+              "mid_permutation_linear": ba.interpolate(*pairs["permutation"]).at(0.5),
+              "mid_scale_geodesic": ba.interpolate(*pairs["permutation+scale"],
+                                                   kind="geodesic").at(0.5)}
+    for name, q in points.items():
+        energy = ba.local_energy(model, q, split.train, args.sigmas, num_draws=args.draws,
+                                 seed=pair)
+        for sigma, mean, se in zip(energy.sigmas, energy.mean, energy.se):
+            add("local_energy", mean, se, point=name, sigma=sigma)
+    if family == "mean_field":
+        for name, q in (("a", guide_a), ("b", guide_b)):
+            for site, std in ba.as_gaussian(q).stddev().items():
+                add("mean_stddev", std.mean(), point=f"{name}:{site}")
+    add("cell_seconds", time.perf_counter() - started)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--samples", type=int, default=64, help="posterior draws per t")
+    parser.add_argument("--points", type=int, default=11, help="points along each path")
+    parser.add_argument("--draws", type=int, default=32, help="noise draws of local_energy")
+    parser.add_argument("--sigmas", type=float, nargs="+",
+                        default=[0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0])
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "study_symmetries.csv")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    split = data.mnist1d()
+    done = done_cells(args.out)
+    cells = [(w, f, p) for w in args.widths for f in args.families for p in range(args.pairs)
+             if (str(w), f, str(p)) not in done]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for width, family, pair in tqdm(cells, desc="cells", disable=args.quiet):
+        rows = run_cell(width, family, pair, split, args)
+        new = not args.out.exists()
+        with args.out.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        if not args.quiet:
+            for r in rows:
+                if r["quantity"].startswith("barrier_nll"):
+                    print(f"w={width} {family} pair {pair} {r['alignment']:18s} {r['path']:12s} "
+                          f"NLL barrier {r['value']:.4f} +- {r['se']:.4f}")
+    print("results in", args.out)
+
+
+if __name__ == "__main__":
+    main()
