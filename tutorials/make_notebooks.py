@@ -739,6 +739,8 @@ print("transpositions between pairwise match and match_many:", distance)"""),
 The permutations from separate `match` calls need not compose consistently; those of
 `match_many` always do. The transposition distance counts how many unit swaps separate the two
 answers for each pair.
+"""),
+]
 
 SYMMETRY_REMOVAL = [
     md("""
