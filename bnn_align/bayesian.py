@@ -598,6 +598,7 @@ def fit(
     seed: int = 0,
     num_threads: int | None = None,
     progress: bool = True,
+    callback: Callable[[int, nn.Module], Any] | None = None,
 ) -> np.ndarray:
     """Train ``guide`` by stochastic variational inference (Adam on the ELBO, minibatches).
 
@@ -632,6 +633,10 @@ def fit(
         models that are not a :class:`BayesianNetwork`). Pass 1 on a shared machine.
     progress : bool
         Show a tqdm progress bar.
+    callback : callable, optional
+        Called as ``callback(epochs_done, guide)`` after every epoch, e.g. to record the test
+        accuracy of the model average during training. It runs under its own fork of the random
+        state (and without gradients), so what it draws does not change the training.
 
     Returns
     -------
@@ -665,6 +670,17 @@ def fit(
     (10,)
     >>> bool(losses[-1] < losses[0])
     True
+
+    Record something after every epoch, here the accuracy of the posterior mean's network:
+
+    >>> def accuracy(epoch, guide):
+    ...     logits = model.evaluate(ba.as_gaussian(guide).loc, x)
+    ...     record.append((epoch, float((logits.argmax(1) == y).float().mean())))
+    >>> record = []
+    >>> _ = ba.fit(model, guide, (x, y), epochs=3, batch_size=64, progress=False,
+    ...            callback=accuracy)
+    >>> [epoch for epoch, _ in record], all(0 <= acc <= 1 for _, acc in record)
+    ([1, 2, 3], True)
     """
     x, y = as_data_pair(data)
     positive_int(epochs=epochs, batch_size=batch_size, num_particles=num_particles)
@@ -708,6 +724,9 @@ def fit(
                                              "lower lr or the guide's init_scale")
             history[epoch] = total_loss / steps_per_epoch
             bar.set_postfix(loss=f"{history[epoch]:.4g}")
+            if callback is not None:
+                with torch.random.fork_rng(), torch.no_grad():
+                    callback(epoch + 1, guide)
     return history
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -280,6 +281,30 @@ def _resolve_spec(guide_a: Any, guide_b: Any, spec: PermutationSpec | None,
         "with data= to trace it on): pass spec= (e.g. bnn_align.spec_from_module(net, "
         "example_input)) with your model's site names"
     )
+
+
+def _no_groups_reason(guide_a: Any, guide_b: Any, data: Any) -> str:
+    """The warning of :func:`match` for a spec without permutable groups, saying why."""
+    from ..models.asymmetric import ASYMMETRIC_LAYERS
+
+    layers: list[str] = []
+    for guide in (guide_a, guide_b):
+        try:
+            model = _bayesian_model(guide, data)
+        except Exception:  # only for the message: the spec was resolved already
+            model = None
+        if model is not None:
+            layers = [f"{name} ({type(m).__name__})" for name, m in model.net.named_modules()
+                      if isinstance(m, ASYMMETRIC_LAYERS)]
+            break
+    if layers:
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        why = (f"the asymmetric layers {shown} remove the permutation symmetry of the units "
+               f"they touch (see bnn_align.models.asymmetric)")
+    else:
+        why = "no unit of the network can be permuted without changing its function"
+    return (f"the permutation spec has no permutable group: {why}. There is nothing to align; "
+            f"match returns the identity alignment (aligned is a copy of guide_b)")
 
 
 def _bayesian_model(obj: Any, data: Any = None) -> BayesianNetwork | None:
@@ -794,6 +819,8 @@ def match(
                              seed=seed, init=init, num_restarts=num_restarts,
                              num_threads=num_threads, progress=progress, unknown=unknown)
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown, "match")
+    if not sizes:
+        warnings.warn(_no_groups_reason(guide_a, guide_b, data), stacklevel=2)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
     with torch_threads(_solver_threads(num_threads, va, spec, sizes)):
         rng = np.random.default_rng(seed)

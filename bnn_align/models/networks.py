@@ -8,12 +8,14 @@ model, and :func:`bnn_align.spec_from_module` derives their permutation symmetri
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .._checks import check_int
+from .asymmetric import AsymConv1d, AsymConv2d, AsymLinear, FiGLU, default_num_fixed, layer_seed
 
 __all__ = ["mlp", "cnn1d", "cnn2d", "resnet", "BasicBlock", "ResNet"]
 
@@ -35,6 +37,53 @@ def _activation(name: str) -> nn.Module:
         ) from None
 
 
+ASYMMETRIES = (None, "none", "w", "sigma")
+
+
+class _Layers:
+    """Makes a builder's layers: standard ones, or with ``asymmetry`` ("w": every linear and
+    convolutional layer W-asymmetric; "sigma": every activation a FiGLU), each asymmetric layer
+    seeded with ``layer_seed(seed, i)`` for its index ``i`` in the order of construction."""
+
+    def __init__(self, asymmetry: str | None, seed: int, activation: str):
+        if asymmetry not in ASYMMETRIES:
+            raise ValueError(f"asymmetry must be None, 'w' or 'sigma', got {asymmetry!r}")
+        self.kind = None if asymmetry == "none" else asymmetry
+        self.seed = check_int("asymmetry_seed", seed, low=0)
+        _activation(activation)  # an unknown name fails even where FiGLU replaces it
+        self.activation = activation
+        self.count = 0
+
+    def _next_seed(self) -> int:
+        self.count += 1
+        return layer_seed(self.seed, self.count - 1)
+
+    def linear(self, fan_in: int, fan_out: int, last: bool = False) -> nn.Module:
+        if self.kind != "w":
+            return nn.Linear(fan_in, fan_out)
+        self._check_row(fan_in)
+        num_fixed = default_num_fixed(fan_in, last=last)
+        # the last layer: half the row fixed at half the default scale (Lim et al.'s output
+        # layer had 256 of 512 fixed at a quarter of the hidden layers' scale)
+        scale = (0.5 if last else 1.0) / math.sqrt(num_fixed)
+        return AsymLinear(fan_in, fan_out, num_fixed, scale, self._next_seed())
+
+    def conv(self, dim: int, fan_in: int, fan_out: int, kernel: int, **kwargs: Any) -> nn.Module:
+        if self.kind != "w":
+            return {1: nn.Conv1d, 2: nn.Conv2d}[dim](fan_in, fan_out, kernel, **kwargs)
+        self._check_row(fan_in * kernel ** dim)
+        layer = {1: AsymConv1d, 2: AsymConv2d}[dim]
+        return layer(fan_in, fan_out, kernel, seed=self._next_seed(), **kwargs)
+
+    def _check_row(self, row: int) -> None:
+        if row < 2:
+            raise ValueError(f"asymmetry='w' needs at least 2 weights per unit (one fixed, one "
+                             f"free), but a layer of this network has {row}")
+
+    def act(self, units: int, axis: int = -1) -> nn.Module:
+        if self.kind != "sigma":
+            return _activation(self.activation)
+        return FiGLU(units, self._next_seed(), axis=axis)
 
 
 def mlp(
@@ -43,6 +92,8 @@ def mlp(
     out_features: int,
     *,
     activation: str = "relu",
+    asymmetry: str | None = None,
+    asymmetry_seed: int = 0,
 ) -> nn.Sequential:
     """Fully connected network ``Linear -> act -> ... -> Linear``.
 
@@ -56,6 +107,16 @@ def mlp(
         Output size (number of classes or regression targets).
     activation : str
         One of ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"``, ``"leaky_relu"``.
+    asymmetry : {None, "w", "sigma"}
+        ``None`` (or ``"none"``): the standard network. ``"w"``: every linear layer an
+        :class:`~bnn_align.models.AsymLinear` (an eighth of each hidden row fixed at scale
+        ``1 / sqrt(num_fixed)``, half of each output row at half that scale; their weights are
+        then ``"0.free"``, ``"2.free"``, ...). ``"sigma"``: every activation a
+        :class:`~bnn_align.models.FiGLU` (which replaces ``activation``). Either removes
+        every permutation symmetry of the hidden units.
+    asymmetry_seed : int
+        Seed of the fixed entries (layer ``i`` gets ``layer_seed(asymmetry_seed, i)``): two
+        networks built with one seed share them, whatever the global random state.
 
     Returns
     -------
@@ -65,7 +126,8 @@ def mlp(
     Raises
     ------
     ValueError
-        A size that is not a positive integer (naming it) or an unknown activation.
+        A size that is not a positive integer (naming it), an unknown activation or
+        ``asymmetry``, a negative ``asymmetry_seed``.
 
     Examples
     --------
@@ -80,15 +142,25 @@ def mlp(
     Traceback (most recent call last):
         ...
     ValueError: widths[0] must be a positive integer, got 0
+
+    A W-asymmetric MLP has no permutation symmetry left:
+
+    >>> asym = models.mlp(4, [8, 8], 3, asymmetry="w", asymmetry_seed=0)
+    >>> [name for name, _ in asym.named_parameters()][:2]
+    ['0.free', '0.bias']
+    >>> import bnn_align as ba
+    >>> ba.spec_from_module(asym, torch.zeros(1, 4)).groups
+    []
     """
     sizes = [check_int("in_features", in_features),
              *(check_int(f"widths[{i}]", w) for i, w in enumerate(widths)),
              check_int("out_features", out_features)]
+    make = _Layers(asymmetry, asymmetry_seed, activation)
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(fan_in, fan_out))
+        layers.append(make.linear(fan_in, fan_out, last=i == len(sizes) - 2))
         if i < len(sizes) - 2:
-            layers.append(_activation(activation))
+            layers.append(make.act(fan_out))
     return nn.Sequential(*layers)
 
 
@@ -101,8 +173,10 @@ def _cnn(
     hidden: Sequence[int],
     kernel_size: int,
     activation: str,
+    asymmetry: str | None = None,
+    asymmetry_seed: int = 0,
 ) -> nn.Sequential:
-    conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
+    make = _Layers(asymmetry, asymmetry_seed, activation)
     pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d}[dim]
     channels = [check_int(f"channels[{i}]", c) for i, c in enumerate(channels)]
     hidden = [check_int(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
@@ -112,7 +186,8 @@ def _cnn(
     layers: list[nn.Module] = []
     previous = in_channels
     for c in channels:
-        layers += [conv(previous, c, kernel_size, padding=kernel_size // 2), _activation(activation)]
+        layers += [make.conv(dim, previous, c, kernel_size, padding=kernel_size // 2),
+                   make.act(c, axis=1)]
         if min(spatial) >= 2:
             layers.append(pool(2))
             spatial = [s // 2 for s in spatial]
@@ -122,9 +197,9 @@ def _cnn(
     for s in spatial:
         features *= s
     for h in hidden:
-        layers += [nn.Linear(features, h), _activation(activation)]
+        layers += [make.linear(features, h), make.act(h)]
         features = h
-    layers.append(nn.Linear(features, num_classes))
+    layers.append(make.linear(features, num_classes, last=True))
     return nn.Sequential(*layers)
 
 
@@ -137,6 +212,8 @@ def cnn1d(
     hidden: Sequence[int] = (128,),
     kernel_size: int = 5,
     activation: str = "relu",
+    asymmetry: str | None = None,
+    asymmetry_seed: int = 0,
 ) -> nn.Sequential:
     """1-D convolutional network: ``[Conv1d -> act -> MaxPool1d] * k -> Flatten -> MLP``.
 
@@ -160,6 +237,11 @@ def cnn1d(
         Odd kernel sizes keep the length (padding ``kernel_size // 2``).
     activation : str
         As in :func:`mlp`.
+    asymmetry, asymmetry_seed
+        As in :func:`mlp`: ``"w"`` makes every convolution an
+        :class:`~bnn_align.models.AsymConv1d` and every linear layer an
+        :class:`~bnn_align.models.AsymLinear`; ``"sigma"`` every activation a
+        :class:`~bnn_align.models.FiGLU` (over channels after a convolution).
 
     Returns
     -------
@@ -169,8 +251,8 @@ def cnn1d(
     Raises
     ------
     ValueError
-        A channel count or hidden width that is not a positive integer, or an unknown
-        activation.
+        A channel count or hidden width that is not a positive integer, an unknown
+        activation or ``asymmetry``.
 
     Examples
     --------
@@ -185,7 +267,8 @@ def cnn1d(
     >>> net[7]
     Linear(in_features=40, out_features=16, bias=True)
     """
-    return _cnn(1, in_channels, length, num_classes, channels, hidden, kernel_size, activation)
+    return _cnn(1, in_channels, length, num_classes, channels, hidden, kernel_size, activation,
+                asymmetry, asymmetry_seed)
 
 
 def cnn2d(
@@ -197,6 +280,8 @@ def cnn2d(
     hidden: Sequence[int] = (128,),
     kernel_size: int = 3,
     activation: str = "relu",
+    asymmetry: str | None = None,
+    asymmetry_seed: int = 0,
 ) -> nn.Sequential:
     """2-D convolutional network: ``[Conv2d -> act -> MaxPool2d] * k -> Flatten -> MLP``.
 
@@ -210,7 +295,7 @@ def cnn2d(
         ``height`` and ``width`` of one input (one int for square images).
     num_classes : int
         Output size.
-    channels, hidden, kernel_size, activation
+    channels, hidden, kernel_size, activation, asymmetry, asymmetry_seed
         As in :func:`cnn1d`; every pooling halves both spatial sizes.
 
     Returns
@@ -222,7 +307,7 @@ def cnn2d(
     ------
     ValueError
         ``image_size`` without two entries, a channel count or hidden width that is not a
-        positive integer, or an unknown activation.
+        positive integer, an unknown activation or ``asymmetry``.
 
     Examples
     --------
@@ -234,7 +319,8 @@ def cnn2d(
     >>> net[4]                     # 4 channels x 4 x 4 positions after one pooling
     Linear(in_features=64, out_features=16, bias=True)
     """
-    return _cnn(2, in_channels, image_size, num_classes, channels, hidden, kernel_size, activation)
+    return _cnn(2, in_channels, image_size, num_classes, channels, hidden, kernel_size, activation,
+                asymmetry, asymmetry_seed)
 
 
 def _norm(kind: str | None, dim: int, channels: int) -> nn.Module:
@@ -265,6 +351,8 @@ class BasicBlock(nn.Module):
         Stride of the first convolution (and of the shortcut): 2 halves the spatial size.
     norm : {"layer", "batch", None}
         As in :func:`resnet`.
+    layers : optional
+        Internal: the maker of the (possibly asymmetric) layers, from :func:`resnet`.
 
     Examples
     --------
@@ -277,26 +365,31 @@ class BasicBlock(nn.Module):
     ['shortcut.0.weight', 'shortcut.1.weight', 'shortcut.1.bias']
     """
 
-    def __init__(self, dim: int, in_channels: int, channels: int, stride: int, norm: str | None):
+    def __init__(self, dim: int, in_channels: int, channels: int, stride: int, norm: str | None,
+                 layers: "_Layers | None" = None):
         super().__init__()
-        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
-        self.conv1 = conv(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        make = layers if layers is not None else _Layers(None, 0, "relu")
+        self.conv1 = make.conv(dim, in_channels, channels, 3, stride=stride, padding=1,
+                               bias=False)
         self.norm1 = _norm(norm, dim, channels)
-        self.conv2 = conv(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = make.conv(dim, channels, channels, 3, padding=1, bias=False)
         self.norm2 = _norm(norm, dim, channels)
-        self.relu = nn.ReLU()
+        self.relu = make.act(channels, axis=1)
         if stride != 1 or in_channels != channels:
             self.shortcut: nn.Module = nn.Sequential(
-                conv(in_channels, channels, 1, stride=stride, bias=False),
+                make.conv(dim, in_channels, channels, 1, stride=stride, bias=False),
                 _norm(norm, dim, channels),
             )
         else:
             self.shortcut = nn.Identity()
+        # a FiGLU holds its own fixed matrix, so the second activation needs one of its own
+        self.relu2 = make.act(channels, axis=1) if make.kind == "sigma" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        out = out + self.shortcut(x)
+        return self.relu(out) if self.relu2 is None else self.relu2(out)
 
 
 class ResNet(nn.Module):
@@ -331,8 +424,11 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         norm: str | None = "layer",
         base_channels: int = 16,
+        asymmetry: str | None = None,
+        asymmetry_seed: int = 0,
     ):
         super().__init__()
+        make = _Layers(asymmetry, asymmetry_seed, "relu")
         if dim not in (1, 2):
             raise ValueError(f"dim must be 1 or 2, got {dim}")
         if (depth - 2) % 6 != 0 or depth < 8:
@@ -340,21 +436,21 @@ class ResNet(nn.Module):
         check_int("width", width)
         blocks = (depth - 2) // 6
         widths = [base_channels * width * m for m in (1, 2, 4)]
-        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
-        self.conv1 = conv(in_channels, widths[0], 3, padding=1, bias=False)
+        self.conv1 = make.conv(dim, in_channels, widths[0], 3, padding=1, bias=False)
         self.norm1 = _norm(norm, dim, widths[0])
-        self.relu = nn.ReLU()
+        self.relu = make.act(widths[0], axis=1)
         previous = widths[0]
         for stage, channels in enumerate(widths, start=1):
             stride = 1 if stage == 1 else 2
             layer = []
             for b in range(blocks):
-                layer.append(BasicBlock(dim, previous, channels, stride if b == 0 else 1, norm))
+                layer.append(BasicBlock(dim, previous, channels, stride if b == 0 else 1, norm,
+                                        make))
                 previous = channels
             setattr(self, f"layer{stage}", nn.Sequential(*layer))
         self.pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}[dim](1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(previous, num_classes)
+        self.fc = make.linear(previous, num_classes, last=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.norm1(self.conv1(x)))
@@ -371,6 +467,8 @@ def resnet(
     dim: int = 2,
     norm: str | None = "layer",
     base_channels: int = 16,
+    asymmetry: str | None = None,
+    asymmetry_seed: int = 0,
 ) -> ResNet:
     """ResNet-``depth`` (ResNet-20 by default) with a width multiplier.
 
@@ -390,6 +488,10 @@ def resnet(
         BatchNorm, whose running statistics are buffers that permutations move too.
     base_channels : int
         Width of the first stage at ``width=1``.
+    asymmetry, asymmetry_seed
+        As in :func:`mlp`: ``"w"`` makes every convolution (shortcuts too) W-asymmetric and
+        ``fc`` an :class:`~bnn_align.models.AsymLinear`; ``"sigma"`` every ReLU a
+        :class:`~bnn_align.models.FiGLU` over channels. Normalisation layers stay as they are.
 
     Returns
     -------
@@ -399,7 +501,8 @@ def resnet(
     Raises
     ------
     ValueError
-        A depth that is not ``6 n + 2``, ``dim`` not 1 or 2, or an unknown ``norm``.
+        A depth that is not ``6 n + 2``, ``dim`` not 1 or 2, an unknown ``norm`` or
+        ``asymmetry``.
 
     Examples
     --------
@@ -417,4 +520,5 @@ def resnet(
         ...
     ValueError: depth must be 6n + 2 (8, 14, 20, 32, ...), got 10
     """
-    return ResNet(dim, depth, width, num_classes, in_channels, norm, base_channels)
+    return ResNet(dim, depth, width, num_classes, in_channels, norm, base_channels, asymmetry,
+                  asymmetry_seed)

@@ -2,8 +2,9 @@
 
 A study file (see ``studies/barrier.toml``) has top-level settings, a ``[train]`` and an
 ``[evaluate]`` table, and one or more ``[[grid]]`` blocks; each block is the product of its
-``datasets x archs x widths x guides`` and runs its own ``methods`` (default: the top-level
-``methods``). A cell listed by several blocks runs the union of their methods. Architectures
+``datasets x archs x widths x guides`` (and ``asymmetries``, default ``["none"]``: ``"w"`` and
+``"sigma"`` build the networks with reduced symmetry of :mod:`bnn_align.models.asymmetric`) and
+runs its own ``methods`` (default: the top-level ``methods``). A cell listed by several blocks runs the union of their methods. Architectures
 are ``"mlp"`` (two hidden layers of ``width``), ``"mlp<depth>"`` (``depth`` hidden layers;
 ``"mlp2"`` is ``"mlp"``) and ``"resnet<depth>"`` (``width`` its width multiplier). The
 learned match methods (``"ste"``, ``"sinkhorn"``) take their settings from a ``[learned]``
@@ -31,10 +32,12 @@ from ..matching.weights import LEARNED_METHODS
 from ..paths.interpolation import KINDS as PATH_KINDS
 
 __all__ = ["Cell", "Study", "load_study", "parse_study", "hidden_layers", "DATASETS", "GUIDES",
-           "METHODS"]
+           "METHODS", "ASYMMETRIES"]
 
 DATASETS = ("mnist1d", "digits")
 GUIDES = ("mean-field", "low-rank")
+# the builders' asymmetry= ("none": the standard network)
+ASYMMETRIES = ("none", "w", "sigma")
 # "naive" evaluates the path to the unaligned second posterior; the others are match methods
 METHODS = ("naive", "mean", "wasserstein", "activation", *LEARNED_METHODS)
 _RESNET = re.compile(r"resnet(\d+)$")
@@ -42,8 +45,11 @@ _MLP = re.compile(r"mlp(\d+)?$")
 
 _TOP_KEYS = {"name", "pairs", "methods", "paths", "metrics", "train", "evaluate", "curve",
              "learned", "grid"}
+# asymmetry_seed: the builders' seed of the fixed entries (asymmetric cells only);
+# history_samples: posterior draws of the test accuracy and NLL recorded after every epoch
+# (0: none recorded)
 _TRAIN_DEFAULTS = {"epochs": None, "batch_size": 128, "lr": 1e-2, "lr_end": 1e-3, "rank": 10,
-                   "init_scale": 1e-3}
+                   "init_scale": 1e-3, "asymmetry_seed": 0, "history_samples": 0}
 _EVALUATE_DEFAULTS = {"samples": 64, "points": 11, "activation_points": 1000}
 # curves between the endpoints (paths "bezier", "polychain"): fit_curve's settings, and the
 # training epochs after which the curve is also evaluated (rows with path "bezier@E")
@@ -52,7 +58,7 @@ _CURVE_DEFAULTS = {"epochs": 20, "bends": 1, "lr": 1e-2, "lr_end": 1e-3, "sample
 # match(method="ste" | "sinkhorn", epochs=, batch_size=, num_samples=samples, lr=lr[method]);
 # lr: a table method -> float, missing methods at match's default
 _LEARNED_DEFAULTS = {"epochs": 5, "batch_size": 512, "samples": 64, "lr": {}}
-_GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods"}
+_GRID_KEYS = {"datasets", "archs", "widths", "guides", "methods", "asymmetries"}
 
 
 @dataclass(frozen=True, order=True)
@@ -67,21 +73,26 @@ class Cell:
     'digits-mlp64-mean-field'
     >>> cell == sweep.Cell("digits", "mlp", 64, "mean-field")   # a value: usable as a key
     True
+    >>> sweep.Cell("digits", "mlp", 64, "mean-field", asymmetry="w").key
+    'digits-mlp64-mean-field-w'
     """
 
     dataset: str
     arch: str    # "mlp" (two hidden layers of ``width``), "mlp<depth>" or "resnet<depth>"
     width: int
     guide: str
+    asymmetry: str = "none"  # one of ASYMMETRIES
 
     @property
     def key(self) -> str:
         """``dataset-archwidth-guide``, e.g. ``digits-mlp64-mean-field``; an MLP of another
-        depth than two is ``mlp<width>x<depth>`` (``mnist1d-mlp512x3-mean-field``)."""
+        depth than two is ``mlp<width>x<depth>`` (``mnist1d-mlp512x3-mean-field``); an
+        asymmetric network's key ends in ``-w`` or ``-sigma``."""
+        suffix = "" if self.asymmetry == "none" else f"-{self.asymmetry}"
         layers = hidden_layers(self.arch)
         if layers is not None and self.arch != "mlp":
-            return f"{self.dataset}-mlp{self.width}x{layers}-{self.guide}"
-        return f"{self.dataset}-{self.arch}{self.width}-{self.guide}"
+            return f"{self.dataset}-mlp{self.width}x{layers}-{self.guide}{suffix}"
+        return f"{self.dataset}-{self.arch}{self.width}-{self.guide}{suffix}"
 
 
 def hidden_layers(arch: str) -> int | None:
@@ -109,7 +120,9 @@ class Study:
         ``bnn_align.paths.curves.KINDS``) and metrics of ``marginal_loss``.
     train : dict
         ``epochs`` (dataset -> int), ``batch_size``, ``lr``, ``lr_end``, ``rank`` (of low-rank
-        guides), ``init_scale``.
+        guides), ``init_scale``, ``asymmetry_seed`` (of the fixed entries of asymmetric cells;
+        both posteriors of a pair share them), ``history_samples`` (posterior draws of the
+        test accuracy and NLL recorded after every training epoch; 0 records none).
     evaluate : dict
         ``samples`` (posterior draws per point), ``points`` (along the path),
         ``activation_points`` (training inputs of ``"activation"`` matching).
@@ -259,6 +272,8 @@ def parse_study(raw: Mapping[str, Any], *, default_name: str = "study") -> Study
     train["epochs"] = _epochs(train["epochs"], datasets)
     for key in ("batch_size", "rank"):
         check_int(f"train.{key}", train[key])
+    for key in ("asymmetry_seed", "history_samples"):
+        check_int(f"train.{key}", train[key], low=0)
     for key in ("lr", "lr_end", "init_scale"):
         train[key] = check_positive_float(f"train.{key}", train[key])
     evaluate = _section(raw, "evaluate", _EVALUATE_DEFAULTS)
@@ -347,11 +362,14 @@ def _cells(grid: Any, methods: tuple[str, ...]) -> dict[Cell, tuple[str, ...]]:
         widths = [check_int(f"{where}.widths", w) for w in block["widths"]]
         block_methods = _choices(block.get("methods", list(methods)), METHODS,
                                  f"{where}.methods")
+        asymmetries = _choices(block.get("asymmetries", ["none"]), ASYMMETRIES,
+                               f"{where}.asymmetries")
         for d in datasets:
             for a in archs:
                 for w in widths:
                     for g in guides:
-                        found.setdefault(Cell(d, a, w, g), set()).update(block_methods)
+                        for asym in asymmetries:
+                            found.setdefault(Cell(d, a, w, g, asym), set()).update(block_methods)
     return {cell: tuple(m for m in METHODS if m in ms) for cell, ms in found.items()}
 
 

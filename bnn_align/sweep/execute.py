@@ -27,16 +27,19 @@ from ..models import mlp, resnet
 from ..paths.interpolation import interpolate
 from .cache import Cache
 from .config import hidden_layers
-from .steps import ROW_KEY, Step
+from .steps import ASYMMETRY, ROW_KEY, Step
 
 __all__ = ["execute", "load_trained", "row_fields", "one_thread"]
 
 
-def row_fields(metrics: tuple[str, ...] | list[str]) -> list[str]:
+def row_fields(metrics: tuple[str, ...] | list[str], asymmetry: bool = False) -> list[str]:
     """The columns of a results row for these metrics (``accuracy`` is shortened to ``acc``);
-    the last, ``step``, is the key of the evaluate step that computed the row."""
+    the last, ``step``, is the key of the evaluate step that computed the row. With
+    ``asymmetry``, an ``asymmetry`` column follows the row's key (studies with asymmetric
+    networks)."""
     short = [_short(m) for m in metrics]
-    return [*ROW_KEY, *(f"{s}_{part}" for s in short for part in ("barrier", "se")),
+    return [*ROW_KEY, *([ASYMMETRY] if asymmetry else []),
+            *(f"{s}_{part}" for s in short for part in ("barrier", "se")),
             *(f"{s}_{end}" for s in short for end in ("t0", "t1")),
             "w2_cost", "mean_cost", "match_seconds", "train_seconds", "eval_seconds", "step"]
 
@@ -94,12 +97,15 @@ def _untrained(settings, seed: int) -> tuple[BayesianNetwork, Any, DataSplit]:
     split = _data(settings["dataset"], settings["arch"])
     torch.manual_seed(seed)
     layers = hidden_layers(settings["arch"])
+    asymmetry = {"asymmetry": settings.get(ASYMMETRY),
+                 "asymmetry_seed": settings.get("asymmetry_seed", 0)}
     if layers is not None:
-        net = mlp(split.input_shape[0], [settings["width"]] * layers, split.num_classes)
+        net = mlp(split.input_shape[0], [settings["width"]] * layers, split.num_classes,
+                  **asymmetry)
     else:
         net = resnet(int(settings["arch"][len("resnet"):]), width=settings["width"],
                      dim=len(split.input_shape) - 1, in_channels=split.input_shape[0],
-                     num_classes=split.num_classes)
+                     num_classes=split.num_classes, **asymmetry)
     model = BayesianNetwork(net, input_shape=split.input_shape)
     if settings["guide"] == "mean-field":
         guide = guides.mean_field(model, settings["init_scale"])
@@ -121,13 +127,27 @@ def _train(step: Step, device: str) -> dict[str, Any]:
     s = step.settings
     model, guide, split = _untrained(s, s["seed"])
     x, y = split.train
+    recorded: dict[str, list[float]] = {"test_accuracy": [], "test_nll": []}
+    recording = [0.0]  # seconds spent recording, which are not training time
+    callback = None
+    if s.get("history_samples"):
+        def callback(epoch: int, trained: Any) -> None:
+            began = time.perf_counter()
+            curve = marginal_loss(model, trained, split.test, num_samples=s["history_samples"],
+                                  seed=s["seed"], metrics=["nll", "accuracy"])
+            recorded["test_nll"].append(float(curve.values["nll"][0]))
+            recorded["test_accuracy"].append(float(curve.values["accuracy"][0]))
+            recording[0] += time.perf_counter() - began
     started = time.perf_counter()
     history = fit(model.to(device), guide.to(device), (x.to(device), y.to(device)),
                   epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
-                  lr_end=s["lr_end"], seed=s["seed"], progress=False)
-    seconds = time.perf_counter() - started
+                  lr_end=s["lr_end"], seed=s["seed"], progress=False, callback=callback)
+    seconds = time.perf_counter() - started - recording[0]
     state = {k: v.detach().cpu() for k, v in guide.state_dict().items()}
-    return {"guide": state, "seconds": seconds, "elbo": [float(v) for v in history]}
+    payload = {"guide": state, "seconds": seconds, "elbo": [float(v) for v in history]}
+    if callback is not None:
+        payload.update(recorded)
+    return payload
 
 
 def _match(step: Step, cache: Cache) -> dict[str, Any]:
@@ -197,6 +217,7 @@ def _evaluate(step: Step, cache: Cache) -> dict[str, Any]:
                           ts=s["points"], num_samples=s["samples"], seed=s["pair"],
                           metrics=s["metrics"])
     row: dict[str, Any] = {k: s[k] for k in ROW_KEY}
+    row[ASYMMETRY] = s.get(ASYMMETRY, "none")
     for metric in s["metrics"]:
         barrier = curve.barrier(metric)
         row[f"{_short(metric)}_barrier"], row[f"{_short(metric)}_se"] = barrier.value, barrier.se
@@ -211,4 +232,4 @@ def _evaluate(step: Step, cache: Cache) -> dict[str, Any]:
     row["train_seconds"] = train_seconds
     row["eval_seconds"] = time.perf_counter() - started
     row["step"] = step.key
-    return {"row": {k: row[k] for k in row_fields(s["metrics"])}}
+    return {"row": {k: row[k] for k in row_fields(s["metrics"], ASYMMETRY in s)}}

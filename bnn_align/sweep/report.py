@@ -9,7 +9,6 @@ training budget) and as the barrier against the curve's training epochs (``bezie
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from ..matching.weights import LEARNED_METHODS
 from ..paths.curves import KINDS as CURVE_KINDS
 from .config import DATASETS, METHODS, hidden_layers
 
-__all__ = ["summarise", "markdown", "plot", "plot_curve_epochs", "write_report"]
+__all__ = ["summarise", "markdown", "plot", "plot_curve_epochs", "write_report",
+           "history_markdown", "plot_history"]
 
 LABELS = {"naive": "naive", "mean": "mean", "wasserstein": "W2", "activation": "activation",
           "ste": "STE", "sinkhorn": "Sinkhorn"}
@@ -38,7 +38,7 @@ def summarise(frame) -> list[dict[str, Any]]:
     metrics = _metrics(frame)
     groups: dict[tuple, list[dict]] = {}
     for r in frame.to_dict("records"):
-        groups.setdefault((r["dataset"], r["arch"], int(r["width"]), r["guide"], r["method"],
+        groups.setdefault((r["dataset"], _variant(r), int(r["width"]), r["guide"], r["method"],
                            r["path"]), []).append(r)
     out = []
     for (dataset, arch, width, guide, method, path), rs in sorted(groups.items(), key=_order):
@@ -58,6 +58,19 @@ def summarise(frame) -> list[dict[str, Any]]:
     return out
 
 
+def _variant(row: dict) -> str:
+    """The row's architecture, with ``+w`` or ``+sigma`` for an asymmetric network (tables of
+    studies with an ``asymmetry`` column), so the variants of one cell are reported apart."""
+    asymmetry = row.get("asymmetry", "none")
+    if not isinstance(asymmetry, str) or asymmetry == "none":
+        return row["arch"]
+    return f"{row['arch']}+{asymmetry}"
+
+
+def _layers(arch: str) -> int | None:
+    return hidden_layers(arch.partition("+")[0])
+
+
 def _metrics(frame) -> list[str]:
     found = [c[:-len("_barrier")] for c in frame.columns if c.endswith("_barrier")]
     return sorted(found, key=lambda m: (m != "nll", m != "acc", m))
@@ -69,8 +82,10 @@ def _order(item):
 
 
 def _network(arch: str, width: int) -> str:
+    arch, _, asymmetry = arch.partition("+")
     layers = hidden_layers(arch)
-    return f"MLP {width}x{layers}" if layers else f"ResNet-{arch[len('resnet'):]} x{width}"
+    name = f"MLP {width}x{layers}" if layers else f"ResNet-{arch[len('resnet'):]} x{width}"
+    return f"{name}, {asymmetry}-asym." if asymmetry else name
 
 
 def markdown(summary: list[dict[str, Any]]) -> str:
@@ -166,10 +181,11 @@ def _tables(summary: list[dict[str, Any]]) -> str:
              _rule(4 + acc + len(methods))]
     for (dataset, arch, width, guide), by_method in cells.items():
         test = np.mean([s["test_acc"] for s in by_method.values()]) if acc else None
-        se = by_method.get("wasserstein", {}).get("nll_mc_se", math.nan)
+        # a cell without a W2 row (an asymmetric network: nothing to align) has no such s.e.
+        se = by_method.get("wasserstein", {}).get("nll_mc_se")
         lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
                      + (f"{test:.3f} | " if acc else "") + _row(by_method, methods, "nll")
-                     + f" | {se:.3f} |")
+                     + (f" | {se:.3f} |" if se is not None else " |  |"))
     for metric in metrics[1:]:
         what = ("Accuracy barrier (largest drop below the line between the endpoints)"
                 if metric == "acc" else f"{metric} barrier")
@@ -224,10 +240,10 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll
         here = [s for s in summary if s["dataset"] == dataset]
         panels = []
         for arch in sorted({s["arch"] for s in here},
-                           key=lambda a: (hidden_layers(a) is None, hidden_layers(a) or 0, a)):
+                           key=lambda a: (_layers(a) is None, _layers(a) or 0, a)):
             guides = [g for g in _STYLES if any((s["arch"], s["guide"]) == (arch, g)
                                                  for s in here)]
-            panels += [(dataset, arch, g) for g in guides] if hidden_layers(arch) else \
+            panels += [(dataset, arch, g) for g in guides] if _layers(arch) else \
                 [(dataset, arch, None)]
         rows.append(panels)
     ncols = max(len(r) for r in rows)
@@ -310,7 +326,8 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
             ax.errorbar(w, np.maximum(m, floor), yerr=(lower, e), marker="o", ms=4, capsize=2,
                         color=color, linestyle=style, label=f"{LABELS[method]} ({g})")
     ax.set_xscale("log", base=2)
-    layers = hidden_layers(arch)
+    layers = _layers(arch)
+    arch, _, asymmetry = arch.partition("+")
     if layers is None:
         ax.set_xlim(min(widths) * 0.8, max(widths) * 1.25)
         ax.set_xticks(sorted(widths), [f"x{w}" for w in sorted(widths)])
@@ -322,17 +339,88 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
         f"MLP, {layers} layers" if layers else f"ResNet-{arch[len('resnet'):]}")
     if dataset == "mnist1d" and not layers:
         network += " (1-D)"
+    if asymmetry:
+        network += f", {asymmetry}-asym."
     ax.set_title(f"{dataset}, {network}" + (f", {guide}" if guide else ", both guides"),
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
+
+
+_VARIANTS = {"none": "standard", "w": "W-asym.", "sigma": "sigma-asym."}
+_VARIANT_COLORS = {"none": "tab:blue", "w": "tab:red", "sigma": "tab:green"}
+
+
+def _history_groups(history) -> dict[tuple, Any]:
+    """(dataset, arch, width, guide) -> asymmetry -> DataFrame of the mean over seeds by epoch."""
+    groups: dict[tuple, Any] = {}
+    columns = ["neg_elbo", "test_accuracy", "test_nll"]
+    for key, frame in history.groupby(["dataset", "arch", "width", "guide", "asymmetry"],
+                                      sort=False):
+        *cell, asymmetry = key
+        means = frame.groupby("epoch")[columns].mean()
+        means["seeds"] = frame.groupby("epoch")["seed"].nunique()
+        groups.setdefault(tuple(cell), {})[asymmetry] = means
+    return groups
+
+
+def history_markdown(history) -> str:
+    """The training histories (``<name>_history.csv`` as a DataFrame) as a table: per cell and
+    variant, the test accuracy of the model average after a tenth, half and all of the epochs,
+    and the final negative ELBO and test NLL, means over the seeds."""
+    lines = ["Training: test accuracy of the model average after 10 %, 50 % and 100 % of the "
+             "epochs, final negative ELBO and test NLL (means over the trained seeds; the "
+             "W-asymmetric networks have fewer latent weights, hence a smaller KL term).", "",
+             "| data | network | guide | variant | seeds | acc 10 % | acc 50 % | acc 100 % | "
+             "neg. ELBO | test NLL |", _rule(10)]
+    for (dataset, arch, width, guide), variants in _history_groups(history).items():
+        for asymmetry in [a for a in _VARIANTS if a in variants]:
+            m = variants[asymmetry]
+            epochs = len(m)
+            at = [m["test_accuracy"].iloc[max(round(f * epochs), 1) - 1] for f in (0.1, 0.5, 1)]
+            lines.append(f"| {dataset} | {_network(arch, int(width))} | {guide} | "
+                         f"{_VARIANTS[asymmetry]} | {int(m['seeds'].min())} | "
+                         + " | ".join(f"{a:.3f}" for a in at)
+                         + f" | {m['neg_elbo'].iloc[-1]:.4g} | {m['test_nll'].iloc[-1]:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_history(history, path: str | os.PathLike) -> None:
+    """Negative ELBO and test accuracy against the epoch, one row of two panels per cell, a
+    line per variant (the mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _history_groups(history)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(9, 2.8 * len(groups)), squeeze=False)
+    for (left, right), ((dataset, arch, width, guide), variants) in zip(axes, groups.items()):
+        for asymmetry in [a for a in _VARIANTS if a in variants]:
+            m = variants[asymmetry]
+            style = dict(color=_VARIANT_COLORS[asymmetry], label=_VARIANTS[asymmetry])
+            left.plot(m.index, m["neg_elbo"], **style)
+            right.plot(m.index, m["test_accuracy"], **style)
+        title = f"{dataset}, {_network(arch, int(width))}, {guide}"
+        left.set(yscale="log", xlabel="epoch", ylabel="negative ELBO", title=title)
+        right.set(xlabel="epoch", ylabel="test accuracy", title=title)
+        for ax in (left, right):
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None
                  ) -> list[Path]:
     """Write ``<stem>.md`` (the tables), ``<stem>.png`` (NLL barriers), with accuracy
     ``<stem>_accuracy.png`` and with learned curves ``<stem>_curve_epochs.png`` (the barrier
-    against the curves' training epochs) for the results table ``<stem>.csv`` (or ``.parquet``) into ``out``
-    (default: the table's folder); returns the paths written.
+    against the curves' training epochs) for the results table ``<stem>.csv`` (or
+    ``.parquet``) into ``out`` (default: the table's folder); returns the paths written. Where
+    the training histories ``<stem>_history.csv`` lie beside the table
+    (``train.history_samples``), their table is added to the markdown and ``<stem>_history.png``
+    plotted (see :func:`plot_history`).
 
     Parameters
     ----------
@@ -379,7 +467,14 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(frame)
     written = [out / f"{results.stem}.md", out / f"{results.stem}.png"]
-    written[0].write_text(markdown(summary) + "\n")
+    text = markdown(summary)
+    history_path = results.with_name(f"{results.stem}_history.csv")
+    if history_path.exists():
+        import pandas as pd
+
+        history = pd.read_csv(history_path, keep_default_na=False)
+        text += "\n\n" + history_markdown(history)
+    written[0].write_text(text + "\n")
     plot(summary, written[1], "nll")
     if "acc_barrier" in frame.columns:
         written.append(out / f"{results.stem}_accuracy.png")
@@ -387,4 +482,7 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     if any(_curve_epochs(s["path"]) for s in summary):
         written.append(out / f"{results.stem}_curve_epochs.png")
         plot_curve_epochs(summary, written[-1])
+    if history_path.exists():
+        written.append(out / f"{results.stem}_history.png")
+        plot_history(history, written[-1])
     return written

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .steps import ROW_KEY
+from .steps import ASYMMETRY, ROW_KEY, row_key
 
 __all__ = ["ResultsTable", "read_results", "compare_results", "RESULT_FIELDS"]
 
@@ -70,7 +70,8 @@ class ResultsTable:
 
     def add(self, row: Mapping[str, Any]) -> bool:
         """Append the row unless its key is in the table; True if it was written."""
-        text = {k: str(row[k]) for k in self.fields}  # str(float) round-trips exactly
+        # str(float) round-trips exactly; the rows of standard networks have no asymmetry
+        text = {k: str(row.get(k, "none") if k == ASYMMETRY else row[k]) for k in self.fields}
         if _key(text) in self._keys:
             return False
         new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
@@ -97,7 +98,7 @@ class ResultsTable:
 
 
 def _key(row: Mapping[str, str]) -> tuple:
-    return tuple(row.get(k, "wasserstein" if k == "path" else None) for k in ROW_KEY)
+    return row_key(row)
 
 
 def read_results(path: str | os.PathLike):
@@ -208,13 +209,15 @@ def compare_results(new: Any, reference: Any, *, rtol: float = 1e-9, atol: float
     new = new if isinstance(new, pd.DataFrame) else read_results(new)
     reference = reference if isinstance(reference, pd.DataFrame) else read_results(reference)
     columns = [c for c in RESULT_FIELDS if c in new.columns and c in reference.columns]
-    by_key = {tuple(r[k] for k in ROW_KEY): r for r in reference.to_dict("records")}
+    by_key = {row_key(r): r for r in reference.to_dict("records")}
     out = []
     for r in new.to_dict("records"):
-        key = tuple(r[k] for k in ROW_KEY)
+        key = row_key(r)
         ref = by_key.get(key)
         entry = dict(zip(ROW_KEY, key), in_reference=ref is not None, max_abs_diff=math.nan,
                      max_rel_diff=math.nan, worst_column="", agrees=False)
+        if len(key) > len(ROW_KEY):  # an asymmetric network's row
+            entry[ASYMMETRY] = key[-1]
         if ref is not None:
             diffs = {c: abs(float(r[c]) - float(ref[c])) for c in columns}
             rel = {c: d / abs(float(ref[c])) if ref[c] else (0.0 if d == 0 else math.inf)

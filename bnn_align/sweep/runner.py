@@ -97,7 +97,9 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     study : Study
         From :func:`load_study`.
     out : path
-        Output folder: the results table and the step cache (``out/cache``).
+        Output folder: the results table and the step cache (``out/cache``); with
+        ``train.history_samples``, also ``<name>_history.csv`` (negative ELBO, test accuracy
+        and NLL after every training epoch of every finished train step).
     only : iterable of RowFilter
         Run only the rows passing one of these filters (and the steps they need).
     address : str, optional
@@ -163,7 +165,8 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
     if not steps:
         raise ValueError(f"--only {' / '.join(map(str, only))} matches no row of the study")
     cache = Cache(out / "cache")
-    table = ResultsTable(out / f"{study.name}.csv", row_fields(study.metrics))
+    table = ResultsTable(out / f"{study.name}.csv", row_fields(
+        study.metrics, any(cell.asymmetry != "none" for cell in study.cells)))
     summary = RunSummary(total=len(steps), results=table.csv_path)
     # a row computed by this very step is a finished evaluation even without its cache entry,
     # so a study resumed on another machine from its committed table runs only the missing
@@ -209,8 +212,44 @@ def run(study: Study, out: str | Path, *, only: Iterable[RowFilter] = (),
         finally:
             executor.close()
     summary.rows = len(table)
+    _write_history(steps, cache, out / f"{study.name}_history.csv")
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+HISTORY_FIELDS = ("dataset", "arch", "width", "guide", "asymmetry", "seed", "epoch", "neg_elbo",
+                  "test_accuracy", "test_nll")
+
+
+def _write_history(steps: list[Step], cache: Cache, path: Path) -> None:
+    """``<name>_history.csv``: the negative ELBO, test accuracy and test NLL after every epoch
+    of every finished train step that recorded them (``train.history_samples > 0``); nothing
+    is written when none did. Rewritten whole from the cache on every run."""
+    import csv
+
+    rows = []
+    for step in steps:
+        s = step.settings
+        if step.kind != "train" or not s.get("history_samples") or not cache.valid(step):
+            continue
+        try:
+            found = cache.load(step)
+        except CorruptEntry:
+            continue
+        for epoch, (elbo, acc, nll) in enumerate(zip(found["elbo"], found["test_accuracy"],
+                                                     found["test_nll"]), start=1):
+            rows.append({"dataset": s["dataset"], "arch": s["arch"], "width": s["width"],
+                         "guide": s["guide"], "asymmetry": s.get("asymmetry", "none"),
+                         "seed": s["seed"], "epoch": epoch, "neg_elbo": elbo,
+                         "test_accuracy": acc, "test_nll": nll})
+    if not rows:
+        return
+    temporary = path.with_name(f".tmp-{path.name}")
+    with temporary.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(path)
 
 
 def _needed(steps: list[Step], done: set[str]) -> list[Step]:

@@ -3,11 +3,13 @@
 A filter is one or more conditions separated by commas, all of which must hold:
 
 * ``FIELD OP VALUE`` with ``OP`` one of ``= != < <= > >=`` and ``FIELD`` one of ``dataset``,
-  ``arch``, ``width``, ``guide``, ``pair``, ``method``, ``path``. ``width`` and ``pair`` compare
+  ``arch``, ``width``, ``guide``, ``pair``, ``method``, ``path``, ``asymmetry`` (``none``,
+  ``w`` or ``sigma``). ``width`` and ``pair`` compare
   as numbers; the others compare as text, and with ``=`` / ``!=`` the value may be a glob
   (``guide=low*``);
 * a bare glob, matched against the cell key ``dataset-archwidth-guide``
-  (``digits-mlp64-mean-field``, ``mnist1d-resnet8*``, ``*-mean-field``).
+  (``digits-mlp64-mean-field``, ``mnist1d-resnet8*``, ``*-mean-field``; an asymmetric
+  network's key ends in ``-w`` or ``-sigma``).
 
 Examples: ``width<=256``; ``digits-mlp64-mean-field,pair=0,method!=mean``. Given several
 filters, a row runs when any of them matches it. The steps a chosen row needs run with it.
@@ -23,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["RowFilter", "parse_filter"]
 
-_FIELDS = ("dataset", "arch", "width", "guide", "pair", "method", "path")
+_FIELDS = ("dataset", "arch", "width", "guide", "pair", "method", "path", "asymmetry")
 _NUMERIC = ("width", "pair")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le, ">=": operator.ge, "!=": operator.ne, "<": operator.lt,

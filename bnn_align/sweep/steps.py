@@ -23,6 +23,9 @@ __all__ = ["Step", "expand", "ROW_KEY", "KINDS"]
 KINDS = ("train", "match", "curve", "evaluate")
 # the fields that name one result row (one evaluated path)
 ROW_KEY = ("dataset", "arch", "width", "guide", "pair", "method", "path")
+# and of the asymmetric networks' rows: a column (and a key field) only in studies that have
+# them, so the tables and cache keys of other studies stay as they were
+ASYMMETRY = "asymmetry"
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +82,18 @@ class Step:
         return hash(self.key)
 
     def row_key(self) -> tuple:
-        """The result row's key (evaluate steps only)."""
-        return tuple(self.settings[k] for k in ROW_KEY)
+        """The result row's key (evaluate steps only): the ``ROW_KEY`` fields, and an
+        asymmetric network's asymmetry after them."""
+        return row_key(self.settings)
+
+
+def row_key(row: Mapping[str, Any]) -> tuple:
+    """The key of a results row or an evaluate step's settings: the ``ROW_KEY`` fields (a
+    missing ``path`` is the Wasserstein path of tables older than path kinds), and the
+    asymmetry if it is not ``"none"``, so the standard networks' keys are as they always were."""
+    key = tuple(row.get(k, "wasserstein" if k == "path" else None) for k in ROW_KEY)
+    asymmetry = row.get(ASYMMETRY, "none")
+    return key if asymmetry == "none" else (*key, asymmetry)
 
 
 def expand(study: Study, only: Iterable[RowFilter] = ()) -> list[Step]:
@@ -134,7 +147,10 @@ def expand(study: Study, only: Iterable[RowFilter] = ()) -> list[Step]:
                         row = {"dataset": cell.dataset, "arch": cell.arch, "width": cell.width,
                                "guide": cell.guide, "pair": pair, "method": method,
                                "path": label}
-                        if only and not any(f.matches(row, cell.key) for f in only):
+                        if cell.asymmetry != "none":
+                            row[ASYMMETRY] = cell.asymmetry
+                        if only and not any(f.matches({ASYMMETRY: "none", **row}, cell.key)
+                                            for f in only):
                             continue
                         a = _train(study, cell, 2 * pair, trains)
                         b = _train(study, cell, 2 * pair + 1, trains)
@@ -181,6 +197,11 @@ def _train(study: Study, cell: Cell, seed: int, trains: dict) -> Step:
                     "init_scale": t["init_scale"]}
         if cell.guide == "low-rank":
             settings["rank"] = t["rank"]
+        # only where used, so the keys of the studies without them stay as they were
+        if cell.asymmetry != "none":
+            settings.update(asymmetry=cell.asymmetry, asymmetry_seed=t["asymmetry_seed"])
+        if t["history_samples"]:
+            settings["history_samples"] = t["history_samples"]
         trains[cell, seed] = Step("train", settings, (), f"train {cell.key} seed {seed}")
     return trains[cell, seed]
 

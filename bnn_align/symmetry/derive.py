@@ -25,6 +25,7 @@ import torch.fx
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
+from ..models.asymmetric import ASYMMETRIC_LAYERS, AsymConv1d, AsymConv2d, AsymLinear
 from .scale import scale_symmetries
 from .spec import PermutationSpec
 
@@ -168,6 +169,8 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
+        if isinstance(m, ASYMMETRIC_LAYERS):  # known by type, see _Deriver.module_rule
+            return True
         return type(m).__module__.startswith("torch.nn")
 
 
@@ -484,6 +487,8 @@ class _Deriver(torch.fx.Interpreter):
         prefix = qualname + "."
         if isinstance(m, _ELEMENTWISE_MODULES):
             return units
+        if isinstance(m, ASYMMETRIC_LAYERS):
+            return self.asymmetric(m, units, out)
         pooled = next((k for cls, k in _POOL_MODULES.items() if isinstance(m, cls)), None)
         if pooled is not None:
             return self.pool(units, x, pooled)
@@ -549,6 +554,23 @@ class _Deriver(torch.fx.Interpreter):
             self.assign(prefix + "weight", 1, new)
             return new
         return self.refuse("this layer type is not known to commute with permutations", [units])
+
+    def asymmetric(self, m: nn.Module, units: _Units, out: torch.Tensor) -> _Units:
+        """A layer built to break permutation symmetry (bnn_align.models.asymmetric).
+
+        A W-asymmetric layer's fixed entries sit at given (row, column) positions: permuting its
+        output units moves them to other rows, permuting its input units (the previous layer's
+        outputs) to other columns, and either changes the function. So both groups are tied to
+        the fixed variable; its own parameters (free entries, bias) then get no group. FiGLU's
+        ``sigmoid(C x) * x`` is equivariant only under permutations with ``P C P^T = C``, which
+        a Gaussian ``C`` almost surely admits only for the identity: its units are fixed too.
+        """
+        self.fix(units)
+        if isinstance(m, AsymLinear):  # new output units, on the last axis, never permuted
+            return _Units(out.dim() - 1, (_FIXED,))
+        if isinstance(m, (AsymConv1d, AsymConv2d)):  # new output channels
+            return _Units(1, (_FIXED,))
+        return _Units(units.axis, (_FIXED,)) if units.axis is not None else _FIXED_UNITS
 
 
 def _flatten_args(a: Any) -> list:
