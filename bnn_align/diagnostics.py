@@ -10,6 +10,11 @@
   variational posteriors stay different distributions when aligned, R-hat stays high (even
   saturated) for them, and the report says so and shows the alignment by the standardized
   differences of the means and their correlation instead.
+* :func:`rhat_report` also takes ``K`` chains: a :class:`~bnn_align.MultiAlignment` (the
+  posteriors of :func:`~bnn_align.match_many` before and after), a list of posteriors, a
+  multi-chain :class:`~bnn_align.SamplePosterior` (every sample aligned with
+  :func:`~bnn_align.align_samples`) or a :class:`~bnn_align.SampleAlignment`.
+* :func:`transposition_distance` counts the transpositions between two alignments.
 * :func:`plot_units` draws a forest plot of a few units' weights from both posteriors, before
   and after alignment.
 
@@ -28,11 +33,14 @@ import torch
 
 from ._checks import check_positive_float, positive_int, same_device
 from .bayesian import BayesianNetwork, Categorical
+from .matching.many import MultiAlignment, SampleAlignment, align_samples, match_many
 from .matching.weights import Alignment, match
 from .paths.interpolation import Mixture, _model
 from .posterior import GaussianView, as_gaussian, paired_views
+from .samples import SamplePosterior
 
-__all__ = ["to_inference_data", "rhat_report", "RhatReport", "plot_units"]
+__all__ = ["to_inference_data", "rhat_report", "RhatReport", "plot_units",
+           "transposition_distance"]
 
 _AXIS_NAMES = ("out", "in")
 
@@ -66,6 +74,8 @@ def _axis_dims(site: str, shape: Sequence[int]) -> list[str]:
 
 def _draws(posterior: Any, num_samples: int, generator: torch.Generator
            ) -> dict[str, torch.Tensor]:
+    if isinstance(posterior, SamplePosterior):
+        return posterior.samples
     if isinstance(posterior, Mixture):
         return posterior.sample(num_samples, generator)
     return as_gaussian(posterior, copy=False).sample(num_samples, generator)
@@ -87,9 +97,10 @@ def to_inference_data(
     ----------
     posteriors : posterior or sequence of posteriors
         Guides, state dicts, modules or path points (``path.at(t)``) over the same network,
-        on one device (any: the draws are made there and copied to numpy).
+        on one device (any: the draws are made there and copied to numpy). A
+        :class:`~bnn_align.SamplePosterior` gives its own chains, all their samples.
     num_samples : int
-        Draws per posterior (per chain).
+        Draws per posterior (per chain) for the posteriors that are not sample sets.
     sites : sequence of str, optional
         Sites to include (all by default).
     seed : int
@@ -146,11 +157,19 @@ def to_inference_data(
     if not posteriors:
         raise ValueError("posteriors is empty")
     positive_int(num_samples=num_samples)
-    gaussian = [p for p in posteriors if not isinstance(p, Mixture)]
+    gaussian = [p.moments() if isinstance(p, SamplePosterior) else p for p in posteriors
+                if not isinstance(p, Mixture)]
     for k, p in enumerate(gaussian[1:], start=1):  # same architecture, finite values
         paired_views(gaussian[0], p, ("posterior 0", f"posterior {k}"), copy=False)
+    # a sample set keeps its chains
+    posteriors = [c for p in posteriors
+                  for c in (p.chains() if isinstance(p, SamplePosterior) else [p])]
     generator = torch.Generator().manual_seed(seed)
     chains = [_draws(p, num_samples, generator) for p in posteriors]
+    lengths = [len(next(iter(c.values()))) for c in chains]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"every chain needs the same number of draws, got {lengths} (sample "
+                         f"sets give all their samples; pass num_samples equal to theirs)")
     available = list(chains[0])
     sites = list(sites) if sites is not None else available
     missing = [s for s in sites if s not in available]
@@ -165,7 +184,9 @@ def to_inference_data(
             coords[dim] = np.arange(size)
     groups: dict[str, dict] = {"posterior": posterior_group}
     if data is not None:
-        model = model or next((m for m in map(_model, posteriors) if m is not None), None)
+        model = model or next((m for m in (p.model if isinstance(p, SamplePosterior)
+                                           else _model(p) for p in posteriors)
+                               if m is not None), None)
         if model is None:
             raise ValueError("data= needs the model: pass model= (a BayesianNetwork)")
         same_device({"model": model, "the posteriors": chains[0]})
@@ -240,6 +261,11 @@ class RhatReport:
     separation : float
         ``|d|`` above which a weight's two posteriors count as separated (1 by default: the
         means differ by more than their combined standard deviation).
+    num_chains : int
+        ``K``, the number of chains. For ``K > 2`` (see :func:`rhat_report`) ``d`` is the
+        unsigned ``sqrt(B / W)``: the standard deviation of the ``K`` means (``ddof=1``) over
+        the root mean of the ``K`` variances, which is ``|d|`` for ``K = 2``; the correlation
+        of the means is the average of chain 0's with each other chain's.
 
     Examples
     --------
@@ -271,6 +297,7 @@ class RhatReport:
     mean_correlation_before: dict[str, float]
     mean_correlation_after: dict[str, float]
     separation: float = 1.0
+    num_chains: int = 2
 
     @property
     def sites(self) -> list[str]:
@@ -388,7 +415,9 @@ class RhatReport:
         rows = self.rows()
         head = (f"{'site':<28}{'weights':>9}{'R-hat before':>14}{'after':>9}"
                 f"{'> ' + format(self.threshold, 'g') + ' before':>16}{'after':>9}")
-        lines = ["R-hat, the two posteriors as two chains:", head, "-" * len(head)]
+        title = ("R-hat, the two posteriors as two chains:" if self.num_chains == 2 else
+                 f"R-hat of the {self.num_chains} chains:")
+        lines = [title, head, "-" * len(head)]
         for r in rows:
             lines.append(f"{r['site']:<28}{r['weights']:>9}{r['median_before']:>14.3f}"
                          f"{r['median_after']:>9.3f}{r['above_before']:>16.1%}"
@@ -398,7 +427,10 @@ class RhatReport:
         head = (f"{'site':<28}{'|d| before':>11}{'after':>9}"
                 f"{'> ' + format(self.separation, 'g') + ' before':>13}{'after':>9}"
                 f"{'corr before':>13}{'after':>9}{'R-hat':>15}")
-        lines += ["", "Standardized mean differences d = (mu_a - mu_b) / sqrt(sd_a^2 + sd_b^2):",
+        lines += ["", "Standardized mean differences d = (mu_a - mu_b) / sqrt(sd_a^2 + sd_b^2):"
+                  if self.num_chains == 2 else
+                  "Spread of the chains' means d = sqrt(B / W) (sd of the means over the root "
+                  "mean variance):",
                   f"median |d|, fraction of |d| > {self.separation:g}, correlation of the means",
                   head, "-" * len(head)]
         for r in rows:
@@ -451,6 +483,13 @@ def _mean_correlations(view_a: GaussianView, view_b: GaussianView, sites: Sequen
     return out
 
 
+def _average_correlations(views: Sequence[GaussianView], sites: Sequence[str]
+                          ) -> dict[str, float]:
+    """Site -> the average correlation of the first view's means with each other view's."""
+    pairs = [_mean_correlations(views[0], v, sites) for v in views[1:]]
+    return {s: float(np.mean([p[s] for p in pairs])) for s in sites}
+
+
 def _float64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
@@ -473,6 +512,121 @@ def _rhat(idata: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(result[name]) for name in result.data_vars}
 
 
+def _spread_ratios(views: Sequence[GaussianView], sites: Sequence[str]
+                   ) -> dict[str, np.ndarray]:
+    """``sqrt(B / W)`` per weight: the standard deviation of the views' means over the root
+    mean of their variances (``|d|`` for two views; 0 for equal means, inf for separated points).
+    """
+    sds = [v.stddev() for v in views]
+    out = {}
+    for s in sites:
+        means = np.stack([_float64(v.loc[s]) for v in views])
+        between = means.std(axis=0, ddof=1)
+        within = np.sqrt(np.mean(np.stack([_float64(sd[s]) ** 2 for sd in sds]), axis=0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = between / within
+        d[within == 0] = np.where(between[within == 0] == 0, 0.0, np.inf)
+        out[s] = d
+    return out
+
+
+def _chain_views(chains: Sequence[Any]) -> list[GaussianView]:
+    return [c.moments() if isinstance(c, SamplePosterior) else as_gaussian(c, copy=False)
+            for c in chains]
+
+
+def _many_chains(target: Any, method: str, seed: int) -> tuple[list, list] | None:
+    """The chains before and after alignment for the ``K``-chain forms of the target, or None
+    for an Alignment or a pair."""
+    if isinstance(target, MultiAlignment):
+        return list(target.posteriors), list(target.aligned)
+    if (isinstance(target, (list, tuple)) and len(target) >= 2
+            and all(isinstance(t, SamplePosterior) for t in target)):
+        target = _pooled_chains(target)  # several MCMC runs: their chains side by side
+    if isinstance(target, SamplePosterior):
+        if target.num_chains < 2:
+            raise ValueError("a sample set needs at least 2 chains for R-hat "
+                             f"(num_chains={target.num_chains})")
+        target = align_samples(None, target, method=method, seed=seed)
+    if isinstance(target, SampleAlignment):
+        if target.samples.num_chains < 2:
+            raise ValueError("the aligned sample set has 1 chain: R-hat needs at least 2")
+        return target.samples.chains(), target.aligned.chains()
+    if isinstance(target, (list, tuple)) and len(target) > 2:
+        result = match_many(list(target), method=method, seed=seed)
+        return list(result.posteriors), list(result.aligned)
+    return None
+
+
+def _pooled_chains(runs: Sequence[SamplePosterior]) -> SamplePosterior:
+    """Sample sets (MCMC runs) as one set whose chains are all of theirs."""
+    lengths = {r.num_samples // r.num_chains for r in runs}
+    if len(lengths) > 1:
+        raise ValueError(f"the runs' chains must have one length to be compared as chains, got "
+                         f"{sorted(lengths)} draws per chain")
+    first = runs[0]
+    for k, r in enumerate(runs[1:], start=1):
+        paired_views(first.moments(), r.moments(), ("runs[0]", f"runs[{k}]"), copy=False)
+    samples = {s: torch.cat([r.samples[s] for r in runs]) for s in first.sites}
+    return first.with_samples(samples, num_chains=sum(r.num_chains for r in runs))
+
+
+def transposition_distance(p: Any, q: Any) -> int:
+    """The number of transpositions between two alignments: the fewest swaps of two units
+    that turn permutations ``p`` into ``q``, summed over groups (``n - cycles(p^-1 o q)`` per
+    group; Xiao, Liu and Bamler, 2023).
+
+    Parameters
+    ----------
+    p, q : mapping of str to permutation, or Alignment
+        Permutations of the same groups (an :class:`~bnn_align.Alignment`'s ``perms`` are
+        taken).
+
+    Returns
+    -------
+    int
+        0 for equal alignments, at most ``sum_g (n_g - 1)``.
+
+    Raises
+    ------
+    ValueError
+        Different groups, or values that are not permutations of one length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align import diagnostics
+    >>> p = {"P_0": torch.tensor([0, 1, 2, 3])}
+    >>> diagnostics.transposition_distance(p, {"P_0": torch.tensor([1, 0, 2, 3])})
+    1
+    >>> diagnostics.transposition_distance(p, {"P_0": torch.tensor([1, 2, 3, 0])})  # a 4-cycle
+    3
+    """
+    from .symmetry.permutation import check_perms
+
+    p = p.perms if isinstance(p, Alignment) else p
+    q = q.perms if isinstance(q, Alignment) else q
+    if not hasattr(p, "keys") or not hasattr(q, "keys") or set(p) != set(q):
+        raise ValueError("p and q must be permutations of the same groups (mappings of group "
+                         "name to permutation)")
+    p = check_perms(p, {g: len(torch.as_tensor(v)) for g, v in p.items()})
+    q = check_perms(q, {g: len(p[g]) for g in p})
+    total = 0
+    for g in p:
+        r = torch.argsort(p[g])[q[g]].numpy()
+        seen = np.zeros(len(r), dtype=bool)
+        cycles = 0
+        for start in range(len(r)):
+            if not seen[start]:
+                cycles += 1
+                i = start
+                while not seen[i]:
+                    seen[i] = True
+                    i = r[i]
+        total += len(r) - cycles
+    return int(total)
+
+
 def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] | None = None,
                 seed: int = 0, threshold: float = 1.01, method: str = "wasserstein",
                 separation: float = 1.0) -> RhatReport:
@@ -481,11 +635,17 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
 
     Parameters
     ----------
-    alignment : Alignment or (guide_a, guide_b)
+    alignment : Alignment, (guide_a, guide_b), MultiAlignment, SampleAlignment, SamplePosterior or list
         The result of :func:`bnn_align.match` (which keeps its posteriors), or a pair to match
-        now with ``method``.
+        now with ``method``. ``K`` chains: a :class:`~bnn_align.MultiAlignment` (its
+        posteriors before, its aligned ones after), a list of three or more posteriors
+        (matched now with :func:`~bnn_align.match_many`), a list of two or more sample sets
+        (MCMC runs: their chains side by side, aligned sample by sample), a
+        :class:`~bnn_align.SamplePosterior` of two or more chains (every sample aligned now
+        with :func:`~bnn_align.align_samples` to the chains' barycenter) or a
+        :class:`~bnn_align.SampleAlignment` of one.
     num_samples : int
-        Draws per posterior (per chain).
+        Draws per posterior (per chain); sample sets give all their samples.
     sites : sequence of str, optional
         Sites to report (all by default).
     seed : int
@@ -546,6 +706,19 @@ def rhat_report(alignment: Any, *, num_samples: int = 500, sites: Sequence[str] 
     0.0
     """
     check_positive_float("separation", separation)
+    many = _many_chains(alignment, method, seed)
+    if many is not None:
+        before_chains, after_chains = many
+        before = _rhat(to_inference_data(before_chains, num_samples, sites, seed))
+        after = _rhat(to_inference_data(after_chains, num_samples, sites, seed))
+        reported = list(before)
+        views_b, views_a = _chain_views(before_chains), _chain_views(after_chains)
+        count = sum(c.num_chains if isinstance(c, SamplePosterior) else 1
+                    for c in before_chains)
+        return RhatReport(before, after, threshold, num_samples,
+                          _spread_ratios(views_b, reported), _spread_ratios(views_a, reported),
+                          _average_correlations(views_b, reported),
+                          _average_correlations(views_a, reported), float(separation), count)
     result = _alignment(alignment, method, seed)
     a = result.guide_a
     before = _rhat(to_inference_data([a, result.guide_b], num_samples, sites, seed))

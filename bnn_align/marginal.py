@@ -433,7 +433,10 @@ def marginal_loss(
     path_or_posterior : path or posterior
         A path from :func:`~bnn_align.interpolate` or :func:`~bnn_align.fit_curve` (any
         :class:`~bnn_align.paths.BasePath`), or a single posterior (evaluated once), on
-        ``model``'s device (any): the network runs there.
+        ``model``'s device (any): the network runs there. A
+        :class:`~bnn_align.SamplePosterior` (or a path between two) is evaluated on its own
+        samples: ``num_samples`` at most ``S`` (all of them for ``S``, a random subset for
+        fewer).
     data : (x, y) tensors or TensorDataset
         Evaluation data; ``x`` of shape ``(N, *input_shape)``, on any device (moved to the
         model's a batch at a time).

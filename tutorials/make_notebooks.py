@@ -597,6 +597,150 @@ epochs (Tatro et al.'s claim), and how this holds for ResNets, needs several pai
 """),
 ]
 
+MANY = [
+    md("""
+# 8. Many posteriors: HMC chains and a deep ensemble
+
+Several HMC chains on a Bayesian network never agree, even when each samples the same posterior
+mode well: every chain settles in its own relabelling of the hidden units. R-hat, the standard
+check that chains sample one distribution, then flags almost every weight. Aligning the samples
+removes the relabelling and leaves the predictions untouched.
+
+This notebook runs NUTS chains on a small MLP on the digits data, aligns every sample
+(`align_samples`, through `rhat_report`), and then aligns and merges a deep ensemble with
+`match_many`, `merge` and `repair`.
+"""),
+    code(BUDGET + """
+import matplotlib.pyplot as plt
+import numpy as np
+import pyro
+import torch
+from pyro.infer import MCMC, NUTS
+
+import bnn_align as ba
+from bnn_align import data, diagnostics, models
+
+WIDTH = 16
+CHAINS = 2 if SMALL else 4
+WARMUP, DRAWS = (10, 10) if SMALL else (60, 60)
+TREE_DEPTH = 3 if SMALL else 5
+MEMBERS = 3 if SMALL else 4
+EPOCHS = 5 if SMALL else 150
+split = data.digits()
+x_train, y_train = (split.x_train[:300], split.y_train[:300]) if SMALL else (split.x_train,
+                                                                             split.y_train)
+model = ba.BayesianNetwork(models.mlp(64, [WIDTH], 10), prior=1.0, input_shape=(64,))
+x_train.shape"""),
+    md("""
+## HMC chains
+
+Each chain is a separate Pyro `MCMC` run from its own random initialisation (one process, so
+the seeds decide everything). `SamplePosterior.from_mcmc` reads a run's samples; the chains are
+concatenated into one sample set with `num_chains` chains.
+"""),
+    code("""
+runs = []
+for chain in range(CHAINS):
+    pyro.set_rng_seed(chain)
+    mcmc = MCMC(NUTS(model, max_tree_depth=TREE_DEPTH), num_samples=DRAWS, warmup_steps=WARMUP,
+                num_chains=1, disable_progbar=True)
+    mcmc.run(x_train, y_train)
+    runs.append(ba.SamplePosterior.from_mcmc(mcmc, model))
+chains = ba.SamplePosterior({s: torch.cat([r.samples[s] for r in runs]) for s in runs[0].sites},
+                            model=model, num_chains=CHAINS)
+chains"""),
+    md("""
+## R-hat before and after aligning every sample
+
+`rhat_report` on a multi-chain sample set matches the chains to each other as wholes
+(`match_many` over their means and standard deviations), aligns every sample to that barycenter
+(`align_samples`), and reports R-hat of the chains before and after.
+"""),
+    code("""
+alignment = ba.align_samples(None, chains)
+report = diagnostics.rhat_report(alignment)
+print(f"weights with R-hat > 1.01: {report.fraction_before:.0%} before, "
+      f"{report.fraction_after:.0%} after alignment")
+report.to_dataframe()[["median_before", "median_after", "above_before", "above_after"]]"""),
+    code("""
+pooled = {when: np.concatenate([v.reshape(-1) for v in values.values()])
+          for when, values in (("before", report.before), ("after", report.after))}
+fig, ax = plt.subplots(figsize=(6, 3))
+bins = np.linspace(1.0, max(1.2, float(pooled["before"].max())), 40)
+for when, values in pooled.items():
+    ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, alpha=0.6, label=when)
+ax.set_xlabel("R-hat of a weight across chains")
+ax.set_ylabel("weights")
+ax.legend()
+fig.tight_layout()"""),
+    md("""
+Read the table with the output bias `2.bias` as a control: no permutation touches it, so its
+R-hat is the same before and after, and where it is far above 1 the chains disagree for reasons
+other than relabelling: short chains that have not converged, or genuinely different modes of
+the posterior. Alignment can only remove the relabelling part; on the permuted sites the median
+R-hat falls, and whatever remains is disagreement no permutation explains. With the budget here
+(a few dozen draws per chain) that remainder dominates; longer chains are the study's
+(`benchmarks/study_many.py hmc`).
+
+Alignment must not change predictions: every aligned sample computes the function it computed
+before, so the model average of the chains is the same.
+"""),
+    code("""
+test = (split.x_test, split.y_test)
+for name, samples in (("chains", chains), ("aligned chains", alignment.aligned)):
+    curve = ba.marginal_loss(model, samples, test, num_samples=samples.num_samples,
+                             metrics=("nll", "accuracy"))
+    print(f"{name:<16} NLL {curve.values['nll'][0]:.4f}  accuracy "
+          f"{curve.values['accuracy'][0]:.4f}")"""),
+    md("""
+## A deep ensemble: align, merge, repair
+
+Deterministic networks trained from different seeds are point estimates. `match_many` aligns
+all of them to one barycenter, so the permutation between any two members, composed through it,
+is consistent (`result.pairwise(i, j)`). `merge` averages the aligned weights; `repair` restores
+the per-unit statistics that averaging shrinks (REPAIR).
+"""),
+    code("""
+def train(seed):
+    torch.manual_seed(seed)
+    net = models.mlp(64, [WIDTH], 10)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(EPOCHS):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x_train), y_train).backward()
+        opt.step()
+    return net
+
+members = [train(seed) for seed in range(MEMBERS)]
+result = ba.match_many(members, spec=model.spec)
+merged = ba.merge(result)
+repaired = ba.repair(merged, result.aligned, x_train)
+ensemble = ba.SamplePosterior.from_modules(members, model=model)
+
+def accuracy(net):
+    with torch.no_grad():
+        return float((net(split.x_test).argmax(-1) == split.y_test).float().mean())
+
+ens = ba.marginal_loss(model, ensemble, test, num_samples=MEMBERS, metrics="accuracy")
+print("members ", [round(accuracy(m), 3) for m in members])
+print(f"ensemble {ens.values['accuracy'][0]:.3f}  merged {accuracy(merged):.3f}  "
+      f"merged + REPAIR {accuracy(repaired):.3f}")
+print("objective per round", [round(h, 2) for h in result.history])"""),
+    code("""
+consistent = all(
+    torch.equal(result.pairwise(j, k)[g][result.pairwise(i, j)[g]], result.pairwise(i, k)[g])
+    for i in range(MEMBERS) for j in range(MEMBERS) for k in range(MEMBERS) for g in result.perms[0])
+separate = {(0, k): ba.match(members[0], members[k], spec=model.spec).perms for k in range(MEMBERS)}
+distance = [diagnostics.transposition_distance(separate[(0, k)], result.pairwise(0, k))
+            for k in range(1, MEMBERS)]
+print("cycle-consistent:", consistent)
+print("transpositions between pairwise match and match_many:", distance)"""),
+    md("""
+The permutations from separate `match` calls need not compose consistently; those of
+`match_many` always do. The transposition distance counts how many unit swaps separate the two
+answers for each pair.
+"""),
+]
 
 SYMMETRY_REMOVAL = [
     md("""
@@ -874,6 +1018,7 @@ NOTEBOOKS = {
     "05_curves.ipynb": CURVES,
     "06_asymmetric.ipynb": ASYMMETRIC,
     "07_symmetry_removal.ipynb": SYMMETRY_REMOVAL,
+    "08_many_posteriors.ipynb": MANY,
 }
 
 

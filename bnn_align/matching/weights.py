@@ -46,6 +46,7 @@ from ..symmetry.permutation import (Spare, check_perms, identity_perms, permute,
                       random_perms)
 from ..posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
+from ..samples import SamplePosterior
 from ..symmetry.spec import PermutationSpec
 from ..symmetry.derive import UnsupportedOperation, check_unknown
 
@@ -506,7 +507,10 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
               "mean": ("scale", "covariance factor")}.get(objective, FINITE_PARTS)
     va, vb = paired_views(guide_a, guide_b, _LABELS, copy=False, finite=finite)
     spec = _resolve_spec(guide_a, guide_b, spec, data, unknown, caller)
-    return va, vb, spec, _spec_sizes(spec, va, guide_a)
+    # a view carries no buffers (BatchNorm statistics the spec may name): read them off the
+    # other posterior
+    return va, vb, spec, _spec_sizes(spec, va, guide_b if isinstance(guide_a, GaussianView)
+                                     else guide_a)
 
 
 def _working_copies(views: tuple[GaussianView, ...], posteriors: tuple[Any, ...]
@@ -517,6 +521,9 @@ def _working_copies(views: tuple[GaussianView, ...], posteriors: tuple[Any, ...]
     for obj in posteriors:
         tensors = (obj.values() if isinstance(obj, Mapping)
                    else [*obj.parameters(), *obj.buffers()] if isinstance(obj, torch.nn.Module)
+                   # a view given as a posterior may share memory with a guide of the caller's
+                   else [t for part in (obj.loc, obj.scale, obj.factor or {})
+                         for t in part.values()] if isinstance(obj, GaussianView)
                    else [])
         theirs.update(t.untyped_storage().data_ptr() for t in tensors
                       if isinstance(t, torch.Tensor))
@@ -607,6 +614,8 @@ def _aligned_guide(guide_b: Any, perms: Mapping[str, torch.Tensor], spec: Permut
     # split over two threads then waits for the half that shares their core
     with torch_threads(1):
         aligned = permute_into(guide_b, perms, spec, spare)
+        if isinstance(aligned, GaussianView):  # a view's factor is rotated by the caller
+            return aligned
         adapter = adapter_for(aligned)
         if rotation is not None and hasattr(adapter, "rotate_"):
             adapter.rotate_(aligned, rotation)  # aligned is our own new guide
@@ -712,6 +721,9 @@ def match(
     Returns
     -------
     Alignment
+        Or, when ``guide_b`` is a :class:`~bnn_align.SamplePosterior`, the
+        :class:`~bnn_align.matching.many.SampleAlignment` of
+        :func:`~bnn_align.matching.many.align_samples`: every sample aligned to ``guide_a``.
 
     Raises
     ------
@@ -783,6 +795,18 @@ def match(
         return result
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(guide_a, SamplePosterior):
+        raise TypeError("guide_a (the reference) must be a single posterior, not a "
+                        "SamplePosterior: align sample sets to a common reference with "
+                        "match_many or align_samples")
+    if isinstance(guide_b, SamplePosterior):  # every sample aligned to guide_a
+        if method not in ("wasserstein", "mean"):
+            raise ValueError(f"a SamplePosterior is aligned sample by sample with method "
+                             f"'wasserstein' or 'mean', got {method!r}")
+        from .many import align_samples  # it builds on this module
+
+        return align_samples(guide_a, guide_b, method=method, spec=spec, max_iter=max_iter,
+                             seed=seed, progress=progress)
     positive_int(max_iter=max_iter, num_restarts=num_restarts, num_samples=num_samples,
                  batch_size=batch_size)
     if method == "activation" and data is None:

@@ -53,11 +53,14 @@ class Noise:
         Noise of the covariance factor.
     u : Tensor of shape ``(S,)``
         Uniform draws that pick a mixture component (unused by the Wasserstein path).
+    index : LongTensor of shape ``(S,)`` or None
+        Which samples a path between sample sets takes (``eps`` then has no columns).
     """
 
     eps: torch.Tensor
     z: torch.Tensor | None
     u: torch.Tensor
+    index: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -397,24 +400,29 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein", *,
     q0, q1 : posterior
         Guides, state dicts or modules over the same network (e.g. ``guide_a`` and
         ``match(guide_a, guide_b).aligned``), on one device (any; the path is computed
-        there). Not modified.
+        there). Not modified. Two :class:`~bnn_align.SamplePosterior` of one size give a
+        :class:`~bnn_align.paths.samples.SamplePath`: their samples coupled optimally (exact
+        assignment), each pair moving linearly.
     kind : {"wasserstein", "mixture", "geodesic"}
         See the module docstring; ``"geodesic"`` slerps every scalable unit's incoming mean
         vector (for canonical endpoints, see :func:`~bnn_align.canonicalize` and
-        :mod:`bnn_align.paths.geodesic`).
+        :mod:`bnn_align.paths.geodesic`). Sample sets take ``"wasserstein"`` or ``"mixture"``.
     spec : PermutationSpec, optional
         ``"geodesic"`` only: whose ``scalable`` groups to slerp (default: the spec of the
         endpoints' BayesianNetwork).
 
     Returns
     -------
-    Path, or a GeodesicPath for ``"geodesic"``
+    Path, a GeodesicPath for ``"geodesic"``, or a SamplePath for sample sets
 
     Raises
     ------
     ValueError
         For posteriors on different devices (naming both), over different architectures
-        (naming the first differing site), NaN parameters, or an unknown kind.
+        (naming the first differing site), NaN parameters, or an unknown kind; sample sets
+        of different sizes.
+    TypeError
+        A sample set and a posterior of another kind.
 
     Examples
     --------
@@ -440,6 +448,12 @@ def interpolate(q0: Any, q1: Any, kind: str = "wasserstein", *,
         ...
     ValueError: kind must be one of ('wasserstein', 'mixture', 'geodesic'), got 'straight'
     """
+    from ..samples import SamplePosterior
+
+    if isinstance(q0, SamplePosterior) or isinstance(q1, SamplePosterior):
+        from .samples import SamplePath  # it builds on this module
+
+        return SamplePath(q0, q1, kind)
     if kind == "geodesic":
         from .geodesic import GeodesicPath  # it builds on this module
 

@@ -17,7 +17,8 @@ from pyro.infer import autoguide
 from torch import nn
 
 from ..bayesian import BayesianNetwork
-from ..posterior import adapter_for, model_of, replacement_memo
+from ..posterior import GaussianView, adapter_for, model_of, replacement_memo
+from ..samples import SamplePosterior
 from .spec import PermutationSpec, _groups_of, axis_index
 
 __all__ = ["permute", "permute_tensor", "invert", "compose", "random_perms", "identity_perms",
@@ -357,6 +358,10 @@ def spec_for(obj: Any, spec: PermutationSpec | None) -> PermutationSpec:
             raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
         return spec
     model = obj
+    if isinstance(obj, SamplePosterior):
+        if obj.spec is not None:
+            return obj.spec
+        model = obj.model
     if isinstance(obj, autoguide.AutoGuide):
         model = model_of(obj)
     if isinstance(model, BayesianNetwork):
@@ -376,11 +381,14 @@ def permute(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | None = N
 
     Parameters
     ----------
-    obj : state dict, nn.Module, BayesianNetwork or Pyro autoguide
-        Any posterior kind bnn_align supports. Never modified.
+    obj : state dict, nn.Module, BayesianNetwork, Pyro autoguide, SamplePosterior or GaussianView
+        Any posterior kind bnn_align supports. Never modified. A view's means, scales and
+        covariance-factor rows move together (``spec`` is then required).
     perms : mapping of str to permutation
         Group name -> LongTensor (or array, or list) of shape ``(n_group,)`` for every group of
-        the spec; ``perm[i]`` is the input unit that becomes unit ``i``.
+        the spec; ``perm[i]`` is the input unit that becomes unit ``i``. For a
+        :class:`~bnn_align.SamplePosterior` a value may also have shape ``(S, n_group)``: one
+        permutation per sample.
     spec : PermutationSpec, optional
         Defaults to the spec of the BayesianNetwork ``obj`` is (or is a guide over).
 
@@ -440,6 +448,15 @@ def permute_into(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | Non
     """:func:`permute`, the moved tensors written into ``spare``'s tensors where those fit
     (their memory is then the new object's; see :class:`Spare`)."""
     spec = spec_for(obj, spec)
+    if isinstance(obj, SamplePosterior):
+        return _permute_samples(obj, perms, spec)
+    if isinstance(obj, GaussianView):  # mean, scale and factor rows move together
+        perms = check_perms(perms, spec.group_sizes(
+            {k: tuple(v.shape) for k, v in obj.loc.items()}, where="the Gaussian view"))
+        blocks = spec.blocks
+        return obj.map(lambda part, site, t: permute_tensor(t, spec[site], perms,
+                                                            blocks.get(site))
+                       if site in spec else t)
     if isinstance(obj, BayesianNetwork):
         return obj.with_net(permute_into(obj.net, perms, spec, spare))
     if isinstance(obj, autoguide.AutoGuide):
@@ -460,6 +477,41 @@ def permute_into(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | Non
         f"permute expects a state dict, an nn.Module, a BayesianNetwork or a Pyro autoguide, "
         f"got {type(obj).__name__}"
     )
+
+
+def _permute_samples(obj: SamplePosterior, perms: Mapping[str, Any], spec: PermutationSpec
+                     ) -> SamplePosterior:
+    """A sample set permuted: by one permutation per group for every sample (values of shape
+    ``(n,)``), or by one per sample (values of shape ``(S, n)``, row ``s`` for sample ``s``)."""
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"perms must be a mapping of group name to permutation, "
+                        f"got {type(perms).__name__}")
+    sizes = spec.group_sizes({k: tuple(v) for k, v in obj.shapes.items()},
+                             where="the sample set")
+    per_sample = {g: torch.as_tensor(p).dim() == 2 for g, p in perms.items()}
+    blocks = spec.blocks
+    if not any(per_sample.values()):
+        perms = check_perms(perms, sizes)
+        # the sample axis is one more axis no permutation moves
+        moved = {name: permute_tensor(t, (None, *spec[name]), perms,
+                                      {a + 1: b for a, b in blocks.get(name, {}).items()})
+                 if name in spec else t for name, t in obj.samples.items()}
+    else:
+        count = obj.num_samples
+        rows = []
+        for g, p in perms.items():
+            p = torch.as_tensor(p)
+            if p.dim() == 2 and len(p) != count:
+                raise ValueError(f"per-sample permutations of group {g!r} must have shape "
+                                 f"({count}, n) for the {count} samples, got {tuple(p.shape)}")
+        for s in range(count):
+            rows.append(check_perms({g: torch.as_tensor(p)[s] if per_sample[g] else p
+                                     for g, p in perms.items()}, sizes))
+        moved = {name: torch.stack([permute_tensor(t[s], spec[name], rows[s], blocks.get(name))
+                                    for s in range(count)]) if name in spec else t
+                 for name, t in obj.samples.items()}
+    return obj.with_samples({k: v if v is not obj.samples[k] else v.clone()
+                             for k, v in moved.items()})
 
 
 def _copy_module(module: nn.Module, tensors: Mapping[str, torch.Tensor],
