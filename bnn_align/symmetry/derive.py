@@ -25,6 +25,7 @@ import torch.fx
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
+from .attention import AttentionRules, Heads, head_sets, op_name
 from .spec import PermutationSpec
 
 __all__ = ["spec_from_module"]
@@ -72,6 +73,9 @@ class _Units:
 
 
 _FIXED_UNITS = _Units(None, (_FIXED,))
+# computed from parameters, buffers and constants alone: fixed like the inputs, but known to be
+# free of activations (told apart by identity)
+_CONSTANT_UNITS = _Units(None, (_FIXED,))
 
 
 _REMEDY = ("Pass unknown='fix' to leave the units around it unpermuted, or write a "
@@ -155,6 +159,9 @@ class _Tracer(torch.fx.Tracer):
     # torch.nn's own modules are leaves (their semantics are known or refused by type);
     # containers and user modules are traced through.
     failed_in: str = ""  # the innermost submodule whose tracing raised, for the error message
+    # buffers read in forward become graph nodes, so they can be sliced by traced sizes (the
+    # causal mask of minimal GPTs: ``self.bias[:, :, :T, :T]``)
+    proxy_buffer_attributes = True
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         try:
@@ -170,9 +177,15 @@ class _Tracer(torch.fx.Tracer):
         return type(m).__module__.startswith("torch.nn")
 
 
-class _Deriver(torch.fx.Interpreter):
+class _Deriver(AttentionRules, torch.fx.Interpreter):
+    Units = _Units
+    FIXED = _FIXED_UNITS
+    CONSTANT = _CONSTANT_UNITS
+    elementwise_modules = _ELEMENTWISE_MODULES
+
     def __init__(self, gm: torch.fx.GraphModule, unknown: str):
         super().__init__(gm)
+        self.init_heads()
         self.uf = _UnionFind()
         self.unknown = unknown
         self.units: dict[torch.fx.Node, _Units | None] = {}
@@ -272,10 +285,16 @@ class _Deriver(torch.fx.Interpreter):
             return self.module_rule(n.target, self.module.get_submodule(n.target), args, out)
         name = _target_name(n.target)
         units = self.tensor_units((n.args, n.kwargs))
+        handled = self.attention_rule(n, name, args, kwargs, out)
+        if handled is not None:
+            return handled
         uses_attr = any(
             isinstance(a, torch.fx.Node) and a.op == "get_attr"
             for a in _flatten_args((n.args, n.kwargs))
         )
+        if uses_attr and op_name(n, name) in ("add", "sub", "mul") and any(
+                u is not None for u in units) and not any(isinstance(u, Heads) for u in units):
+            return self.parameter_broadcast(n, out)
         if uses_attr:
             return self.refuse("it uses a parameter or buffer directly instead of through a "
                                "torch.nn layer", units)
@@ -347,6 +366,9 @@ class _Deriver(torch.fx.Interpreter):
         if units.axis is None:
             return units
         moved = _reshape_units(in_shape, out_shape, units.axis, units.block)
+        split = self.split_units(units, in_shape, out_shape) if moved is None else None
+        if split is not None:
+            return split
         if moved is None:
             return self.refuse(
                 f"it reshapes {in_shape} -> {out_shape} in a way that splits or interleaves the "
@@ -458,8 +480,12 @@ class _Deriver(torch.fx.Interpreter):
     # -- module rules ---------------------------------------------------------------------------------
     def module_rule(self, qualname: str, m: nn.Module, args: tuple, out: Any) -> _Units:
         node = self.node
-        if isinstance(m, nn.MultiheadAttention):
-            return self.refuse("attention heads mix units across the head split",
+        handled = self.attention_module(qualname, m, args, node.kwargs, out)
+        if handled is not None:
+            return handled
+        if any(isinstance(u, Heads) for u in self.tensor_units((node.args, node.kwargs))) \
+                and not isinstance(m, _ELEMENTWISE_MODULES):
+            return self.refuse("its input is split into attention heads",
                                self.tensor_units((node.args, node.kwargs)))
         if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
             gates = next((k for cls, k in _GATES.items() if isinstance(m, cls)), 1)
@@ -754,7 +780,8 @@ def _record_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> None:
 def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
     uf = d.uf
     # A concatenated axis is permuted as a whole or not at all: once any of its parts is fixed
-    # (possibly by a union made after the concatenation), fix the other parts too.
+    # (possibly by a union made after the concatenation), fix the other parts too. Head sets
+    # with a fixed group are fixed whole, which may fix more parts: repeat until nothing moves.
     changed = True
     while changed:
         changed = False
@@ -764,6 +791,10 @@ def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
                 for v in vars_:
                     uf.union(v, _FIXED)
                 changed = True
+        before = sum(uf.find(v) == uf.find(_FIXED) for v in range(len(uf.parent)))
+        families = head_sets(d)
+        changed = changed or before != sum(uf.find(v) == uf.find(_FIXED)
+                                           for v in range(len(uf.parent)))
     names: dict[int, str] = {}
     for root in sorted({uf.find(v) for v in range(len(uf.parent))} - {uf.find(_FIXED)}):
         names[root] = f"P_{uf.origin[root]}"
@@ -788,4 +819,13 @@ def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
             if e is not None and d.blocks.get((name, axis), 1) > 1:
                 blocks.setdefault(name, {})[axis] = d.blocks[(name, axis)]
         axes[name] = tuple(row)
-    return PermutationSpec(axes, blocks=blocks)
+    used = {g for row in axes.values() for e in row
+            for g in ((e,) if isinstance(e, str) else e or ())}
+    heads = {}
+    for members in families.values():
+        groups = {names[root]: length for root, length in members.items()
+                  if names[root] in used}
+        if groups:
+            first = next(iter(groups))[2:]
+            heads["H_" + (first[:-3] if first.endswith(".qk") else first)] = groups
+    return PermutationSpec(axes, blocks=blocks, heads=heads)

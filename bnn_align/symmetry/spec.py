@@ -11,6 +11,17 @@ format exact for networks the original could not describe, and reduce to it when
   have blocks of 1, and their length must equal the group size exactly.
 * **Concatenation.** An entry may be a tuple of group names: the axis is the concatenation of those
   groups' units (each in blocks of the same ``k``), as after ``torch.cat`` along the feature axis.
+  A group may appear in a concatenation twice (the query and key rows of a packed attention
+  projection); a group that appears only in concatenations takes the size the others leave.
+* **Heads.** ``heads={"H_attn": {"P_attn.qk": 16, "P_attn.v": 16}}`` declares a *head set*: the
+  listed groups are the query/key and the value dimensions of one attention layer, cut into heads
+  of 16 consecutive units. Their permutations stay ordinary flat permutations of all
+  ``n_heads * d_head`` units (so axes, ``permute`` and the exchange format are unchanged), but
+  only those of the attention symmetry group are valid: every head is mapped onto a whole head,
+  and all groups of one head set map head ``h`` to the same head ``H[h]``. In the gather
+  convention unit ``h * d + i`` of the result is unit ``H[h] * d + w_h[i]`` of the input: a head
+  permutation ``H`` composed with one within-head permutation ``w_h`` per head and group (see
+  :func:`split_heads`, :func:`join_heads`). Without ``heads`` a spec is Git Re-Basin's.
 
 Specs are derived automatically by :func:`bnn_align.spec_from_module`; this module only holds the
 format, its validation against tensor shapes and the index arithmetic every permutation uses.
@@ -47,6 +58,9 @@ class PermutationSpec:
         are never permuted.
     blocks : mapping of str to mapping of int to int, optional
         Tensor name -> {axis: block length} for axes permuted in contiguous blocks.
+    heads : mapping of str to mapping of str to int, optional
+        Head set name -> {group: head length}: groups whose units are cut into heads that must
+        move as wholes, all groups of a set moving heads alike (see the module docstring).
 
     Raises
     ------
@@ -55,7 +69,8 @@ class PermutationSpec:
         that is not a group name, ``None`` or a tuple of group names.
     ValueError
         ``blocks`` naming a tensor or axis the spec does not permute, or a block length
-        below 1.
+        below 1; ``heads`` naming a group the spec does not have, a group in two head sets, or
+        a head length below 1.
 
     Examples
     --------
@@ -87,6 +102,7 @@ class PermutationSpec:
         axes_to_perm: Mapping[str, Sequence[AxisEntry]],
         *,
         blocks: Mapping[str, Mapping[int, int]] | None = None,
+        heads: Mapping[str, Mapping[str, int]] | None = None,
     ):
         if not isinstance(axes_to_perm, Mapping):
             raise TypeError(
@@ -133,6 +149,7 @@ class PermutationSpec:
                     raise ValueError(f"blocks[{name!r}][{axis}] must be >= 1, got {block}")
                 if block > 1:
                     self._blocks.setdefault(name, {})[axis] = block
+        self._heads = _check_heads(heads, self.perm_to_axes)
 
     # -- the exchange format -------------------------------------------------------------------
     @property
@@ -165,6 +182,33 @@ class PermutationSpec:
         """Tensor name -> {axis: block length} for the axes permuted in blocks (a copy)."""
         return {name: dict(b) for name, b in self._blocks.items()}
 
+    @property
+    def heads(self) -> dict[str, dict[str, int]]:
+        """Head set -> {group: head length} (a copy; empty for a spec without attention)."""
+        return {h: dict(g) for h, g in self._heads.items()}
+
+    def head_of(self, group: str) -> tuple[str, int] | None:
+        """``(head set, head length)`` of a group cut into heads, else None."""
+        for head, members in self._heads.items():
+            if group in members:
+                return head, members[group]
+        return None
+
+    def check_heads(self, perms: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``perms`` (validated LongTensors) respect every head set:
+        each head mapped onto a whole head, every group of a set moving heads alike."""
+        for head, members in self._heads.items():
+            first = None
+            for group, d in members.items():
+                mapping = split_heads(perms[group], d, where=f"perms[{group!r}]")[0]
+                if first is None:
+                    first = (group, mapping)
+                elif not torch.equal(mapping, first[1]):
+                    raise ValueError(
+                        f"perms[{group!r}] and perms[{first[0]!r}] move the heads of head set "
+                        f"{head!r} differently ({mapping.tolist()} vs {first[1].tolist()}); "
+                        f"the query/key and value dimensions of a head move together")
+
     def block(self, name: str, axis: int) -> int:
         """Block length of one axis (1 unless listed in :attr:`blocks`)."""
         return self._blocks.get(name, {}).get(axis, 1)
@@ -189,6 +233,7 @@ class PermutationSpec:
                              for k, v in self._axes_to_perm.items()},
             "perm_to_axes": {g: [list(a) for a in axes] for g, axes in self.perm_to_axes.items()},
             "blocks": {name: {str(a): k for a, k in b.items()} for name, b in self._blocks.items()},
+            **({"heads": self.heads} if self._heads else {}),
         }
 
     @classmethod
@@ -196,7 +241,7 @@ class PermutationSpec:
         """Inverse of :meth:`to_dict`; also accepts a bare ``axes_to_perm`` mapping."""
         if "axes_to_perm" not in data:
             return cls(data)
-        return cls(data["axes_to_perm"], blocks=data.get("blocks"))
+        return cls(data["axes_to_perm"], blocks=data.get("blocks"), heads=data.get("heads"))
 
     # -- comparison ----------------------------------------------------------------------------
     def _canonical(self) -> tuple:
@@ -217,10 +262,15 @@ class PermutationSpec:
             for entry in row:
                 for g in entry or ():
                     order.setdefault(g, len(order))
-        return tuple(
+        canonical = tuple(
             (name, tuple(tuple(order[g] for g in e) if e else None for e in row), blocks)
             for name, row, blocks in rows
         )
+        if not self._heads:
+            return canonical
+        head_sets = sorted(tuple(sorted((order[relabel[g]], d) for g, d in members.items()))
+                           for members in self._heads.values())
+        return canonical + (("heads", tuple(head_sets)),)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
@@ -233,9 +283,14 @@ class PermutationSpec:
     def restrict(self, names: Iterable[str]) -> "PermutationSpec":
         """The spec for a subset of tensors (e.g. only the sample sites of a guide)."""
         keep = [n for n in names if n in self._axes_to_perm]
+        axes = {n: self._axes_to_perm[n] for n in keep}
+        present = {g for row in axes.values() for e in row for g in _groups_of(e)}
+        heads = {h: {g: d for g, d in members.items() if g in present}
+                 for h, members in self._heads.items()}
         return PermutationSpec(
-            {n: self._axes_to_perm[n] for n in keep},
+            axes,
             blocks={n: self._blocks[n] for n in keep if n in self._blocks},
+            heads={h: m for h, m in heads.items() if m},
         )
 
     # -- validation against shapes -------------------------------------------------------------
@@ -289,11 +344,13 @@ class PermutationSpec:
                     )
                 sizes[entry] = units
                 first.setdefault(entry, f"{name!r}")
+        self._concatenated_sizes(shapes, sizes)
         for group in self.perm_to_axes:
             if group not in sizes:
                 raise ValueError(
-                    f"permutation group {group!r} only appears in concatenated axes; "
-                    f"it needs at least one axis of its own to fix its size{ctx}"
+                    f"permutation group {group!r} only appears in concatenated axes with "
+                    f"other groups of unknown size; it needs an axis of its own to fix its "
+                    f"size{ctx}"
                 )
         for name, entries in self._axes_to_perm.items():
             for axis, entry in enumerate(entries):
@@ -304,7 +361,105 @@ class PermutationSpec:
                             f"axis {axis} of {name!r} has length {shapes[name][axis]}, but the "
                             f"concatenation {entry!r} holds {units}{ctx}"
                         )
+        for head, members in self._heads.items():
+            counts = {}
+            for group, d in members.items():
+                if sizes[group] % d:
+                    raise ValueError(
+                        f"permutation group {group!r} has {sizes[group]} units, not a multiple "
+                        f"of its head length {d} (head set {head!r}){ctx}")
+                counts[group] = sizes[group] // d
+            if len(set(counts.values())) > 1:
+                raise ValueError(f"the groups of head set {head!r} disagree on the number of "
+                                 f"heads: {counts}{ctx}")
         return sizes
+
+    def _concatenated_sizes(self, shapes: Mapping[str, Sequence[int]],
+                            sizes: dict[str, int]) -> None:
+        """Size the groups that appear only in concatenations, where one concatenation holds
+        a single group of unknown size (possibly repeated: q|k|v rows)."""
+        changed = True
+        while changed:
+            changed = False
+            for name, entries in self._axes_to_perm.items():
+                for axis, entry in enumerate(entries):
+                    if not isinstance(entry, tuple):
+                        continue
+                    unknown = {g for g in entry if g not in sizes}
+                    if len(unknown) != 1:
+                        continue
+                    (group,) = unknown
+                    rest = shapes[name][axis] // self.block(name, axis) - sum(
+                        sizes[g] for g in entry if g in sizes)
+                    repeats = entry.count(group)
+                    if rest > 0 and rest % repeats == 0:
+                        sizes[group] = rest // repeats
+                        changed = True
+
+
+def _check_heads(heads: Mapping[str, Mapping[str, int]] | None,
+                 perm_to_axes: Mapping[str, list]) -> dict[str, dict[str, int]]:
+    if heads is None:
+        return {}
+    if not isinstance(heads, Mapping):
+        raise TypeError(f"heads must be a mapping of head set to {{group: head length}}, "
+                        f"got {type(heads).__name__}")
+    out: dict[str, dict[str, int]] = {}
+    owner: dict[str, str] = {}
+    for head, members in heads.items():
+        if not isinstance(members, Mapping) or not members:
+            raise TypeError(f"heads[{head!r}] must be a non-empty mapping of group name to head "
+                            f"length, got {members!r}")
+        for group, d in members.items():
+            if group not in perm_to_axes:
+                raise ValueError(f"heads[{head!r}] names group {group!r}, which permutes no axis "
+                                 f"of the spec")
+            if group in owner:
+                raise ValueError(f"group {group!r} is in head sets {owner[group]!r} and {head!r}")
+            if isinstance(d, bool) or int(d) != d or int(d) < 1:
+                raise ValueError(f"heads[{head!r}][{group!r}] must be a head length >= 1, "
+                                 f"got {d!r}")
+            owner[group] = head
+            out.setdefault(str(head), {})[group] = int(d)
+    return out
+
+
+def split_heads(perm: torch.Tensor, d: int, where: str = "the permutation"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A permutation of heads of ``d`` units as ``(H, w)``: unit ``h * d + i`` of the result is
+    unit ``H[h] * d + w[h, i]`` of the input.
+
+    Parameters
+    ----------
+    perm : LongTensor of shape ``(n_heads * d,)``
+    d : int
+        Head length.
+
+    Returns
+    -------
+    H : LongTensor of shape ``(n_heads,)``
+    w : LongTensor of shape ``(n_heads, d)``
+
+    Raises
+    ------
+    ValueError
+        If ``perm`` maps some head onto units of more than one head (it splits a head).
+    """
+    blocks = perm.reshape(-1, d)
+    heads = blocks // d
+    if not bool((heads == heads[:, :1]).all()):
+        split = int((heads != heads[:, :1]).any(1).nonzero()[0])
+        raise ValueError(
+            f"{where} splits head {split}: its {d} units come from heads "
+            f"{sorted(set(heads[split].tolist()))}; a permutation of attention units may only "
+            f"move whole heads and permute units within them")
+    return heads[:, 0].clone(), blocks % d
+
+
+def join_heads(head: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_heads`: the flat permutation ``H[h] * d + w[h, i]``."""
+    d = within.shape[1]
+    return (head[:, None] * d + within).reshape(-1)
 
 
 def axis_index(
