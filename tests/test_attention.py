@@ -4,6 +4,7 @@ input, and permuting guides over a transformer."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -442,3 +443,115 @@ def test_permuting_a_guide_over_a_transformer_moves_every_part_with_the_heads(ki
         moved = permute(dict(before.scale), perms, spec)
         for site in before.sites:
             assert torch.allclose(after.scale[site], moved[site], rtol=1e-6), site
+
+
+# -------------------------------------------------------------------------------- matching --
+def test_head_assignment_is_the_best_element_of_the_head_symmetry():
+    """Brute force over every head permutation and every within-head permutation of two
+    groups (3 heads of 2 and of 3 units: 6 * 2^3 * 6^3 elements)."""
+    import itertools
+
+    from bnn_align.matching._descent import head_assignment
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = {"qk": 2, "v": 3}
+    sims = {g: torch.randn(3 * d, 3 * d, generator=rng).numpy() for g, d in lengths.items()}
+    found = head_assignment(sims, lengths)
+
+    def value(g, perm):
+        return float(sims[g][range(len(perm)), perm].sum())
+
+    best = -math.inf
+    for heads in itertools.permutations(range(3)):
+        total = 0.0
+        for g, d in lengths.items():
+            # within each head the best of all d! permutations, heads fixed
+            for h in range(3):
+                block = sims[g][h * d:(h + 1) * d, heads[h] * d:(heads[h] + 1) * d]
+                total += max(sum(block[i, w[i]] for i in range(d))
+                             for w in itertools.permutations(range(d)))
+        best = max(best, total)
+    got = sum(value(g, found[g].numpy()) for g in lengths)
+    assert got == pytest.approx(best, rel=1e-6)
+    assert torch.equal(split_heads(found["qk"], 2)[0], split_heads(found["v"], 3)[0])
+
+
+def transformer_model():
+    from bnn_align import models
+    torch.manual_seed(0)
+    return BayesianNetwork(models.transformer(40, 10, dim=16, heads=4, layers=2),
+                           input_shape=(40,))
+
+
+def spread_guide(kind, model, seed):
+    guide = guides.mean_field(model) if kind == "mean_field" else guides.low_rank(model, 3)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return guide
+
+
+@pytest.mark.parametrize("kind", ["mean_field", "low_rank"])
+def test_planted_heads_and_units_are_recovered_without_a_spec(kind):
+    from bnn_align import match
+
+    model = transformer_model()
+    guide_a = spread_guide(kind, model, 0)
+    spec = model.spec
+    sizes = spec.group_sizes(shapes(model.net))
+    perms = random_perms(sizes, torch.Generator().manual_seed(1), heads=spec.heads)
+    assert any(not torch.equal(split_heads(perms[g], d)[0], torch.arange(4))
+               for members in spec.heads.values() for g, d in members.items())
+    guide_b = permute(guide_a, perms)
+    with torch.no_grad():  # a little noise on every parameter
+        gen = torch.Generator().manual_seed(2)
+        for p in guide_b.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=gen))
+    result = match(guide_a, guide_b)
+    truth = invert(perms)
+    for g in truth:
+        assert torch.equal(result.perms[g], truth[g]), g
+    assert result.converged
+    assert result.cost_after < 1e-3 * result.cost_before
+    assert result.history == sorted(result.history, reverse=True)
+
+
+def test_independent_transformer_posteriors_come_closer_keeping_heads_whole():
+    from bnn_align import alignment_cost, match
+
+    model = transformer_model()
+    guide_a = spread_guide("mean_field", model, 0)
+    guide_b = spread_guide("mean_field", model, 5)
+    result = match(guide_a, guide_b)
+    model.spec.check_heads(result.perms)  # raises if a head was split
+    assert result.cost_after < result.cost_before
+    assert result.history == sorted(result.history, reverse=True)
+    assert alignment_cost(guide_a, guide_b, result.perms) == pytest.approx(result.cost_after,
+                                                                           rel=1e-4)
+    # the aligned posterior is the same distribution over functions: equal outputs at the means
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    loc_b = as_gaussian(guide_b).loc
+    loc_aligned = as_gaussian(result.aligned).loc
+    net_b, net_aligned = copy.deepcopy(model.net), copy.deepcopy(model.net)
+    net_b.load_state_dict({k: v for k, v in loc_b.items()}, strict=False)
+    net_aligned.load_state_dict({k: v for k, v in loc_aligned.items()}, strict=False)
+    with torch.no_grad():
+        y, z = net_b.double()(x.double()), net_aligned.double()(x.double())
+    assert float((y - z).abs().max() / y.abs().max()) < 1e-5
+
+
+def test_methods_that_do_not_keep_heads_whole_are_refused():
+    from bnn_align import match
+
+    model = transformer_model()
+    guide_a, guide_b = spread_guide("mean_field", model, 0), spread_guide("mean_field", model, 1)
+    with pytest.raises(ValueError, match="does not respect attention heads"):
+        match(guide_a, guide_b, method="activation", data=torch.randn(8, 40))
+    spec = model.spec
+    sizes = spec.group_sizes(shapes(model.net))
+    bad = {g: torch.arange(n) for g, n in sizes.items()}
+    qk = next(iter(next(iter(spec.heads.values()))))
+    bad[qk] = torch.roll(torch.arange(sizes[qk]), 1)  # shifts units across heads
+    with pytest.raises(ValueError, match="splits head"):
+        match(guide_a, guide_b, init=bad)

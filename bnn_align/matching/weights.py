@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .._checks import load_saved, positive_int
 from .._threads import thread_count, torch_threads
-from ._descent import Descent, Problem, assign, cost_at, descend
+from ._descent import Descent, Problem, assign, cost_at, descend, head_descend
 from ..bayesian import BayesianNetwork
 from ..symmetry.permutation import (Spare, check_perms, identity_perms, permute, permute_into,
                       random_perms)
@@ -446,6 +446,10 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
               "mean": ("scale", "covariance factor")}.get(objective, FINITE_PARTS)
     va, vb = paired_views(guide_a, guide_b, _LABELS, copy=False, finite=finite)
     spec = _resolve_spec(guide_a, guide_b, spec, data, unknown, caller)
+    if spec.heads and objective in ("activation", *LEARNED_METHODS):
+        raise ValueError(
+            f"method={objective!r} does not respect attention heads yet (the spec has head "
+            f"sets {list(spec.heads)}); use method='wasserstein' or 'mean'")
     return va, vb, spec, _spec_sizes(spec, va, guide_a)
 
 
@@ -535,6 +539,7 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown,
                                    "alignment_cost")
     perms = check_perms(perms, sizes) if perms is not None else identity_perms(sizes)
+    spec.check_heads(perms)
     problem, constant = _problem(va, vb, method, spec, sizes)
     return _finite_cost(cost_at(problem, perms, constant), va, vb)
 
@@ -705,6 +710,7 @@ def match(
                              num_threads=num_threads, progress=progress, unknown=unknown)
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown, "match")
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
+    spec.check_heads(start)
     with torch_threads(_solver_threads(num_threads, va, spec, sizes)):
         rng = np.random.default_rng(seed)
 
@@ -727,11 +733,14 @@ def match(
             if cost_before is None:  # at the identity, with the best rotation of the factors
                 cost_before = _finite_cost(cost_at(problem, identity_perms(sizes), constant),
                                            va, vb)
-            init_perms = start if restart == 0 else random_perms(sizes, gen)
+            init_perms = start if restart == 0 else random_perms(sizes, gen, spec.heads)
             if max_iter == 0:
                 cost = cost_at(problem, init_perms, constant)
                 result = Descent(dict(problem.perms), [cost], 0, True, problem.rotation_tensor(),
                                  cost)
+            elif spec.heads:  # every step keeps heads whole (see _descent.head_descent)
+                result = head_descend(problem, constant, init_perms, max_iter, rng, bar,
+                                      spec.heads)
             else:
                 result = descend(problem, constant, init_perms, max_iter, rng, bar,
                                  greedy=restart == 0 and init is None)
