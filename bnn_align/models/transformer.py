@@ -22,6 +22,14 @@ class PatchTransformer(nn.Module):
     Parameter names: ``embed`` (the patch embedding), ``pos`` (learned positions, shape
     ``(1, tokens, dim)``), ``encoder.layers.<i>.*`` (``self_attn.in_proj_weight``,
     ``linear1``, ``norm1``, ...), ``norm`` and ``head``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bnn_align import models
+    >>> net = models.transformer(40, 10, dim=16, heads=2, layers=1)
+    >>> isinstance(net, models.PatchTransformer), tuple(net.pos.shape)
+    (True, (1, 10, 16))
     """
 
     def __init__(self, in_features: int, num_classes: int, patch: int, dim: int,

@@ -95,6 +95,18 @@ class PermutationSpec:
     Traceback (most recent call last):
         ...
     ValueError: permutation group 'P0' has 8 units on '0.weight' but 6 on axis 1 of '2.weight'
+
+    A head set: group ``Q`` is cut into heads of 2 units, which may only move as wholes.
+
+    >>> heads = ba.PermutationSpec({"q.weight": ("Q", None), "o.weight": (None, "Q")},
+    ...                            heads={"H": {"Q": 2}})
+    >>> heads.heads
+    {'H': {'Q': 2}}
+    >>> heads.check_heads({"Q": torch.tensor([2, 3, 1, 0])})  # heads swapped, head 1 reversed
+    >>> heads.check_heads({"Q": torch.tensor([0, 2, 1, 3])})
+    Traceback (most recent call last):
+        ...
+    ValueError: perms['Q'] splits head 0: its 2 units come from heads [0, 1]; a permutation of attention units may only move whole heads and permute units within them
     """
 
     def __init__(
