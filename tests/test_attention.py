@@ -555,3 +555,29 @@ def test_methods_that_do_not_keep_heads_whole_are_refused():
     bad[qk] = torch.roll(torch.arange(sizes[qk]), 1)  # shifts units across heads
     with pytest.raises(ValueError, match="splits head"):
         match(guide_a, guide_b, init=bad)
+
+
+def test_move_heads_false_matches_only_within_heads():
+    from bnn_align import match
+
+    model = transformer_model()
+    guide_a = spread_guide("mean_field", model, 0)
+    spec = model.spec
+    sizes = spec.group_sizes(shapes(model.net))
+    perms = random_perms(sizes, torch.Generator().manual_seed(4), heads=spec.heads)
+    within = {g: p for g, p in perms.items()}
+    for members in spec.heads.values():
+        for g, d in members.items():
+            within[g] = join_heads(torch.arange(sizes[g] // d), split_heads(perms[g], d)[1])
+    # heads in place, units moved within them: recovered exactly without the head step
+    result = match(guide_a, permute(guide_a, within), move_heads=False)
+    for g, p in invert(within).items():
+        assert torch.equal(result.perms[g], p), g
+    # heads moved as well: the head step is what brings the copy back
+    moved = permute(guide_a, perms)
+    fixed, free = match(guide_a, moved, move_heads=False), match(guide_a, moved)
+    for members in spec.heads.values():
+        for g, d in members.items():
+            assert torch.equal(split_heads(fixed.perms[g], d)[0], torch.arange(sizes[g] // d))
+    assert free.cost_after < 1e-6 * free.cost_before
+    assert fixed.cost_after > 100 * free.cost_after + 1.0

@@ -886,8 +886,8 @@ def means_first(problem: Problem, g: str, settled: set[str] | None = None
 
 
 # ------------------------------------------------------------------------ attention heads --
-def head_assignment(similarities: Mapping[str, np.ndarray], lengths: Mapping[str, int]
-                    ) -> dict[str, torch.Tensor]:
+def head_assignment(similarities: Mapping[str, np.ndarray], lengths: Mapping[str, int],
+                    move_heads: bool = True) -> dict[str, torch.Tensor]:
     """The best element of one head set's symmetry for fixed other groups, hierarchically.
 
     ``similarities[g]`` is group ``g``'s ``(n_heads * d, n_heads * d)`` similarity and
@@ -897,6 +897,9 @@ def head_assignment(similarities: Mapping[str, np.ndarray], lengths: Mapping[str
     over heads on it chooses the head permutation shared by the set (Verma & Elbayad's
     hierarchical matching). Exact: once the head permutation is fixed, the groups and heads
     separate into independent assignments, whose optima are those values.
+
+    With ``move_heads=False`` the heads stay in place (``H`` the identity) and only the
+    within-head assignments are made.
 
     Returns the flat permutations (``H[h] * d + w[h, i]``, see
     :func:`~bnn_align.symmetry.spec.split_heads`).
@@ -908,13 +911,13 @@ def head_assignment(similarities: Mapping[str, np.ndarray], lengths: Mapping[str
     for g in groups:
         d, s = lengths[g], similarities[g]
         for ha in range(count):
-            for hb in range(count):
+            for hb in (range(count) if move_heads else (ha,)):
                 block = np.ascontiguousarray(s[ha * d:(ha + 1) * d, hb * d:(hb + 1) * d],
                                              dtype=np.float64)
                 perm = assign(block).numpy()
                 within[g][ha, hb] = perm
                 value[ha, hb] += block[np.arange(d), perm].sum()
-    heads = assign(value).numpy()
+    heads = assign(value).numpy() if move_heads else np.arange(count)
     out = {}
     for g in groups:
         d = lengths[g]
@@ -938,7 +941,8 @@ def _coupled(problem: Problem) -> set[str]:
 
 def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: float,
                  max_iter: int, rng: np.random.Generator, bar: Any,
-                 heads: Mapping[str, Mapping[str, int]], evaluate: bool = True) -> Descent:
+                 heads: Mapping[str, Mapping[str, int]], evaluate: bool = True,
+                 move_heads: bool = True) -> Descent:
     """Coordinate descent for a spec with head sets: each step is an exact assignment of one
     group outside the head sets, or the hierarchical step of one head set
     (:func:`head_assignment`) over all its groups at once, so every iterate respects the
@@ -975,7 +979,7 @@ def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: 
                 continue
             lengths = dict(heads[name])
             sims = {g: problem.similarity(g) for g in lengths}
-            new = head_assignment(sims, lengths)
+            new = head_assignment(sims, lengths, move_heads)
             if all(torch.equal(new[g], problem.perms[g]) for g in lengths):
                 continue
             if coupled & set(lengths):
@@ -1018,19 +1022,22 @@ def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: 
 
 def head_descend(problem: Problem, constant: float, start: Mapping[str, torch.Tensor],
                  max_iter: int, rng: np.random.Generator, bar: Any,
-                 heads: Mapping[str, Mapping[str, int]]) -> Descent:
+                 heads: Mapping[str, Mapping[str, int]], move_heads: bool = True) -> Descent:
     """:func:`head_descent` on the full objective, from ``start`` refined on the means alone
     when the objective has more parts (as :func:`descend` does for specs without heads): the
     descent from the refined point is kept when the refined point is below ``start``, else the
     descent runs from ``start``."""
     if problem.num_parts == 1:
-        return head_descent(problem, start, constant, max_iter, rng, bar, heads)
+        return head_descent(problem, start, constant, max_iter, rng, bar, heads,
+                        move_heads=move_heads)
     at_start = cost_at(problem, start, constant)
     with problem.means_only():
         refined = head_descent(problem, start, 0.0, WARM_START_SWEEPS, rng, None, heads,
-                               evaluate=False).perms
+                               evaluate=False, move_heads=move_heads).perms
     if not all(torch.equal(refined[g], start[g]) for g in start):
-        result = head_descent(problem, refined, constant, max_iter, rng, bar, heads)
+        result = head_descent(problem, refined, constant, max_iter, rng, bar, heads,
+                              move_heads=move_heads)
         if result.initial < at_start:
             return result
-    return head_descent(problem, start, constant, max_iter, rng, bar, heads)
+    return head_descent(problem, start, constant, max_iter, rng, bar, heads,
+                        move_heads=move_heads)

@@ -45,7 +45,7 @@ from ..symmetry.permutation import (Spare, check_perms, identity_perms, permute,
                       random_perms)
 from ..posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
-from ..symmetry.spec import PermutationSpec
+from ..symmetry.spec import PermutationSpec, join_heads, split_heads
 from ..symmetry.derive import UnsupportedOperation, check_unknown
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
@@ -558,6 +558,17 @@ def _aligned_guide(guide_b: Any, perms: Mapping[str, torch.Tensor], spec: Permut
     return aligned
 
 
+def _heads_in_place(perms: Mapping[str, torch.Tensor], spec: PermutationSpec
+                    ) -> dict[str, torch.Tensor]:
+    """``perms`` with every head set's heads put back in place (within-head moves kept)."""
+    out = dict(perms)
+    for members in spec.heads.values():
+        for g, d in members.items():
+            _, within = split_heads(perms[g], d)
+            out[g] = join_heads(torch.arange(len(within)), within)
+    return out
+
+
 # ------------------------------------------------------------------------------- match --
 def match(
     guide_a: Any,
@@ -577,6 +588,7 @@ def match(
     unknown: str = "error",
     epochs: int = 5,
     lr: float | None = None,
+    move_heads: bool = True,
 ) -> Alignment:
     """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
 
@@ -647,6 +659,9 @@ def match(
     epochs, lr : int, float
         ``"ste"`` and ``"sinkhorn"`` only: passes over the training part of ``data``, and
         Adam's learning rate (default: ``bnn_align.matching.learned.DEFAULT_LR`` of the method).
+    move_heads : bool
+        Specs with head sets (attention) only: ``False`` leaves every attention head where it
+        is and matches only the dimensions within each head (an ablation of the head step).
 
     Returns
     -------
@@ -734,13 +749,15 @@ def match(
                 cost_before = _finite_cost(cost_at(problem, identity_perms(sizes), constant),
                                            va, vb)
             init_perms = start if restart == 0 else random_perms(sizes, gen, spec.heads)
+            if not move_heads and restart > 0:
+                init_perms = _heads_in_place(init_perms, spec)
             if max_iter == 0:
                 cost = cost_at(problem, init_perms, constant)
                 result = Descent(dict(problem.perms), [cost], 0, True, problem.rotation_tensor(),
                                  cost)
             elif spec.heads:  # every step keeps heads whole (see _descent.head_descent)
                 result = head_descend(problem, constant, init_perms, max_iter, rng, bar,
-                                      spec.heads)
+                                      spec.heads, move_heads=bool(move_heads))
             else:
                 result = descend(problem, constant, init_perms, max_iter, rng, bar,
                                  greedy=restart == 0 and init is None)

@@ -1,5 +1,5 @@
 """A small transformer encoder classifier: vectors cut into patch tokens, learned positions,
-``nn.TransformerEncoderLayer`` blocks, mean pooling over the tokens.
+pre-norm encoder blocks, mean pooling over the tokens.
 
 Built for MNIST-1D (40 values -> 10 tokens of 4) so that it trains as a BNN here in minutes;
 :func:`bnn_align.spec_from_module` derives its residual stream, its heads and the units within
@@ -9,6 +9,7 @@ them (see :mod:`bnn_align.symmetry.attention`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int
@@ -16,12 +17,48 @@ from .._checks import check_int
 __all__ = ["transformer", "PatchTransformer"]
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written out (``q``, ``k``, ``v`` and ``proj`` layers), so that
+    ``torch.fx`` traces it and batched weight draws (``torch.vmap``) run it without falling back
+    from fused kernels that have no batching rule (``nn.MultiheadAttention``'s and
+    ``F.scaled_dot_product_attention``'s)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        k = self.k(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        v = self.v(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        att = F.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+        y = att @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: ``x + attn(norm1(x))``, then ``x + fc2(gelu(fc1(norm2(x))))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
 class PatchTransformer(nn.Module):
     """Encoder classifier over patches of a vector (see :func:`transformer`).
 
     Parameter names: ``embed`` (the patch embedding), ``pos`` (learned positions, shape
-    ``(1, tokens, dim)``), ``encoder.layers.<i>.*`` (``self_attn.in_proj_weight``,
-    ``linear1``, ``norm1``, ...), ``norm`` and ``head``.
+    ``(1, tokens, dim)``), ``blocks.<i>.*`` (``norm1``, ``attn.q``, ``attn.k``, ``attn.v``,
+    ``attn.proj``, ``norm2``, ``fc1``, ``fc2``), ``norm`` and ``head``.
 
     Examples
     --------
@@ -38,16 +75,15 @@ class PatchTransformer(nn.Module):
         self.patch = patch
         self.embed = nn.Linear(patch, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(1, in_features // patch, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList([Block(dim, heads, hidden) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(x.shape[0], -1, self.patch)
-        h = self.embed(tokens) + self.pos
-        return self.head(self.norm(self.encoder(h)).mean(1))
+        h = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
 
 
 def transformer(
@@ -98,10 +134,10 @@ def transformer(
     >>> net(torch.randn(3, 40)).shape
     torch.Size([3, 10])
     >>> spec = ba.spec_from_module(net, torch.zeros(2, 40))
-    >>> spec["encoder.layers.0.self_attn.out_proj.weight"]
-    ('P_embed', 'P_encoder.layers.0.self_attn.v')
-    >>> spec.heads
-    {'H_encoder.layers.0.self_attn': {'P_encoder.layers.0.self_attn.qk': 4, 'P_encoder.layers.0.self_attn.v': 4}}
+    >>> spec["blocks.0.attn.proj.weight"]          # residual stream x value dimensions
+    ('P_embed', 'P_blocks.0.attn.v')
+    >>> spec.heads                                  # 4 heads of 4 dimensions
+    {'H_blocks.0.attn.q': {'P_blocks.0.attn.q': 4, 'P_blocks.0.attn.v': 4}}
     >>> models.transformer(40, 10, patch=3)
     Traceback (most recent call last):
         ...
