@@ -657,8 +657,8 @@ def spec_from_module(
         One input batch (or the positional inputs), e.g. ``torch.randn(2, 40)``; only its shape
         matters.
     unknown : {"error", "fix"}
-        What to do with an operation whose permutation behaviour is not known (attention,
-        recurrent layers, custom ops, indexing, padding of the units' axis): ``"error"`` raises
+        What to do with an operation whose permutation behaviour is not known (recurrent
+        layers, custom ops, indexing, padding of the units' axis, rotary embeddings): ``"error"`` raises
         :class:`ValueError` naming the module and operation; ``"fix"`` ties the units around it
         to the unpermuted inputs, so the spec permutes less but still never changes the function.
 
@@ -666,7 +666,10 @@ def spec_from_module(
     -------
     PermutationSpec
         An entry for every parameter and buffer in ``net.state_dict()``; groups are named
-        ``"P_<module>"`` after the first layer that creates their units.
+        ``"P_<module>"`` after the first layer that creates their units. Attention layers
+        (``nn.MultiheadAttention``, ``nn.Transformer*Layer``, attention written with
+        ``view``/``transpose``/``@``) give a query/key and a value group per layer, declared a
+        head set in :attr:`PermutationSpec.heads` (see :mod:`bnn_align.symmetry.attention`).
 
     Raises
     ------
