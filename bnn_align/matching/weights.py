@@ -654,8 +654,8 @@ def match(
     unknown : {"error", "fix"}
         Passed to :func:`spec_from_module` when the spec is derived from the guides' network
         (unused with ``spec=``): ``"error"`` refuses a network with an operation not known to
-        commute with permutations (recurrent layers, attention, ...), ``"fix"`` leaves the units
-        around it unpermuted.
+        commute with permutations (recurrent layers, rotary embeddings, ...), ``"fix"`` leaves
+        the units around it unpermuted.
     epochs, lr : int, float
         ``"ste"`` and ``"sinkhorn"`` only: passes over the training part of ``data``, and
         Adam's learning rate (default: ``bnn_align.matching.learned.DEFAULT_LR`` of the method).
