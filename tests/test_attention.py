@@ -581,3 +581,36 @@ def test_move_heads_false_matches_only_within_heads():
             assert torch.equal(split_heads(fixed.perms[g], d)[0], torch.arange(sizes[g] // d))
     assert free.cost_after < 1e-6 * free.cost_before
     assert fixed.cost_after > 100 * free.cost_after + 1.0
+
+
+class PerHeadBias(nn.Module):
+    """Attention scores plus a constant that differs between heads (an ALiBi-like buffer):
+    the heads may not move, nor, as a head set cannot pin only its heads, anything within
+    them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.q, self.v = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.p, self.o = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("slopes", torch.randn(1, 2, 6, 6))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.emb(x)
+        q = self.q(h).view(B, T, 2, 4).transpose(1, 2)
+        v = self.v(h).view(B, T, 2, 4).transpose(1, 2)
+        att = F.softmax(q @ q.transpose(-2, -1) + self.slopes[:, :, :T, :T], dim=-1)
+        return self.o(self.p((att @ v).transpose(1, 2).reshape(B, T, 8)) + h)
+
+
+def test_a_constant_per_head_pins_the_head_set_and_the_rest_still_moves():
+    net = PerHeadBias().double().eval()
+    x = x3(2, 5, 3).double()
+    spec = spec_from_module(net, x)
+    assert spec.heads == {}
+    assert spec["q.weight"][0] is None and spec["v.weight"][0] is None
+    assert spec["emb.weight"][0] is not None  # the residual stream is still permuted
+    sizes = spec.group_sizes(shapes(net))
+    perms = random_perms(sizes, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(net(x), permute(net, perms, spec)(x), atol=1e-12)

@@ -208,12 +208,12 @@ class AttentionRules:
         ndim = out.dim()
         live: list[Heads] = []
         constants: list[tuple[int, ...]] = []
-        for a in _flatten((n.args, n.kwargs)):
-            if not isinstance(a, torch.fx.Node) or self.units.get(a) is None:
-                if isinstance(a, torch.fx.Node) and a.op == "get_attr":
-                    return self.refuse("it combines attention heads with a parameter used "
-                                       "directly", [u for u in self.units.values()
-                                                    if isinstance(u, Heads)][-1:])
+        nodes = [a for a in _flatten((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
+        if any(a.op == "get_attr" for a in nodes):
+            return self.refuse("it combines attention heads with a parameter used directly",
+                               [self.units[a] for a in nodes if self.units.get(a) is not None])
+        for a in nodes:
+            if self.units.get(a) is None:
                 continue
             u, shape = self.units[a], tuple(a.meta["_bnn_shape"])
             shift = ndim - len(shape)
