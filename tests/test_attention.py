@@ -14,7 +14,6 @@ from torch import nn
 
 from bnn_align import (BayesianNetwork, PermutationSpec, as_gaussian, guides, permute,
                        spec_from_module)
-from bnn_align.symmetry.derive import UnsupportedOperation
 from bnn_align.symmetry.permutation import compose, invert, random_perms
 from bnn_align.symmetry.spec import join_heads, split_heads
 

@@ -71,7 +71,8 @@ _BROADCAST = {"add", "sub", "mul", "div", "true_divide", "masked_fill", "where"}
 _COMPARE = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
             "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__"}
 _OPERATORS = {operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.le: "le",
-              operator.gt: "gt", operator.ge: "ge", operator.add: "add", operator.sub: "sub", operator.mul: "mul",
+              operator.gt: "gt", operator.ge: "ge", operator.add: "add", operator.sub: "sub",
+              operator.mul: "mul",
               operator.truediv: "div", operator.matmul: "matmul", operator.neg: "neg",
               operator.getitem: "getitem"}
 

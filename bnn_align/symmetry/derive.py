@@ -658,9 +658,9 @@ def spec_from_module(
         matters.
     unknown : {"error", "fix"}
         What to do with an operation whose permutation behaviour is not known (recurrent
-        layers, custom ops, indexing, padding of the units' axis, rotary embeddings): ``"error"`` raises
-        :class:`ValueError` naming the module and operation; ``"fix"`` ties the units around it
-        to the unpermuted inputs, so the spec permutes less but still never changes the function.
+        layers, custom ops, indexing, padding of the units' axis, rotary embeddings):
+        ``"error"`` raises :class:`ValueError` naming the module and operation; ``"fix"`` ties
+        the units around it to the unpermuted inputs, so the spec permutes less but still never changes the function.
 
     Returns
     -------
