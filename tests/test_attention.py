@@ -613,3 +613,40 @@ def test_a_constant_per_head_pins_the_head_set_and_the_rest_still_moves():
     perms = random_perms(sizes, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(net(x), permute(net, perms, spec)(x), atol=1e-12)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (rotate-half form) on the queries and keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.p, self.o = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        angles = torch.arange(6)[:, None] * torch.tensor([1.0, 0.1])[None]
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1))
+        self.register_buffer("sin", torch.cat([angles.sin(), angles.sin()], -1))
+
+    def rotate(self, t):
+        return torch.cat([-t[..., 2:], t[..., :2]], -1)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.emb(x)
+        q, k, v = (layer(h).view(B, T, 2, 4).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        cos, sin = self.cos[:T], self.sin[:T]
+        q, k = q * cos + self.rotate(q) * sin, k * cos + self.rotate(k) * sin
+        y = F.softmax(q @ k.transpose(-2, -1), -1) @ v
+        return self.o(self.p(y.transpose(1, 2).reshape(B, T, 8)) + h)
+
+
+def test_rotary_embeddings_are_refused_or_left_in_place():
+    net = Rotary().double().eval()
+    x = x3(2, 5, 3).double()
+    with pytest.raises(ValueError, match="getitem.*split into attention heads"):
+        spec_from_module(net, x)
+    spec = spec_from_module(net, x, unknown="fix")
+    assert spec.heads == {} and spec["q.weight"][0] is None and spec["v.weight"][0] is None
+    assert spec["emb.weight"][0] is not None
+    perms = random_perms(spec.group_sizes(shapes(net)), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(net(x), permute(net, perms, spec)(x), atol=1e-12)
