@@ -103,14 +103,35 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
-class GPT(nn.Module):
-    def __init__(self, vocab=11, dim=16, heads=4, block=8, layers=2, sdpa=False):
+class PackedCausalSelfAttention(nn.Module):
+    """nanoGPT's attention: one packed ``c_attn`` layer whose output is split into q, k, v."""
+
+    def __init__(self, dim, heads, block, sdpa=False):
         super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.n_head, self.n_embd = heads, dim
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=11, dim=16, heads=4, block=8, layers=2, sdpa=False, packed=False):
+        super().__init__()
+        attention = PackedCausalSelfAttention if packed else CausalSelfAttention
         self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
         self.ln1 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(layers)])
         self.ln2 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(layers)])
-        self.attn = nn.ModuleList([CausalSelfAttention(dim, heads, block, sdpa)
-                                   for _ in range(layers)])
+        self.attn = nn.ModuleList([attention(dim, heads, block, sdpa) for _ in range(layers)])
         self.fc = nn.ModuleList([nn.Linear(dim, 4 * dim) for _ in range(layers)])
         self.fc_out = nn.ModuleList([nn.Linear(4 * dim, dim) for _ in range(layers)])
         self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
@@ -181,6 +202,7 @@ CASES = {
     "decoder_pre_norm": (lambda: Decoder(True), (x3(2, 5, 3), x3(2, 4, 3))),
     "gpt_causal_mask": (lambda: GPT(), (torch.randint(0, 11, (2, 6)),)),
     "gpt_sdpa": (lambda: GPT(sdpa=True), (torch.randint(0, 11, (2, 6)),)),
+    "nanogpt_packed_split": (lambda: GPT(packed=True), (torch.randint(0, 11, (2, 6)),)),
     "vit_patches": (lambda: ViT(), (x3(2, 1, 8, 8),)),
 }
 
@@ -650,3 +672,29 @@ def test_rotary_embeddings_are_refused_or_left_in_place():
     perms = random_perms(spec.group_sizes(shapes(net)), torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(net(x), permute(net, perms, spec)(x), atol=1e-12)
+
+
+def test_nanogpt_packed_projection_rows_are_the_query_key_and_value_groups():
+    net = GPT(packed=True)
+    spec = spec_from_module(net, torch.randint(0, 11, (2, 6)))
+    rows, cols = spec["attn.0.c_attn.weight"]
+    qk, qk_again, v = rows
+    assert qk == qk_again != v and cols == spec["wte.weight"][1]
+    assert spec["attn.0.c_proj.weight"] == (cols, v)
+    assert {qk, v} == set(next(g for g in spec.heads.values() if qk in g))
+
+
+class SplitStream(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(4, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        first, second = h.split(4, dim=1)  # the units of h are also used whole below
+        return self.b(first * second) + self.c(h)
+
+
+def test_splitting_units_that_are_used_elsewhere_is_refused():
+    with pytest.raises(ValueError, match="splits units that are not the fresh output"):
+        spec_from_module(SplitStream(), x3(2, 4))

@@ -131,6 +131,12 @@ class AttentionRules:
             # (parameters read this way get no spec entry)
             return self.FIXED
         heads = [u for u in units if isinstance(u, Heads)]
+        if not isinstance(out, torch.Tensor):  # several tensors: only splits are known
+            x = self.units.get(n.args[0]) if n.args else None
+            if name in ("split", "chunk") and x is not None and not heads \
+                    and not isinstance(x, Several):
+                return self.split_tensor(n, name, x, args, kwargs, out)
+            return self.refuse("it returns several tensors", [u for u in units if u is not None])
         if name == "scaled_dot_product_attention":
             return self.sdpa(n, args, kwargs)
         if name in _MATMUL:
@@ -175,6 +181,29 @@ class AttentionRules:
                 moves = axis == k and shape[axis] != 1
                 self.assign(a.target, axis, result if moves else self.FIXED)
         return result
+
+    def split_tensor(self, n: torch.fx.Node, name: str, x: Any, args: tuple, kwargs: dict,
+                     out: tuple) -> Any:
+        """``qkv.split(C, dim=2)`` (or ``chunk``) of a packed projection's output: each part's
+        units become a group of their own, the projection's rows their concatenation."""
+        ndim = args[0].dim()
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % ndim
+        if x.axis is None or dim != x.axis:
+            return Several(tuple(x for _ in out))  # split along positions: units kept
+        var = x.segments[0]
+        holders = [u for u in self.units.values() if u is not None and var in u.segments]
+        alone = (len(x.segments) == 1 and x.block == 1 and self.uf.find(var) == var
+                 and sum(self.uf.find(v) == var for v in range(len(self.uf.parent))) == 1
+                 and var not in self.head_len and len(holders) == 1
+                 and len(n.args[0].users) == 1)  # nothing else reads the units whole
+        if not alone:
+            return self.refuse("it splits units that are not the fresh output of one layer",
+                               [x])
+        parts = tuple(self.uf.new(f"{self.uf.origin[var]}.{i}") for i in range(len(out)))
+        for key, segments in self.assignments.items():
+            if segments == (var,):
+                self.assignments[key] = parts
+        return Several(tuple(self.Units(x.axis, (v,)) for v in parts))
 
     def move_heads(self, name: str, x: Heads, ndim: int, rest: tuple) -> Heads:
         if name == "permute":

@@ -269,7 +269,9 @@ class _Deriver(AttentionRules, torch.fx.Interpreter):
                 self.fix(u)
         elif n.op == "get_attr":
             self.units[n] = None
-        elif isinstance(result, torch.Tensor) or n.op == "call_module":
+        elif isinstance(result, torch.Tensor) or n.op == "call_module" or (
+                isinstance(result, (tuple, list)) and result
+                and all(isinstance(t, torch.Tensor) for t in result)):  # split, chunk
             self.units[n] = self.rule(n, args, kwargs, result)
         else:
             # Shapes (x.size(0), x.shape, x.dim()) carry no units. Other non-tensors computed
