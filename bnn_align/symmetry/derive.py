@@ -662,7 +662,8 @@ def spec_from_module(
         What to do with an operation whose permutation behaviour is not known (recurrent
         layers, custom ops, indexing, padding of the units' axis, rotary embeddings):
         ``"error"`` raises :class:`ValueError` naming the module and operation; ``"fix"`` ties
-        the units around it to the unpermuted inputs, so the spec permutes less but still never changes the function.
+        the units around it to the unpermuted inputs, so the spec permutes less but still
+        never changes the function.
 
     Returns
     -------
