@@ -883,3 +883,161 @@ def means_first(problem: Problem, g: str, settled: set[str] | None = None
         problem.set_perms({g: old})
     del matrix  # not held while the rest is built: peak memory stays that of one solve
     return problem.similarity(g, settled, first_part=1, into=means), None
+
+
+# ------------------------------------------------------------------------ attention heads --
+def head_assignment(similarities: Mapping[str, np.ndarray], lengths: Mapping[str, int],
+                    move_heads: bool = True) -> dict[str, torch.Tensor]:
+    """The best element of one head set's symmetry for fixed other groups, hierarchically.
+
+    ``similarities[g]`` is group ``g``'s ``(n_heads * d, n_heads * d)`` similarity and
+    ``lengths[g]`` its head length ``d``. For every pair of heads ``(h_a, h_b)`` and every
+    group, the within-head assignment on the ``d x d`` block of the pair, and its value; the
+    values summed over the groups give an ``n_heads x n_heads`` matrix, and one assignment
+    over heads on it chooses the head permutation shared by the set (Verma & Elbayad's
+    hierarchical matching). Exact: once the head permutation is fixed, the groups and heads
+    separate into independent assignments, whose optima are those values.
+
+    With ``move_heads=False`` the heads stay in place (``H`` the identity) and only the
+    within-head assignments are made.
+
+    Returns the flat permutations (``H[h] * d + w[h, i]``, see
+    :func:`~bnn_align.symmetry.spec.split_heads`).
+    """
+    groups = list(similarities)
+    count = len(similarities[groups[0]]) // lengths[groups[0]]
+    value = np.zeros((count, count), dtype=np.float64)
+    within: dict[str, dict[tuple[int, int], np.ndarray]] = {g: {} for g in groups}
+    for g in groups:
+        d, s = lengths[g], similarities[g]
+        for ha in range(count):
+            for hb in (range(count) if move_heads else (ha,)):
+                block = np.ascontiguousarray(s[ha * d:(ha + 1) * d, hb * d:(hb + 1) * d],
+                                             dtype=np.float64)
+                perm = assign(block).numpy()
+                within[g][ha, hb] = perm
+                value[ha, hb] += block[np.arange(d), perm].sum()
+    heads = assign(value).numpy() if move_heads else np.arange(count)
+    out = {}
+    for g in groups:
+        d = lengths[g]
+        out[g] = torch.from_numpy(np.concatenate(
+            [heads[ha] * d + within[g][ha, heads[ha]] for ha in range(count)])).long()
+    return out
+
+
+def _coupled(problem: Problem) -> set[str]:
+    """Groups a tensor carries on two different axes: the objective is quadratic in them."""
+    out = set()
+    for axes in problem.axes.values():
+        seen: set[str] = set()
+        for _, _, groups in axes:
+            for g in set(groups):
+                if g in seen:
+                    out.add(g)
+            seen.update(groups)
+    return out
+
+
+def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: float,
+                 max_iter: int, rng: np.random.Generator, bar: Any,
+                 heads: Mapping[str, Mapping[str, int]], evaluate: bool = True,
+                 move_heads: bool = True) -> Descent:
+    """Coordinate descent for a spec with head sets: each step is an exact assignment of one
+    group outside the head sets, or the hierarchical step of one head set
+    (:func:`head_assignment`) over all its groups at once, so every iterate respects the
+    attention symmetry; then a rotation step; until a sweep changes nothing.
+
+    The objective's history is recovered from the steps' gains as in
+    :func:`coordinate_descent`; a step on a group carried on two axes of one tensor is taken
+    only if it lowers the exact cost.
+    """
+    members = {g for m in heads.values() for g in m}
+    steps = [(False, g) for g in problem.sizes if g not in members]
+    steps += [(True, h) for h in heads]
+    coupled = _coupled(problem)
+    problem.set_perms(start)
+    problem.rotate()
+    gains: list[float] = []
+    converged = False
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        gain = 0.0
+        for k in rng.permutation(len(steps)):
+            is_head, name = steps[int(k)]
+            if not is_head:
+                similarity = problem.similarity(name)
+                new = assign(similarity)
+                if not torch.equal(new, problem.perms[name]):
+                    if name in coupled:
+                        gain += exact_step(problem, name, new)
+                    else:
+                        step = assignment_gain(similarity, new, problem.perms[name])
+                        if step > 0:
+                            problem.set_perms({name: new})
+                            gain += step
+                continue
+            lengths = dict(heads[name])
+            sims = {g: problem.similarity(g) for g in lengths}
+            new = head_assignment(sims, lengths, move_heads)
+            if all(torch.equal(new[g], problem.perms[g]) for g in lengths):
+                continue
+            if coupled & set(lengths):
+                before, old = problem.cost(), {g: problem.perms[g] for g in lengths}
+                problem.set_perms(new)
+                drop = before - problem.cost()
+                if drop > 1e-7 * abs(before):
+                    gain += drop / 2
+                else:
+                    problem.set_perms(old)
+                continue
+            step = sum(chosen_total(sims[g], new[g].numpy())
+                       - chosen_total(sims[g], problem.perms[g].numpy()) for g in lengths)
+            scale = sum(float(np.abs(sims[g][np.arange(len(new[g])),
+                                             problem.perms[g].numpy()]).sum(dtype=np.float64))
+                        for g in lengths)
+            if step > 1e-6 * scale:
+                problem.set_perms(new)
+                gain += step
+        gain += problem.rotate()
+        gains.append(gain)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
+        if gain <= 0:
+            converged = True
+            break
+    history: list[float] = []
+    initial = math.nan
+    if evaluate:
+        value = problem.cost() + constant
+        for gain in reversed(gains):
+            history.append(value)
+            value += 2 * gain
+        history.reverse()
+        initial = value
+    return Descent(dict(problem.perms), history, iterations, converged,
+                   problem.rotation_tensor(), initial)
+
+
+def head_descend(problem: Problem, constant: float, start: Mapping[str, torch.Tensor],
+                 max_iter: int, rng: np.random.Generator, bar: Any,
+                 heads: Mapping[str, Mapping[str, int]], move_heads: bool = True) -> Descent:
+    """:func:`head_descent` on the full objective, from ``start`` refined on the means alone
+    when the objective has more parts (as :func:`descend` does for specs without heads): the
+    descent from the refined point is kept when the refined point is below ``start``, else the
+    descent runs from ``start``."""
+    if problem.num_parts == 1:
+        return head_descent(problem, start, constant, max_iter, rng, bar, heads,
+                        move_heads=move_heads)
+    at_start = cost_at(problem, start, constant)
+    with problem.means_only():
+        refined = head_descent(problem, start, 0.0, WARM_START_SWEEPS, rng, None, heads,
+                               evaluate=False, move_heads=move_heads).perms
+    if not all(torch.equal(refined[g], start[g]) for g in start):
+        result = head_descent(problem, refined, constant, max_iter, rng, bar, heads,
+                              move_heads=move_heads)
+        if result.initial < at_start:
+            return result
+    return head_descent(problem, start, constant, max_iter, rng, bar, heads,
+                        move_heads=move_heads)

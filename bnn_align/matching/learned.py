@@ -295,6 +295,10 @@ def learned_match(method: str, guide_a: Any, guide_b: Any, data: Any, *,
     start = match(guide_a, guide_b, spec=spec, method="wasserstein", max_iter=max_iter,
                   seed=seed, init=init, num_restarts=num_restarts, num_threads=num_threads,
                   progress=progress, unknown=unknown)
+    if start.spec.heads:
+        raise ValueError(f"method={method!r} does not respect attention heads yet (the spec "
+                         f"has head sets {list(start.spec.heads)}); use method='wasserstein' "
+                         f"or 'mean'")
     va, vb, spec, sizes = _prepare(guide_a, guide_b, start.spec, None, "wasserstein", unknown)
     device = va.device
     x, y = (t.to(device) for t in train)

@@ -40,14 +40,14 @@ from tqdm.auto import tqdm
 
 from .._checks import load_saved, positive_int
 from .._threads import thread_count, torch_threads
-from ._descent import Descent, Problem, assign, cost_at, descend
+from ._descent import Descent, Problem, assign, cost_at, descend, head_descend
 from ..bayesian import BayesianNetwork
 from ..symmetry.permutation import (Spare, check_perms, identity_perms, permute, permute_into,
                       random_perms)
 from ..posterior import (FINITE_PARTS, GaussianView, adapter_for, check_finite, model_of,
                         paired_views)
 from ..samples import SamplePosterior
-from ..symmetry.spec import PermutationSpec
+from ..symmetry.spec import PermutationSpec, join_heads, split_heads
 from ..symmetry.derive import UnsupportedOperation, check_unknown
 
 __all__ = ["match", "Alignment", "alignment_cost", "METHODS"]
@@ -507,6 +507,10 @@ def _prepare(guide_a: Any, guide_b: Any, spec: PermutationSpec | None, data: Any
               "mean": ("scale", "covariance factor")}.get(objective, FINITE_PARTS)
     va, vb = paired_views(guide_a, guide_b, _LABELS, copy=False, finite=finite)
     spec = _resolve_spec(guide_a, guide_b, spec, data, unknown, caller)
+    if spec.heads and objective in ("activation", *LEARNED_METHODS):
+        raise ValueError(
+            f"method={objective!r} does not respect attention heads yet (the spec has head "
+            f"sets {list(spec.heads)}); use method='wasserstein' or 'mean'")
     # a view carries no buffers (BatchNorm statistics the spec may name): read them off the
     # other posterior
     return va, vb, spec, _spec_sizes(spec, va, guide_b if isinstance(guide_a, GaussianView)
@@ -602,6 +606,7 @@ def alignment_cost(guide_a: Any, guide_b: Any, perms: Mapping[str, Any] | None =
     va, vb, spec, sizes = _prepare(guide_a, guide_b, spec, data, method, unknown,
                                    "alignment_cost")
     perms = check_perms(perms, sizes) if perms is not None else identity_perms(sizes)
+    spec.check_heads(perms)
     problem, constant = _problem(va, vb, method, spec, sizes)
     return _finite_cost(cost_at(problem, perms, constant), va, vb)
 
@@ -620,6 +625,17 @@ def _aligned_guide(guide_b: Any, perms: Mapping[str, torch.Tensor], spec: Permut
         if rotation is not None and hasattr(adapter, "rotate_"):
             adapter.rotate_(aligned, rotation)  # aligned is our own new guide
     return aligned
+
+
+def _heads_in_place(perms: Mapping[str, torch.Tensor], spec: PermutationSpec
+                    ) -> dict[str, torch.Tensor]:
+    """``perms`` with every head set's heads put back in place (within-head moves kept)."""
+    out = dict(perms)
+    for members in spec.heads.values():
+        for g, d in members.items():
+            _, within = split_heads(perms[g], d)
+            out[g] = join_heads(torch.arange(len(within)), within)
+    return out
 
 
 # ------------------------------------------------------------------------------- match --
@@ -642,6 +658,7 @@ def match(
     epochs: int = 5,
     lr: float | None = None,
     symmetries: tuple[str, ...] = ("permutation",),
+    move_heads: bool = True,
 ) -> Alignment:
     """Find the permutations of ``guide_b`` that bring it closest to ``guide_a``.
 
@@ -707,8 +724,8 @@ def match(
     unknown : {"error", "fix"}
         Passed to :func:`spec_from_module` when the spec is derived from the guides' network
         (unused with ``spec=``): ``"error"`` refuses a network with an operation not known to
-        commute with permutations (recurrent layers, attention, ...), ``"fix"`` leaves the units
-        around it unpermuted.
+        commute with permutations (recurrent layers, rotary embeddings, ...), ``"fix"`` leaves
+        the units around it unpermuted.
     epochs, lr : int, float
         ``"ste"`` and ``"sinkhorn"`` only: passes over the training part of ``data``, and
         Adam's learning rate (default: ``bnn_align.matching.learned.DEFAULT_LR`` of the method).
@@ -717,6 +734,9 @@ def match(
         are first made canonical (:func:`~bnn_align.canonicalize`: every scalable unit's
         incoming weights of unit norm) and the permutations found between the canonical forms
         (see ``Alignment.scales`` and ``Alignment.canonical``).
+    move_heads : bool
+        Specs with head sets (attention) only: ``False`` leaves every attention head where it
+        is and matches only the dimensions within each head (an ablation of the head step).
 
     Returns
     -------
@@ -822,6 +842,7 @@ def match(
     if not sizes:
         warnings.warn(_no_groups_reason(guide_a, guide_b, data), stacklevel=2)
     start = check_perms(init, sizes) if init is not None else identity_perms(sizes)
+    spec.check_heads(start)
     with torch_threads(_solver_threads(num_threads, va, spec, sizes)):
         rng = np.random.default_rng(seed)
 
@@ -844,11 +865,16 @@ def match(
             if cost_before is None:  # at the identity, with the best rotation of the factors
                 cost_before = _finite_cost(cost_at(problem, identity_perms(sizes), constant),
                                            va, vb)
-            init_perms = start if restart == 0 else random_perms(sizes, gen)
+            init_perms = start if restart == 0 else random_perms(sizes, gen, spec.heads)
+            if not move_heads and restart > 0:
+                init_perms = _heads_in_place(init_perms, spec)
             if max_iter == 0:
                 cost = cost_at(problem, init_perms, constant)
                 result = Descent(dict(problem.perms), [cost], 0, True, problem.rotation_tensor(),
                                  cost)
+            elif spec.heads:  # every step keeps heads whole (see _descent.head_descent)
+                result = head_descend(problem, constant, init_perms, max_iter, rng, bar,
+                                      spec.heads, move_heads=bool(move_heads))
             else:
                 result = descend(problem, constant, init_perms, max_iter, rng, bar,
                                  greedy=restart == 0 and init is None)

@@ -5,6 +5,8 @@ graph, and the one function that applies permutations.
   tensor axes each one moves.
 * :mod:`~bnn_align.symmetry.derive`: :func:`spec_from_module`, the spec of a module read off its
   traced graph, refusing what it cannot prove safe.
+* :mod:`~bnn_align.symmetry.attention`: the rules for attention (heads that move as wholes), used
+  by :func:`spec_from_module`.
 * :mod:`~bnn_align.symmetry.permutation`: :func:`permute`, applying permutations to tensors, state
   dicts, modules and guides.
 * :mod:`~bnn_align.symmetry.scale`: the positive-scale symmetries of a traced graph

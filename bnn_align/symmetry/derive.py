@@ -27,6 +27,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..models.asymmetric import ASYMMETRIC_LAYERS, AsymConv1d, AsymConv2d, AsymLinear
 from .scale import scale_symmetries
+from .attention import AttentionRules, Heads, head_sets, op_name
 from .spec import PermutationSpec
 
 __all__ = ["spec_from_module"]
@@ -74,6 +75,9 @@ class _Units:
 
 
 _FIXED_UNITS = _Units(None, (_FIXED,))
+# computed from parameters, buffers and constants alone: fixed like the inputs, but known to be
+# free of activations (told apart by identity)
+_CONSTANT_UNITS = _Units(None, (_FIXED,))
 
 
 _REMEDY = ("Pass unknown='fix' to leave the units around it unpermuted, or write a "
@@ -157,6 +161,9 @@ class _Tracer(torch.fx.Tracer):
     # torch.nn's own modules are leaves (their semantics are known or refused by type);
     # containers and user modules are traced through.
     failed_in: str = ""  # the innermost submodule whose tracing raised, for the error message
+    # buffers read in forward become graph nodes, so they can be sliced by traced sizes (the
+    # causal mask of minimal GPTs: ``self.bias[:, :, :T, :T]``)
+    proxy_buffer_attributes = True
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         try:
@@ -174,9 +181,15 @@ class _Tracer(torch.fx.Tracer):
         return type(m).__module__.startswith("torch.nn")
 
 
-class _Deriver(torch.fx.Interpreter):
+class _Deriver(AttentionRules, torch.fx.Interpreter):
+    Units = _Units
+    FIXED = _FIXED_UNITS
+    CONSTANT = _CONSTANT_UNITS
+    elementwise_modules = _ELEMENTWISE_MODULES
+
     def __init__(self, gm: torch.fx.GraphModule, unknown: str):
         super().__init__(gm)
+        self.init_heads()
         self.uf = _UnionFind()
         self.unknown = unknown
         self.units: dict[torch.fx.Node, _Units | None] = {}
@@ -260,7 +273,9 @@ class _Deriver(torch.fx.Interpreter):
                 self.fix(u)
         elif n.op == "get_attr":
             self.units[n] = None
-        elif isinstance(result, torch.Tensor) or n.op == "call_module":
+        elif isinstance(result, torch.Tensor) or n.op == "call_module" or (
+                isinstance(result, (tuple, list)) and result
+                and all(isinstance(t, torch.Tensor) for t in result)):  # split, chunk
             self.units[n] = self.rule(n, args, kwargs, result)
         else:
             # Shapes (x.size(0), x.shape, x.dim()) carry no units. Other non-tensors computed
@@ -276,10 +291,16 @@ class _Deriver(torch.fx.Interpreter):
             return self.module_rule(n.target, self.module.get_submodule(n.target), args, out)
         name = _target_name(n.target)
         units = self.tensor_units((n.args, n.kwargs))
+        handled = self.attention_rule(n, name, args, kwargs, out)
+        if handled is not None:
+            return handled
         uses_attr = any(
             isinstance(a, torch.fx.Node) and a.op == "get_attr"
             for a in _flatten_args((n.args, n.kwargs))
         )
+        if uses_attr and op_name(n, name) in ("add", "sub", "mul") and any(
+                u is not None for u in units) and not any(isinstance(u, Heads) for u in units):
+            return self.parameter_broadcast(n, out)
         if uses_attr:
             return self.refuse("it uses a parameter or buffer directly instead of through a "
                                "torch.nn layer", units)
@@ -351,6 +372,9 @@ class _Deriver(torch.fx.Interpreter):
         if units.axis is None:
             return units
         moved = _reshape_units(in_shape, out_shape, units.axis, units.block)
+        split = self.split_units(units, in_shape, out_shape) if moved is None else None
+        if split is not None:
+            return split
         if moved is None:
             return self.refuse(
                 f"it reshapes {in_shape} -> {out_shape} in a way that splits or interleaves the "
@@ -462,8 +486,12 @@ class _Deriver(torch.fx.Interpreter):
     # -- module rules ---------------------------------------------------------------------------------
     def module_rule(self, qualname: str, m: nn.Module, args: tuple, out: Any) -> _Units:
         node = self.node
-        if isinstance(m, nn.MultiheadAttention):
-            return self.refuse("attention heads mix units across the head split",
+        handled = self.attention_module(qualname, m, args, node.kwargs, out)
+        if handled is not None:
+            return handled
+        if any(isinstance(u, Heads) for u in self.tensor_units((node.args, node.kwargs))) \
+                and not isinstance(m, _ELEMENTWISE_MODULES):
+            return self.refuse("its input is split into attention heads",
                                self.tensor_units((node.args, node.kwargs)))
         if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
             gates = next((k for cls, k in _GATES.items() if isinstance(m, cls)), 1)
@@ -654,16 +682,20 @@ def spec_from_module(
         One input batch (or the positional inputs), e.g. ``torch.randn(2, 40)``; only its shape
         matters.
     unknown : {"error", "fix"}
-        What to do with an operation whose permutation behaviour is not known (attention,
-        recurrent layers, custom ops, indexing, padding of the units' axis): ``"error"`` raises
-        :class:`ValueError` naming the module and operation; ``"fix"`` ties the units around it
-        to the unpermuted inputs, so the spec permutes less but still never changes the function.
+        What to do with an operation whose permutation behaviour is not known (recurrent
+        layers, custom ops, indexing, padding of the units' axis, rotary embeddings):
+        ``"error"`` raises :class:`ValueError` naming the module and operation; ``"fix"`` ties
+        the units around it to the unpermuted inputs, so the spec permutes less but still
+        never changes the function.
 
     Returns
     -------
     PermutationSpec
         An entry for every parameter and buffer in ``net.state_dict()``; groups are named
-        ``"P_<module>"`` after the first layer that creates their units.
+        ``"P_<module>"`` after the first layer that creates their units. Attention layers
+        (``nn.MultiheadAttention``, ``nn.Transformer*Layer``, attention written with
+        ``view``/``transpose``/``@``) give a query/key and a value group per layer, declared a
+        head set in :attr:`PermutationSpec.heads` (see :mod:`bnn_align.symmetry.attention`).
         ``spec.scalable`` lists the groups with a positive-scale symmetry (see
         :mod:`bnn_align.symmetry.scale`).
 
@@ -779,7 +811,8 @@ def _record_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> None:
 def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
     uf = d.uf
     # A concatenated axis is permuted as a whole or not at all: once any of its parts is fixed
-    # (possibly by a union made after the concatenation), fix the other parts too.
+    # (possibly by a union made after the concatenation), fix the other parts too. Head sets
+    # with a fixed group are fixed whole, which may fix more parts: repeat until nothing moves.
     changed = True
     while changed:
         changed = False
@@ -789,6 +822,10 @@ def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
                 for v in vars_:
                     uf.union(v, _FIXED)
                 changed = True
+        before = sum(uf.find(v) == uf.find(_FIXED) for v in range(len(uf.parent)))
+        families = head_sets(d)
+        changed = changed or before != sum(uf.find(v) == uf.find(_FIXED)
+                                           for v in range(len(uf.parent)))
     names: dict[int, str] = {}
     for root in sorted({uf.find(v) for v in range(len(uf.parent))} - {uf.find(_FIXED)}):
         names[root] = f"P_{uf.origin[root]}"
@@ -813,5 +850,14 @@ def _build_spec(net: nn.Module, d: _Deriver) -> PermutationSpec:
             if e is not None and d.blocks.get((name, axis), 1) > 1:
                 blocks.setdefault(name, {})[axis] = d.blocks[(name, axis)]
         axes[name] = tuple(row)
+    used = {g for row in axes.values() for e in row
+            for g in ((e,) if isinstance(e, str) else e or ())}
+    heads = {}
+    for members in families.values():
+        groups = {names[root]: length for root, length in members.items()
+                  if names[root] in used}
+        if groups:
+            first = next(iter(groups))[2:]
+            heads["H_" + (first[:-3] if first.endswith(".qk") else first)] = groups
     scalable = scale_symmetries(d, lambda v: None if v is None else names.get(uf.find(v)))
-    return PermutationSpec(axes, blocks=blocks, scalable=scalable)
+    return PermutationSpec(axes, blocks=blocks, scalable=scalable, heads=heads)

@@ -19,7 +19,7 @@ from torch import nn
 from ..bayesian import BayesianNetwork
 from ..posterior import GaussianView, adapter_for, model_of, replacement_memo
 from ..samples import SamplePosterior
-from .spec import PermutationSpec, _groups_of, axis_index
+from .spec import PermutationSpec, _groups_of, axis_index, join_heads
 
 __all__ = ["permute", "permute_tensor", "invert", "compose", "random_perms", "identity_perms",
            "check_perms", "spec_for"]
@@ -85,10 +85,22 @@ def identity_perms(sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
     return {g: torch.arange(n) for g, n in sizes.items()}
 
 
-def random_perms(sizes: Mapping[str, int], generator: torch.Generator | None = None
+def random_perms(sizes: Mapping[str, int], generator: torch.Generator | None = None,
+                 heads: Mapping[str, Mapping[str, int]] | None = None
                  ) -> dict[str, torch.Tensor]:
-    """A uniformly random permutation of every group (``sizes``: group -> number of units)."""
-    return {g: torch.randperm(n, generator=generator) for g, n in sizes.items()}
+    """A uniformly random permutation of every group (``sizes``: group -> number of units).
+
+    With ``heads`` (:attr:`PermutationSpec.heads`), the groups of each head set get a uniformly
+    random element of the attention symmetry: one random head permutation shared by the set,
+    composed with independent random permutations within every head."""
+    out = {g: torch.randperm(n, generator=generator) for g, n in sizes.items()}
+    for members in (heads or {}).values():
+        count = sizes[next(iter(members))] // next(iter(members.values()))
+        head = torch.randperm(count, generator=generator)
+        for g, d in members.items():
+            within = torch.stack([torch.randperm(d, generator=generator) for _ in range(count)])
+            out[g] = join_heads(head, within)
+    return out
 
 
 def _is_identity(index: torch.Tensor) -> bool:
@@ -464,10 +476,12 @@ def permute_into(obj: Any, perms: Mapping[str, Any], spec: PermutationSpec | Non
     if isinstance(obj, nn.Module):
         state = obj.state_dict()
         perms = check_perms(perms, spec.group_sizes(_shapes(state), where=type(obj).__name__))
+        spec.check_heads(perms)
         return _copy_module(obj, permute_tensors(state, perms, spec, spare), state)
     if isinstance(obj, Mapping):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         perms = check_perms(perms, spec.group_sizes(_shapes(tensors), where="the state dict"))
+        spec.check_heads(perms)
         # keep the mapping's class (a state dict is an OrderedDict with _metadata)
         out = copy.copy(obj) if isinstance(obj, dict) else dict(obj)
         out.update({k: v.clone() if v is tensors[k] else v
@@ -554,6 +568,7 @@ def _permute_guide(guide: autoguide.AutoGuide, perms: Mapping[str, Any],
     shapes = dict(site_shapes)
     shapes.update({n: tuple(buffers[n].shape) for n in extra})
     perms = check_perms(perms, spec.group_sizes(shapes, where=type(guide).__name__))
+    spec.check_heads(perms)
     new_model = None
     if any(any(e is not None for e in spec[n]) for n in extra):
         new_model = permute(model, perms, spec)

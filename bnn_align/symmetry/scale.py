@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .attention import Heads, Several
+
 if TYPE_CHECKING:  # the deriver imports this module
     from .derive import _Deriver
 
@@ -237,6 +239,19 @@ def _nodes_in(args: Any) -> list[torch.fx.Node]:
     return found
 
 
+def _axis_of(units: Any) -> int | None:
+    """The axis of the value that holds the units; None where they were reduced away, are cut
+    into attention heads or are spread over a tuple of a module's outputs."""
+    if units is None or isinstance(units, (Heads, Several)):
+        return None
+    return units.axis
+
+
+def _on_one_axis(units: Any) -> bool:
+    """Units of one group (not concatenated) on one axis of the value."""
+    return _axis_of(units) is not None and len(units.segments) == 1
+
+
 def scale_symmetries(d: "_Deriver", group_of: Callable[[int], str | None]
                      ) -> dict[str, ScaleSymmetry]:
     """The scalable groups of a network the deriver has run over.
@@ -257,7 +272,7 @@ def scale_symmetries(d: "_Deriver", group_of: Callable[[int], str | None]
 
     def start(node: torch.fx.Node, incoming: list[tuple[str, int]]) -> None:
         units = d.units.get(node)
-        if units is None or units.axis is None or len(units.segments) != 1:
+        if not _on_one_axis(units):
             return
         c = chains.new(units.segments[0])
         chains.get(c).incoming += incoming
@@ -267,8 +282,8 @@ def scale_symmetries(d: "_Deriver", group_of: Callable[[int], str | None]
         units = d.units.get(node)
         if not inputs:
             return
-        if units is None or units.axis is None or len(units.segments) != 1:
-            brk(inputs)  # the units were reduced away, fixed or concatenated
+        if not _on_one_axis(units):
+            brk(inputs)  # the units were reduced away, fixed, concatenated or cut into heads
             return
         c = inputs[0]
         for other in inputs[1:]:
@@ -381,7 +396,7 @@ def _module(d: "_Deriver", node: torch.fx.Node, m: nn.Module, inputs: list[int],
     per_channel = isinstance(m, _PER_CHANNEL_NORMS) or (
         isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels)
     units = d.units.get(node.args[0]) if node.args else None
-    if isinstance(m, nn.LayerNorm) and units is not None and units.axis is not None:
+    if isinstance(m, nn.LayerNorm) and _axis_of(units) is not None:
         x_dim = len(node.args[0].meta.get("_bnn_shape", ()))
         per_channel = units.axis < x_dim - len(m.normalized_shape)
     if isinstance(m, (*_PER_CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm)):

@@ -11,6 +11,17 @@ format exact for networks the original could not describe, and reduce to it when
   have blocks of 1, and their length must equal the group size exactly.
 * **Concatenation.** An entry may be a tuple of group names: the axis is the concatenation of those
   groups' units (each in blocks of the same ``k``), as after ``torch.cat`` along the feature axis.
+  A group may appear in a concatenation twice (the query and key rows of a packed attention
+  projection); a group that appears only in concatenations takes the size the others leave.
+* **Heads.** ``heads={"H_attn": {"P_attn.qk": 16, "P_attn.v": 16}}`` declares a *head set*: the
+  listed groups are the query/key and the value dimensions of one attention layer, cut into heads
+  of 16 consecutive units. Their permutations stay ordinary flat permutations of all
+  ``n_heads * d_head`` units (so axes, ``permute`` and the exchange format are unchanged), but
+  only those of the attention symmetry group are valid: every head is mapped onto a whole head,
+  and all groups of one head set map head ``h`` to the same head ``H[h]``. In the gather
+  convention unit ``h * d + i`` of the result is unit ``H[h] * d + w_h[i]`` of the input: a head
+  permutation ``H`` composed with one within-head permutation ``w_h`` per head and group (see
+  :func:`split_heads`, :func:`join_heads`). Without ``heads`` a spec is Git Re-Basin's.
 
 A spec may also say which groups carry a positive-scale symmetry (``scalable``: group ->
 :class:`~bnn_align.symmetry.scale.ScaleSymmetry`, the axes a rescaling multiplies and divides).
@@ -58,6 +69,9 @@ class PermutationSpec:
         (``incoming``) and divides (``outgoing``); a mapping ``{"incoming": [...],
         "outgoing": [...]}`` is accepted too. Groups not listed are not scalable. Scale
         symmetries are not compared by ``==`` (compare :attr:`scalable` itself).
+    heads : mapping of str to mapping of str to int, optional
+        Head set name -> {group: head length}: groups whose units are cut into heads that must
+        move as wholes, all groups of a set moving heads alike (see the module docstring).
 
     Raises
     ------
@@ -66,7 +80,9 @@ class PermutationSpec:
         that is not a group name, ``None`` or a tuple of group names.
     ValueError
         ``blocks`` naming a tensor or axis the spec does not permute, or a block length
-        below 1; ``scalable`` naming an unknown group, or an axis that group does not permute.
+        below 1; ``scalable`` naming an unknown group, or an axis that group does not permute;
+        ``heads`` naming a group the spec does not have, a group in two head sets, or a head
+        length below 1.
 
     Examples
     --------
@@ -91,6 +107,18 @@ class PermutationSpec:
     Traceback (most recent call last):
         ...
     ValueError: permutation group 'P0' has 8 units on '0.weight' but 6 on axis 1 of '2.weight'
+
+    A head set: group ``Q`` is cut into heads of 2 units, which may only move as wholes.
+
+    >>> heads = ba.PermutationSpec({"q.weight": ("Q", None), "o.weight": (None, "Q")},
+    ...                            heads={"H": {"Q": 2}})
+    >>> heads.heads
+    {'H': {'Q': 2}}
+    >>> heads.check_heads({"Q": torch.tensor([2, 3, 1, 0])})  # heads swapped, head 1 reversed
+    >>> heads.check_heads({"Q": torch.tensor([0, 2, 1, 3])})
+    Traceback (most recent call last):
+        ...
+    ValueError: perms['Q'] splits head 0: its 2 units come from heads [0, 1]; a permutation of attention units may only move whole heads and permute units within them
     """
 
     def __init__(
@@ -99,6 +127,7 @@ class PermutationSpec:
         *,
         blocks: Mapping[str, Mapping[int, int]] | None = None,
         scalable: Mapping[str, Any] | None = None,
+        heads: Mapping[str, Mapping[str, int]] | None = None,
     ):
         if not isinstance(axes_to_perm, Mapping):
             raise TypeError(
@@ -146,6 +175,7 @@ class PermutationSpec:
                 if block > 1:
                     self._blocks.setdefault(name, {})[axis] = block
         self._scalable = self._check_scalable(scalable or {})
+        self._heads = _check_heads(heads, self.perm_to_axes)
 
     def _check_scalable(self, scalable: Mapping[str, Any]) -> dict[str, ScaleSymmetry]:
         if not isinstance(scalable, Mapping):
@@ -199,6 +229,33 @@ class PermutationSpec:
         """Tensor name -> {axis: block length} for the axes permuted in blocks (a copy)."""
         return {name: dict(b) for name, b in self._blocks.items()}
 
+    @property
+    def heads(self) -> dict[str, dict[str, int]]:
+        """Head set -> {group: head length} (a copy; empty for a spec without attention)."""
+        return {h: dict(g) for h, g in self._heads.items()}
+
+    def head_of(self, group: str) -> tuple[str, int] | None:
+        """``(head set, head length)`` of a group cut into heads, else None."""
+        for head, members in self._heads.items():
+            if group in members:
+                return head, members[group]
+        return None
+
+    def check_heads(self, perms: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``perms`` (validated LongTensors) respect every head set:
+        each head mapped onto a whole head, every group of a set moving heads alike."""
+        for head, members in self._heads.items():
+            first = None
+            for group, d in members.items():
+                mapping = split_heads(perms[group], d, where=f"perms[{group!r}]")[0]
+                if first is None:
+                    first = (group, mapping)
+                elif not torch.equal(mapping, first[1]):
+                    raise ValueError(
+                        f"perms[{group!r}] and perms[{first[0]!r}] move the heads of head set "
+                        f"{head!r} differently ({mapping.tolist()} vs {first[1].tolist()}); "
+                        f"the query/key and value dimensions of a head move together")
+
     def block(self, name: str, axis: int) -> int:
         """Block length of one axis (1 unless listed in :attr:`blocks`)."""
         return self._blocks.get(name, {}).get(axis, 1)
@@ -224,6 +281,7 @@ class PermutationSpec:
             "perm_to_axes": {g: [list(a) for a in axes] for g, axes in self.perm_to_axes.items()},
             "blocks": {name: {str(a): k for a, k in b.items()} for name, b in self._blocks.items()},
             "scalable": {g: sym.to_dict() for g, sym in self._scalable.items()},
+            **({"heads": self.heads} if self._heads else {}),
         }
 
     @classmethod
@@ -232,7 +290,7 @@ class PermutationSpec:
         if "axes_to_perm" not in data:
             return cls(data)
         return cls(data["axes_to_perm"], blocks=data.get("blocks"),
-                   scalable=data.get("scalable"))
+                   scalable=data.get("scalable"), heads=data.get("heads"))
 
     # -- comparison ----------------------------------------------------------------------------
     def _canonical(self) -> tuple:
@@ -253,10 +311,15 @@ class PermutationSpec:
             for entry in row:
                 for g in entry or ():
                     order.setdefault(g, len(order))
-        return tuple(
+        canonical = tuple(
             (name, tuple(tuple(order[g] for g in e) if e else None for e in row), blocks)
             for name, row, blocks in rows
         )
+        if not self._heads:
+            return canonical
+        head_sets = sorted(tuple(sorted((order[relabel[g]], d) for g, d in members.items()))
+                           for members in self._heads.values())
+        return canonical + (("heads", tuple(head_sets)),)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
@@ -269,14 +332,19 @@ class PermutationSpec:
     def restrict(self, names: Iterable[str]) -> "PermutationSpec":
         """The spec for a subset of tensors (e.g. only the sample sites of a guide)."""
         keep = [n for n in names if n in self._axes_to_perm]
+        axes = {n: self._axes_to_perm[n] for n in keep}
         kept = set(keep)
         # a rescaling is only exact with all its axes: drop those that lose one
         scalable = {g: sym for g, sym in self._scalable.items()
                     if all(n in kept for n, _ in (*sym.incoming, *sym.outgoing))}
+        present = {g for row in axes.values() for e in row for g in _groups_of(e)}
+        heads = {h: {g: d for g, d in members.items() if g in present}
+                 for h, members in self._heads.items()}
         return PermutationSpec(
-            {n: self._axes_to_perm[n] for n in keep},
+            axes,
             blocks={n: self._blocks[n] for n in keep if n in self._blocks},
             scalable=scalable,
+            heads={h: m for h, m in heads.items() if m},
         )
 
     # -- validation against shapes -------------------------------------------------------------
@@ -330,11 +398,13 @@ class PermutationSpec:
                     )
                 sizes[entry] = units
                 first.setdefault(entry, f"{name!r}")
+        self._concatenated_sizes(shapes, sizes)
         for group in self.perm_to_axes:
             if group not in sizes:
                 raise ValueError(
-                    f"permutation group {group!r} only appears in concatenated axes; "
-                    f"it needs at least one axis of its own to fix its size{ctx}"
+                    f"permutation group {group!r} only appears in concatenated axes with "
+                    f"other groups of unknown size; it needs an axis of its own to fix its "
+                    f"size{ctx}"
                 )
         for name, entries in self._axes_to_perm.items():
             for axis, entry in enumerate(entries):
@@ -345,7 +415,105 @@ class PermutationSpec:
                             f"axis {axis} of {name!r} has length {shapes[name][axis]}, but the "
                             f"concatenation {entry!r} holds {units}{ctx}"
                         )
+        for head, members in self._heads.items():
+            counts = {}
+            for group, d in members.items():
+                if sizes[group] % d:
+                    raise ValueError(
+                        f"permutation group {group!r} has {sizes[group]} units, not a multiple "
+                        f"of its head length {d} (head set {head!r}){ctx}")
+                counts[group] = sizes[group] // d
+            if len(set(counts.values())) > 1:
+                raise ValueError(f"the groups of head set {head!r} disagree on the number of "
+                                 f"heads: {counts}{ctx}")
         return sizes
+
+    def _concatenated_sizes(self, shapes: Mapping[str, Sequence[int]],
+                            sizes: dict[str, int]) -> None:
+        """Size the groups that appear only in concatenations, where one concatenation holds
+        a single group of unknown size (possibly repeated: q|k|v rows)."""
+        changed = True
+        while changed:
+            changed = False
+            for name, entries in self._axes_to_perm.items():
+                for axis, entry in enumerate(entries):
+                    if not isinstance(entry, tuple):
+                        continue
+                    unknown = {g for g in entry if g not in sizes}
+                    if len(unknown) != 1:
+                        continue
+                    (group,) = unknown
+                    rest = shapes[name][axis] // self.block(name, axis) - sum(
+                        sizes[g] for g in entry if g in sizes)
+                    repeats = entry.count(group)
+                    if rest > 0 and rest % repeats == 0:
+                        sizes[group] = rest // repeats
+                        changed = True
+
+
+def _check_heads(heads: Mapping[str, Mapping[str, int]] | None,
+                 perm_to_axes: Mapping[str, list]) -> dict[str, dict[str, int]]:
+    if heads is None:
+        return {}
+    if not isinstance(heads, Mapping):
+        raise TypeError(f"heads must be a mapping of head set to {{group: head length}}, "
+                        f"got {type(heads).__name__}")
+    out: dict[str, dict[str, int]] = {}
+    owner: dict[str, str] = {}
+    for head, members in heads.items():
+        if not isinstance(members, Mapping) or not members:
+            raise TypeError(f"heads[{head!r}] must be a non-empty mapping of group name to head "
+                            f"length, got {members!r}")
+        for group, d in members.items():
+            if group not in perm_to_axes:
+                raise ValueError(f"heads[{head!r}] names group {group!r}, which permutes no axis "
+                                 f"of the spec")
+            if group in owner:
+                raise ValueError(f"group {group!r} is in head sets {owner[group]!r} and {head!r}")
+            if isinstance(d, bool) or int(d) != d or int(d) < 1:
+                raise ValueError(f"heads[{head!r}][{group!r}] must be a head length >= 1, "
+                                 f"got {d!r}")
+            owner[group] = head
+            out.setdefault(str(head), {})[group] = int(d)
+    return out
+
+
+def split_heads(perm: torch.Tensor, d: int, where: str = "the permutation"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A permutation of heads of ``d`` units as ``(H, w)``: unit ``h * d + i`` of the result is
+    unit ``H[h] * d + w[h, i]`` of the input.
+
+    Parameters
+    ----------
+    perm : LongTensor of shape ``(n_heads * d,)``
+    d : int
+        Head length.
+
+    Returns
+    -------
+    H : LongTensor of shape ``(n_heads,)``
+    w : LongTensor of shape ``(n_heads, d)``
+
+    Raises
+    ------
+    ValueError
+        If ``perm`` maps some head onto units of more than one head (it splits a head).
+    """
+    blocks = perm.reshape(-1, d)
+    heads = blocks // d
+    if not bool((heads == heads[:, :1]).all()):
+        split = int((heads != heads[:, :1]).any(1).nonzero()[0])
+        raise ValueError(
+            f"{where} splits head {split}: its {d} units come from heads "
+            f"{sorted(set(heads[split].tolist()))}; a permutation of attention units may only "
+            f"move whole heads and permute units within them")
+    return heads[:, 0].clone(), blocks % d
+
+
+def join_heads(head: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_heads`: the flat permutation ``H[h] * d + w[h, i]``."""
+    d = within.shape[1]
+    return (head[:, None] * d + within).reshape(-1)
 
 
 def axis_index(
