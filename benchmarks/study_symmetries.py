@@ -13,6 +13,8 @@ Results go to a long-format CSV (one value per row: cell, quantity, alignment, p
 value, se). The study is resumable: cells (width, family, pair) already in the CSV are skipped,
 and each finished cell is appended at once.
 
+``--report`` prints the markdown tables of a results CSV (``study_symmetries.md``).
+
 Usage (the full study trains 2 x 2 x 3 x 2 = 24 networks, an hour or more on 2 busy cores)::
 
     python benchmarks/study_symmetries.py                       # widths 128 512, 3 pairs
@@ -100,6 +102,54 @@ def run_cell(width: int, family: str, pair: int, split, args) -> list[dict]:
     return rows
 
 
+def report(path: Path) -> str:
+    """Markdown tables of a results CSV: barriers per alignment and path, the local energy of
+    endpoints and midpoints, and posterior width against flatness (mean over pairs)."""
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    lines = ["NLL barrier (nats) and accuracy barrier, mean ± spread over pairs. Alignment "
+             "`none`: the endpoints as trained; `permutation`: `match`; `permutation+scale`: "
+             "`match(..., symmetries=(\"permutation\", \"scale\"))`.", "",
+             "| width | family | alignment | NLL: linear | NLL: geodesic | acc.: linear "
+             "| acc.: geodesic |", "|---|---|---|---|---|---|---|"]
+    barriers = frame[frame.quantity.isin(["barrier_nll", "barrier_accuracy"])]
+    stats = barriers.groupby(["width", "family", "alignment", "path", "quantity"]).value.agg(
+        ["mean", "std"])
+    for width, family, alignment in sorted({k[:3] for k in stats.index},
+                                           key=lambda k: (k[0], k[1], ALIGNMENTS.index(k[2]))):
+        cells = [stats.loc[(width, family, alignment, path, quantity)]
+                 for quantity in ("barrier_nll", "barrier_accuracy")
+                 for path in ("wasserstein", "geodesic")]
+        lines.append(f"| {width} | {family} | {alignment} | "
+                     + " | ".join(f"{c['mean']:.3f} ± {c['std']:.3f}" for c in cells) + " |")
+    energy = frame[frame.quantity == "local_energy"].groupby(
+        ["width", "family", "point", "sigma"]).value.mean().unstack("sigma")
+    sigmas = list(energy.columns)
+    lines += ["", "Local energy (training error under multiplicative weight noise of relative "
+              "size sigma, at the means), mean over pairs.", "",
+              "| width | family | point | " + " | ".join(f"σ={s:g}" for s in sigmas) + " |",
+              "|---|---|---|" + "---|" * len(sigmas)]
+    for (width, family, point), row in energy.iterrows():
+        lines.append(f"| {width} | {family} | {point} | "
+                     + " | ".join(f"{v:.3f}" for v in row) + " |")
+    stddev = frame[frame.quantity == "mean_stddev"].groupby(["width", "family"]).value.mean()
+    if len(stddev):
+        lines += ["", "Posterior width (mean standard deviation over the layers of both "
+                  "endpoints) against flatness (endpoints' local energy at σ=0.3) and the "
+                  "aligned barrier (permutation, linear), mean over pairs.", "",
+                  "| width | family | mean std | local energy σ=0.3 | NLL barrier |",
+                  "|---|---|---|---|---|"]
+        for (width, family), value in stddev.items():
+            le = energy.loc[[(width, family, "a"), (width, family, "b")], 0.3].mean()
+            nll = stats.loc[(width, family, "permutation", "wasserstein", "barrier_nll")]
+            lines.append(f"| {width} | {family} | {value:.3f} | {le:.3f} | {nll['mean']:.3f} |")
+    return "\n".join(lines)
+
+
+ALIGNMENTS = ["none", "permutation", "permutation+scale"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 512])
@@ -114,7 +164,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "study_symmetries.csv")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="print the markdown tables of --out instead of running")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
     split = data.mnist1d()
     done = done_cells(args.out)
     cells = [(w, f, p) for w in args.widths for f in args.families for p in range(args.pairs)
