@@ -33,6 +33,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._graph import UnionFind, flatten_args
+
 
 @dataclass(frozen=True)
 class Heads:
@@ -91,35 +93,23 @@ class AttentionRules:
     def init_heads(self) -> None:
         self.head_len: dict[int, list[int]] = {}  # var -> head lengths it was split with
         self.family: dict[int, int] = {}  # var -> head-set variable
-        self.family_parent: list[int] = []
-
-    def new_family(self) -> int:
-        self.family_parent.append(len(self.family_parent))
-        return len(self.family_parent) - 1
-
-    def family_root(self, f: int) -> int:
-        while self.family_parent[f] != f:
-            self.family_parent[f] = self.family_parent[self.family_parent[f]]
-            f = self.family_parent[f]
-        return f
+        self.families = UnionFind()  # over head-set variables
 
     def unite_families(self, a: int, b: int) -> None:
-        ra, rb = self.family_root(self.family[a]), self.family_root(self.family[b])
-        if ra != rb:
-            self.family_parent[max(ra, rb)] = min(ra, rb)
+        self.families.union(self.family[a], self.family[b])
 
     def split(self, var: int, d: int) -> None:
         """Record that ``var``'s units are cut into heads of ``d``."""
         self.head_len.setdefault(var, []).append(d)
         if var not in self.family:
-            self.family[var] = self.new_family()
+            self.family[var] = self.families.add()
 
     # -- call_function / call_method ------------------------------------------------------------
     def attention_rule(self, n: torch.fx.Node, name: str, args: tuple, kwargs: dict,
                        out: torch.Tensor) -> Any:
         """Units of the result, or None when the ordinary rules should decide."""
         name = op_name(n, name)
-        nodes = [a for a in _flatten((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
+        nodes = [a for a in flatten_args((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
         units = [self.units.get(a) for a in nodes]
         if name == "getitem" and isinstance(self.units.get(n.args[0]), Several):
             return self.units[n.args[0]].parts[n.args[1]]
@@ -163,7 +153,7 @@ class AttentionRules:
         """Parameters and buffers read directly by ``n`` are treated as constants of the
         function: none of their axes may move (a layer elsewhere that uses the same tensor
         then leaves those units in place)."""
-        for a in _flatten((n.args, n.kwargs)):
+        for a in flatten_args((n.args, n.kwargs)):
             if isinstance(a, torch.fx.Node) and a.op == "get_attr":
                 for axis in range(len(a.meta.get("_bnn_shape", ()))):
                     self.assign(a.target, axis, self.FIXED)
@@ -172,7 +162,7 @@ class AttentionRules:
         """An activation plus (or times) a parameter used directly (a learned positional
         embedding, a layer scale): the parameter's axis that meets the units moves with them."""
         result = self.broadcast(self.operands(n), out)
-        for a in _flatten((n.args, n.kwargs)):
+        for a in flatten_args((n.args, n.kwargs)):
             if not (isinstance(a, torch.fx.Node) and a.op == "get_attr"):
                 continue
             shape = tuple(a.meta["_bnn_shape"])
@@ -238,7 +228,7 @@ class AttentionRules:
         ndim = out.dim()
         live: list[Heads] = []
         constants: list[tuple[int, ...]] = []
-        nodes = [a for a in _flatten((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
+        nodes = [a for a in flatten_args((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
         if any(a.op == "get_attr" for a in nodes):
             return self.refuse("it combines attention heads with a parameter used directly",
                                [self.units[a] for a in nodes if self.units.get(a) is not None])
@@ -529,7 +519,7 @@ def head_sets(d: Any) -> dict[int, dict[int, int]]:
         fixed = uf.find(0)
         families: dict[int, dict[int, set[int]]] = {}
         for var, lengths in d.head_len.items():
-            fam = d.family_root(d.family[var])
+            fam = d.families.find(d.family[var])
             families.setdefault(fam, {}).setdefault(uf.find(var), set()).update(lengths)
         # two families sharing a group move their heads alike
         merged = False
@@ -537,7 +527,7 @@ def head_sets(d: Any) -> dict[int, dict[int, int]]:
         for fam, members in families.items():
             for root in members:
                 if root != fixed and root in owner and owner[root] != fam:
-                    d.family_parent[max(fam, owner[root])] = min(fam, owner[root])
+                    d.families.union(fam, owner[root])
                     merged = True
                 owner.setdefault(root, fam)
         if merged:
@@ -592,10 +582,4 @@ def _bind(m: nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict) -> dict:
     bound.apply_defaults()
     out = dict(bound.arguments)
     out.pop("self", None)
-    return out
-
-
-def _flatten(a: Any) -> list:
-    out: list = []
-    torch.fx.node.map_aggregate(a, out.append)
     return out
