@@ -389,19 +389,38 @@ class AttentionRules:
         shapes = [tuple(bound[x].meta["_bnn_shape"]) for x in ("query", "key", "value")]
         q, k, v = (self.last_axis(self.input_units(bound[x]), len(s), x)
                    for x, s in zip(("query", "key", "value"), shapes))
-        prefix = qualname + "."
-        qk = self.fresh(qualname + ".qk", 0)
-        val = self.fresh(qualname + ".v", 0)
-        self.split(qk.segments[0], m.head_dim)
-        self.split(val.segments[0], m.head_dim)
-        self.unite_families(qk.segments[0], val.segments[0])
-        packed = self.Units(0, (qk.segments[0], qk.segments[0], val.segments[0]))
+        qk, val = self.head_groups(qualname, m)
         if m._qkv_same_embed_dim:
             # one matrix reads query, key and value: their units must be the same
             for other in (k, v):
                 if not self.unite(q, other):
                     return self.refuse("its packed projection reads query, key and value with "
                                        "different unit layouts", [q, k, v])
+        self.in_projections(qualname, m, qk, val, q, k, v)
+        new = self.linear(qualname + ".out_proj", m.out_proj, val)
+        output = self.Units(len(shapes[0]) - 1, new.segments)
+        weights: Any = self.FIXED  # averaged over heads: invariant to every permutation
+        if not bound.get("average_attn_weights", True):
+            weights = Heads(1, None, qk.segments[0])
+        return Several((output, weights if bound.get("need_weights", True) else None))
+
+    def head_groups(self, qualname: str, m: nn.MultiheadAttention) -> tuple[Any, Any]:
+        """Fresh query/key and value groups of ``m``, cut into heads that move alike."""
+        qk = self.fresh(qualname + ".qk", 0)
+        val = self.fresh(qualname + ".v", 0)
+        self.split(qk.segments[0], m.head_dim)
+        self.split(val.segments[0], m.head_dim)
+        self.unite_families(qk.segments[0], val.segments[0])
+        return qk, val
+
+    def in_projections(self, qualname: str, m: nn.MultiheadAttention, qk: Any, val: Any,
+                       q: Any, k: Any, v: Any) -> None:
+        """Assign ``m``'s input projections (packed or separate) and their biases: rows to the
+        ``qk``/``val`` groups, columns to the units of the query, key and value they read (for a
+        packed projection the caller has united those)."""
+        prefix = qualname + "."
+        packed = self.Units(0, (qk.segments[0], qk.segments[0], val.segments[0]))
+        if m._qkv_same_embed_dim:
             self.assign(prefix + "in_proj_weight", 0, packed)
             self.assign(prefix + "in_proj_weight", 1, q)
         else:
@@ -414,16 +433,6 @@ class AttentionRules:
         if m.bias_k is not None:
             self.assign(prefix + "bias_k", 2, qk)
             self.assign(prefix + "bias_v", 2, val)
-        new = self.fresh(qualname + ".out_proj", 0)
-        self.assign(prefix + "out_proj.weight", 0, new)
-        self.assign(prefix + "out_proj.weight", 1, val)
-        if m.out_proj.bias is not None:
-            self.assign(prefix + "out_proj.bias", 0, new)
-        output = self.Units(len(shapes[0]) - 1, new.segments)
-        weights: Any = self.FIXED  # averaged over heads: invariant to every permutation
-        if not bound.get("average_attn_weights", True):
-            weights = Heads(1, None, qk.segments[0])
-        return Several((output, weights if bound.get("need_weights", True) else None))
 
     def norm(self, qualname: str, m: nn.Module, units: Any) -> Any:
         if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
@@ -466,31 +475,14 @@ class AttentionRules:
     def self_attention(self, qualname: str, m: nn.MultiheadAttention, units: Any,
                        memory: Any = None) -> Any:
         """The spec of an attention sublayer whose output is added back to ``units``."""
-        qk = self.fresh(qualname + ".qk", 0)
-        val = self.fresh(qualname + ".v", 0)
-        self.split(qk.segments[0], m.head_dim)
-        self.split(val.segments[0], m.head_dim)
-        self.unite_families(qk.segments[0], val.segments[0])
+        qk, val = self.head_groups(qualname, m)
         kv = units if memory is None else memory
-        packed = self.Units(0, (qk.segments[0], qk.segments[0], val.segments[0]))
-        prefix = qualname + "."
         if m._qkv_same_embed_dim:
             if kv is not units and not self.unite(units, kv):
                 return self.refuse("its packed projection reads the target and the memory "
                                    "with different unit layouts", [units, kv])
-            self.assign(prefix + "in_proj_weight", 0, packed)
-            self.assign(prefix + "in_proj_weight", 1, units)
-        else:
-            for name, rows, cols in (("q_proj_weight", qk, units), ("k_proj_weight", qk, kv),
-                                     ("v_proj_weight", val, kv)):
-                self.assign(prefix + name, 0, rows)
-                self.assign(prefix + name, 1, cols)
-        if m.in_proj_bias is not None:
-            self.assign(prefix + "in_proj_bias", 0, packed)
-        if m.bias_k is not None:
-            self.assign(prefix + "bias_k", 2, qk)
-            self.assign(prefix + "bias_v", 2, val)
-        self.linear(prefix + "out_proj", m.out_proj, val, new=units)
+        self.in_projections(qualname, m, qk, val, units, kv, kv)
+        self.linear(qualname + ".out_proj", m.out_proj, val, new=units)
         return units
 
     def decoder_layer(self, qualname: str, m: nn.TransformerDecoderLayer, bound: dict) -> Any:
