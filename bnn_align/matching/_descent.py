@@ -717,14 +717,23 @@ def coordinate_descent(problem: Problem, start: Mapping[str, torch.Tensor], cons
             converged = True
             break
     if problem.linear and evaluate:
-        value = problem.cost() + constant  # exact, and free of accumulated rounding
-        for gain in reversed(gains):
-            history.append(value)
-            value += 2 * gain
-        history.reverse()
-        initial = value
+        history, initial = _replay(problem, constant, gains)
     return Descent(dict(problem.perms), history, iterations, converged,
                    problem.rotation_tensor(), initial)
+
+
+def _replay(problem: Problem, constant: float, gains: list[float]
+            ) -> tuple[list[float], float]:
+    """The objective after each sweep and at the start, from the final value alone: a sweep
+    lowered it by twice its gain. The final value is computed exactly, so rounding does not
+    accumulate across sweeps."""
+    value = problem.cost() + constant
+    history: list[float] = []
+    for gain in reversed(gains):
+        history.append(value)
+        value += 2 * gain
+    history.reverse()
+    return history, value
 
 
 WARM_START_SWEEPS = 100
@@ -1010,12 +1019,7 @@ def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: 
     history: list[float] = []
     initial = math.nan
     if evaluate:
-        value = problem.cost() + constant
-        for gain in reversed(gains):
-            history.append(value)
-            value += 2 * gain
-        history.reverse()
-        initial = value
+        history, initial = _replay(problem, constant, gains)
     return Descent(dict(problem.perms), history, iterations, converged,
                    problem.rotation_tensor(), initial)
 
