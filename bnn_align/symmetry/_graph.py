@@ -1,5 +1,5 @@
-"""Small pieces the graph walkers (``derive``, ``attention``, ``scale``) share: a union-find
-and the flattening of a node's arguments.
+"""Small pieces the graph walkers (``derive``, ``attention``, ``scale``) share: a union-find,
+the flattening of a node's arguments and the axis order of a transpose.
 
 A module of its own because ``derive`` imports ``attention`` and ``scale``, so they cannot
 import these from it.
@@ -48,3 +48,17 @@ def flatten_args(args: Any) -> list:
     out: list = []
     torch.fx.node.map_aggregate(args, out.append)
     return out
+
+
+def axis_order(name: str, ndim: int, rest: tuple) -> list[int]:
+    """For ``t``, ``permute`` or ``transpose``/``swapaxes`` of an ``ndim``-d tensor with the
+    arguments ``rest`` after the tensor: the input axis each output axis comes from."""
+    if name == "t":
+        return list(range(ndim))[::-1]
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        return [d % ndim for d in dims]
+    d0, d1 = (d % ndim for d in rest[:2])
+    order = list(range(ndim))
+    order[d0], order[d1] = order[d1], order[d0]
+    return order

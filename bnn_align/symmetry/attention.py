@@ -33,7 +33,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._graph import UnionFind, flatten_args
+from ._graph import UnionFind, axis_order, flatten_args
 
 
 @dataclass(frozen=True)
@@ -196,13 +196,7 @@ class AttentionRules:
         return Several(tuple(self.Units(x.axis, (v,)) for v in parts))
 
     def move_heads(self, name: str, x: Heads, ndim: int, rest: tuple) -> Heads:
-        if name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            order = [d % ndim for d in dims]
-        else:
-            d0, d1 = (d % ndim for d in rest[:2])
-            order = list(range(ndim))
-            order[d0], order[d1] = order[d1], order[d0]
+        order = axis_order(name, ndim, rest)
         return Heads(order.index(x.head), None if x.dim is None else order.index(x.dim), x.var)
 
     def split_units(self, units: Any, in_shape: tuple, out_shape: tuple) -> Heads | None:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
 from ..models.asymmetric import ASYMMETRIC_LAYERS, AsymConv1d, AsymConv2d, AsymLinear
-from ._graph import UnionFind, flatten_args
+from ._graph import UnionFind, axis_order, flatten_args
 from .scale import scale_symmetries
 from .attention import AttentionRules, Heads, head_sets, op_name
 from .spec import PermutationSpec
@@ -374,16 +374,7 @@ class _Deriver(AttentionRules, torch.fx.Interpreter):
                   out: torch.Tensor) -> _Units:
         if units.axis is None:
             return units
-        ndim = x.dim()
-        if name == "t":
-            order = list(range(ndim))[::-1]
-        elif name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            order = [d % ndim for d in dims]
-        else:
-            d0, d1 = (d % ndim for d in rest[:2])
-            order = list(range(ndim))
-            order[d0], order[d1] = order[d1], order[d0]
+        order = axis_order(name, x.dim(), rest)
         return _Units(order.index(units.axis), units.segments, units.block)
 
     def pool(self, units: _Units, x: torch.Tensor, k: int) -> _Units:
