@@ -710,16 +710,21 @@ def coordinate_descent(problem: Problem, start: Mapping[str, torch.Tensor], cons
         gains.append(gain)
         if not problem.linear:
             history.append(problem.cost() + constant)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
-        if gain <= 0:
+        if _sweep_done(bar, gains):
             converged = True
             break
     if problem.linear and evaluate:
         history, initial = _replay(problem, constant, gains)
     return Descent(dict(problem.perms), history, iterations, converged,
                    problem.rotation_tensor(), initial)
+
+
+def _sweep_done(bar: Any, gains: list[float]) -> bool:
+    """Show the objective's drop so far on ``bar``; True when the last sweep gained nothing."""
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
+    return gains[-1] <= 0
 
 
 def _replay(problem: Problem, constant: float, gains: list[float]
@@ -1010,10 +1015,7 @@ def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: 
                 gain += step
         gain += problem.rotate()
         gains.append(gain)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
-        if gain <= 0:
+        if _sweep_done(bar, gains):
             converged = True
             break
     history: list[float] = []
