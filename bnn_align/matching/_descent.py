@@ -710,21 +710,35 @@ def coordinate_descent(problem: Problem, start: Mapping[str, torch.Tensor], cons
         gains.append(gain)
         if not problem.linear:
             history.append(problem.cost() + constant)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
-        if gain <= 0:
+        if _sweep_done(bar, gains):
             converged = True
             break
     if problem.linear and evaluate:
-        value = problem.cost() + constant  # exact, and free of accumulated rounding
-        for gain in reversed(gains):
-            history.append(value)
-            value += 2 * gain
-        history.reverse()
-        initial = value
+        history, initial = _replay(problem, constant, gains)
     return Descent(dict(problem.perms), history, iterations, converged,
                    problem.rotation_tensor(), initial)
+
+
+def _sweep_done(bar: Any, gains: list[float]) -> bool:
+    """Show the objective's drop so far on ``bar``; True when the last sweep gained nothing."""
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
+    return gains[-1] <= 0
+
+
+def _replay(problem: Problem, constant: float, gains: list[float]
+            ) -> tuple[list[float], float]:
+    """The objective after each sweep and at the start, from the final value alone: a sweep
+    lowered it by twice its gain. The final value is computed exactly, so rounding does not
+    accumulate across sweeps."""
+    value = problem.cost() + constant
+    history: list[float] = []
+    for gain in reversed(gains):
+        history.append(value)
+        value += 2 * gain
+    history.reverse()
+    return history, value
 
 
 WARM_START_SWEEPS = 100
@@ -1001,21 +1015,13 @@ def head_descent(problem: Problem, start: Mapping[str, torch.Tensor], constant: 
                 gain += step
         gain += problem.rotate()
         gains.append(gain)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(drop=f"{2 * sum(gains):.6g}")
-        if gain <= 0:
+        if _sweep_done(bar, gains):
             converged = True
             break
     history: list[float] = []
     initial = math.nan
     if evaluate:
-        value = problem.cost() + constant
-        for gain in reversed(gains):
-            history.append(value)
-            value += 2 * gain
-        history.reverse()
-        initial = value
+        history, initial = _replay(problem, constant, gains)
     return Descent(dict(problem.perms), history, iterations, converged,
                    problem.rotation_tensor(), initial)
 

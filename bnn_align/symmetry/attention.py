@@ -33,6 +33,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._graph import UnionFind, axis_order, flatten_args
+
 
 @dataclass(frozen=True)
 class Heads:
@@ -91,35 +93,23 @@ class AttentionRules:
     def init_heads(self) -> None:
         self.head_len: dict[int, list[int]] = {}  # var -> head lengths it was split with
         self.family: dict[int, int] = {}  # var -> head-set variable
-        self.family_parent: list[int] = []
-
-    def new_family(self) -> int:
-        self.family_parent.append(len(self.family_parent))
-        return len(self.family_parent) - 1
-
-    def family_root(self, f: int) -> int:
-        while self.family_parent[f] != f:
-            self.family_parent[f] = self.family_parent[self.family_parent[f]]
-            f = self.family_parent[f]
-        return f
+        self.families = UnionFind()  # over head-set variables
 
     def unite_families(self, a: int, b: int) -> None:
-        ra, rb = self.family_root(self.family[a]), self.family_root(self.family[b])
-        if ra != rb:
-            self.family_parent[max(ra, rb)] = min(ra, rb)
+        self.families.union(self.family[a], self.family[b])
 
     def split(self, var: int, d: int) -> None:
         """Record that ``var``'s units are cut into heads of ``d``."""
         self.head_len.setdefault(var, []).append(d)
         if var not in self.family:
-            self.family[var] = self.new_family()
+            self.family[var] = self.families.add()
 
     # -- call_function / call_method ------------------------------------------------------------
     def attention_rule(self, n: torch.fx.Node, name: str, args: tuple, kwargs: dict,
                        out: torch.Tensor) -> Any:
         """Units of the result, or None when the ordinary rules should decide."""
         name = op_name(n, name)
-        nodes = [a for a in _flatten((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
+        nodes = [a for a in flatten_args((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
         units = [self.units.get(a) for a in nodes]
         if name == "getitem" and isinstance(self.units.get(n.args[0]), Several):
             return self.units[n.args[0]].parts[n.args[1]]
@@ -163,7 +153,7 @@ class AttentionRules:
         """Parameters and buffers read directly by ``n`` are treated as constants of the
         function: none of their axes may move (a layer elsewhere that uses the same tensor
         then leaves those units in place)."""
-        for a in _flatten((n.args, n.kwargs)):
+        for a in flatten_args((n.args, n.kwargs)):
             if isinstance(a, torch.fx.Node) and a.op == "get_attr":
                 for axis in range(len(a.meta.get("_bnn_shape", ()))):
                     self.assign(a.target, axis, self.FIXED)
@@ -172,7 +162,7 @@ class AttentionRules:
         """An activation plus (or times) a parameter used directly (a learned positional
         embedding, a layer scale): the parameter's axis that meets the units moves with them."""
         result = self.broadcast(self.operands(n), out)
-        for a in _flatten((n.args, n.kwargs)):
+        for a in flatten_args((n.args, n.kwargs)):
             if not (isinstance(a, torch.fx.Node) and a.op == "get_attr"):
                 continue
             shape = tuple(a.meta["_bnn_shape"])
@@ -206,13 +196,7 @@ class AttentionRules:
         return Several(tuple(self.Units(x.axis, (v,)) for v in parts))
 
     def move_heads(self, name: str, x: Heads, ndim: int, rest: tuple) -> Heads:
-        if name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            order = [d % ndim for d in dims]
-        else:
-            d0, d1 = (d % ndim for d in rest[:2])
-            order = list(range(ndim))
-            order[d0], order[d1] = order[d1], order[d0]
+        order = axis_order(name, ndim, rest)
         return Heads(order.index(x.head), None if x.dim is None else order.index(x.dim), x.var)
 
     def split_units(self, units: Any, in_shape: tuple, out_shape: tuple) -> Heads | None:
@@ -238,7 +222,7 @@ class AttentionRules:
         ndim = out.dim()
         live: list[Heads] = []
         constants: list[tuple[int, ...]] = []
-        nodes = [a for a in _flatten((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
+        nodes = [a for a in flatten_args((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
         if any(a.op == "get_attr" for a in nodes):
             return self.refuse("it combines attention heads with a parameter used directly",
                                [self.units[a] for a in nodes if self.units.get(a) is not None])
@@ -399,19 +383,38 @@ class AttentionRules:
         shapes = [tuple(bound[x].meta["_bnn_shape"]) for x in ("query", "key", "value")]
         q, k, v = (self.last_axis(self.input_units(bound[x]), len(s), x)
                    for x, s in zip(("query", "key", "value"), shapes))
-        prefix = qualname + "."
-        qk = self.fresh(qualname + ".qk", 0)
-        val = self.fresh(qualname + ".v", 0)
-        self.split(qk.segments[0], m.head_dim)
-        self.split(val.segments[0], m.head_dim)
-        self.unite_families(qk.segments[0], val.segments[0])
-        packed = self.Units(0, (qk.segments[0], qk.segments[0], val.segments[0]))
+        qk, val = self.head_groups(qualname, m)
         if m._qkv_same_embed_dim:
             # one matrix reads query, key and value: their units must be the same
             for other in (k, v):
                 if not self.unite(q, other):
                     return self.refuse("its packed projection reads query, key and value with "
                                        "different unit layouts", [q, k, v])
+        self.in_projections(qualname, m, qk, val, q, k, v)
+        new = self.linear(qualname + ".out_proj", m.out_proj, val)
+        output = self.Units(len(shapes[0]) - 1, new.segments)
+        weights: Any = self.FIXED  # averaged over heads: invariant to every permutation
+        if not bound.get("average_attn_weights", True):
+            weights = Heads(1, None, qk.segments[0])
+        return Several((output, weights if bound.get("need_weights", True) else None))
+
+    def head_groups(self, qualname: str, m: nn.MultiheadAttention) -> tuple[Any, Any]:
+        """Fresh query/key and value groups of ``m``, cut into heads that move alike."""
+        qk = self.fresh(qualname + ".qk", 0)
+        val = self.fresh(qualname + ".v", 0)
+        self.split(qk.segments[0], m.head_dim)
+        self.split(val.segments[0], m.head_dim)
+        self.unite_families(qk.segments[0], val.segments[0])
+        return qk, val
+
+    def in_projections(self, qualname: str, m: nn.MultiheadAttention, qk: Any, val: Any,
+                       q: Any, k: Any, v: Any) -> None:
+        """Assign ``m``'s input projections (packed or separate) and their biases: rows to the
+        ``qk``/``val`` groups, columns to the units of the query, key and value they read (for a
+        packed projection the caller has united those)."""
+        prefix = qualname + "."
+        packed = self.Units(0, (qk.segments[0], qk.segments[0], val.segments[0]))
+        if m._qkv_same_embed_dim:
             self.assign(prefix + "in_proj_weight", 0, packed)
             self.assign(prefix + "in_proj_weight", 1, q)
         else:
@@ -424,16 +427,6 @@ class AttentionRules:
         if m.bias_k is not None:
             self.assign(prefix + "bias_k", 2, qk)
             self.assign(prefix + "bias_v", 2, val)
-        new = self.fresh(qualname + ".out_proj", 0)
-        self.assign(prefix + "out_proj.weight", 0, new)
-        self.assign(prefix + "out_proj.weight", 1, val)
-        if m.out_proj.bias is not None:
-            self.assign(prefix + "out_proj.bias", 0, new)
-        output = self.Units(len(shapes[0]) - 1, new.segments)
-        weights: Any = self.FIXED  # averaged over heads: invariant to every permutation
-        if not bound.get("average_attn_weights", True):
-            weights = Heads(1, None, qk.segments[0])
-        return Several((output, weights if bound.get("need_weights", True) else None))
 
     def norm(self, qualname: str, m: nn.Module, units: Any) -> Any:
         if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
@@ -476,31 +469,14 @@ class AttentionRules:
     def self_attention(self, qualname: str, m: nn.MultiheadAttention, units: Any,
                        memory: Any = None) -> Any:
         """The spec of an attention sublayer whose output is added back to ``units``."""
-        qk = self.fresh(qualname + ".qk", 0)
-        val = self.fresh(qualname + ".v", 0)
-        self.split(qk.segments[0], m.head_dim)
-        self.split(val.segments[0], m.head_dim)
-        self.unite_families(qk.segments[0], val.segments[0])
+        qk, val = self.head_groups(qualname, m)
         kv = units if memory is None else memory
-        packed = self.Units(0, (qk.segments[0], qk.segments[0], val.segments[0]))
-        prefix = qualname + "."
         if m._qkv_same_embed_dim:
             if kv is not units and not self.unite(units, kv):
                 return self.refuse("its packed projection reads the target and the memory "
                                    "with different unit layouts", [units, kv])
-            self.assign(prefix + "in_proj_weight", 0, packed)
-            self.assign(prefix + "in_proj_weight", 1, units)
-        else:
-            for name, rows, cols in (("q_proj_weight", qk, units), ("k_proj_weight", qk, kv),
-                                     ("v_proj_weight", val, kv)):
-                self.assign(prefix + name, 0, rows)
-                self.assign(prefix + name, 1, cols)
-        if m.in_proj_bias is not None:
-            self.assign(prefix + "in_proj_bias", 0, packed)
-        if m.bias_k is not None:
-            self.assign(prefix + "bias_k", 2, qk)
-            self.assign(prefix + "bias_v", 2, val)
-        self.linear(prefix + "out_proj", m.out_proj, val, new=units)
+        self.in_projections(qualname, m, qk, val, units, kv, kv)
+        self.linear(qualname + ".out_proj", m.out_proj, val, new=units)
         return units
 
     def decoder_layer(self, qualname: str, m: nn.TransformerDecoderLayer, bound: dict) -> Any:
@@ -529,7 +505,7 @@ def head_sets(d: Any) -> dict[int, dict[int, int]]:
         fixed = uf.find(0)
         families: dict[int, dict[int, set[int]]] = {}
         for var, lengths in d.head_len.items():
-            fam = d.family_root(d.family[var])
+            fam = d.families.find(d.family[var])
             families.setdefault(fam, {}).setdefault(uf.find(var), set()).update(lengths)
         # two families sharing a group move their heads alike
         merged = False
@@ -537,7 +513,7 @@ def head_sets(d: Any) -> dict[int, dict[int, int]]:
         for fam, members in families.items():
             for root in members:
                 if root != fixed and root in owner and owner[root] != fam:
-                    d.family_parent[max(fam, owner[root])] = min(fam, owner[root])
+                    d.families.union(fam, owner[root])
                     merged = True
                 owner.setdefault(root, fam)
         if merged:
@@ -592,10 +568,4 @@ def _bind(m: nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict) -> dict:
     bound.apply_defaults()
     out = dict(bound.arguments)
     out.pop("self", None)
-    return out
-
-
-def _flatten(a: Any) -> list:
-    out: list = []
-    torch.fx.node.map_aggregate(a, out.append)
     return out

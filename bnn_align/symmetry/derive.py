@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
 from ..models.asymmetric import ASYMMETRIC_LAYERS, AsymConv1d, AsymConv2d, AsymLinear
+from ._graph import UnionFind, axis_order, flatten_args
 from .scale import scale_symmetries
 from .attention import AttentionRules, Heads, head_sets, op_name
 from .spec import PermutationSpec
@@ -35,30 +36,17 @@ __all__ = ["spec_from_module"]
 _FIXED = 0
 
 
-class _UnionFind:
+class _UnionFind(UnionFind):
+    """Unit variables; variable ``_FIXED`` (the network's inputs and outputs) is never permuted."""
+
     def __init__(self) -> None:
-        self.parent = [_FIXED]
-        self.origin = ["<input/output>"]  # who created each variable (for group names)
+        super().__init__()
+        self.origin: list[str] = []  # who created each variable (for group names)
+        self.new("<input/output>")
 
     def new(self, origin: str) -> int:
-        self.parent.append(len(self.parent))
         self.origin.append(origin)
-        return len(self.parent) - 1
-
-    def find(self, v: int) -> int:
-        while self.parent[v] != v:
-            self.parent[v] = self.parent[self.parent[v]]
-            v = self.parent[v]
-        return v
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        # The smaller id stays root: the fixed variable wins, then the earliest creator.
-        if rb < ra:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
+        return self.add()
 
 
 @dataclass(frozen=True)
@@ -296,7 +284,7 @@ class _Deriver(AttentionRules, torch.fx.Interpreter):
             return handled
         uses_attr = any(
             isinstance(a, torch.fx.Node) and a.op == "get_attr"
-            for a in _flatten_args((n.args, n.kwargs))
+            for a in flatten_args((n.args, n.kwargs))
         )
         if uses_attr and op_name(n, name) in ("add", "sub", "mul") and any(
                 u is not None for u in units) and not any(isinstance(u, Heads) for u in units):
@@ -336,7 +324,7 @@ class _Deriver(AttentionRules, torch.fx.Interpreter):
     def operands(self, n: torch.fx.Node) -> list[tuple[_Units, tuple[int, ...]]]:
         """Units and shapes of the tensor operands of a broadcasting operation."""
         return [(self.units[a], tuple(a.meta["_bnn_shape"]))
-                for a in _flatten_args((n.args, n.kwargs))
+                for a in flatten_args((n.args, n.kwargs))
                 if isinstance(a, torch.fx.Node) and self.units.get(a) is not None]
 
     def broadcast(self, operands: list[tuple[_Units, tuple[int, ...]]], out: torch.Tensor) -> _Units:
@@ -386,16 +374,7 @@ class _Deriver(AttentionRules, torch.fx.Interpreter):
                   out: torch.Tensor) -> _Units:
         if units.axis is None:
             return units
-        ndim = x.dim()
-        if name == "t":
-            order = list(range(ndim))[::-1]
-        elif name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            order = [d % ndim for d in dims]
-        else:
-            d0, d1 = (d % ndim for d in rest[:2])
-            order = list(range(ndim))
-            order[d0], order[d1] = order[d1], order[d0]
+        order = axis_order(name, x.dim(), rest)
         return _Units(order.index(units.axis), units.segments, units.block)
 
     def pool(self, units: _Units, x: torch.Tensor, k: int) -> _Units:
@@ -601,21 +580,15 @@ class _Deriver(AttentionRules, torch.fx.Interpreter):
         return _Units(units.axis, (_FIXED,)) if units.axis is not None else _FIXED_UNITS
 
 
-def _flatten_args(a: Any) -> list:
-    out: list = []
-    torch.fx.node.map_aggregate(a, out.append)
-    return out
-
-
 def _first_node(args: tuple) -> torch.fx.Node | None:
-    for a in _flatten_args(args):
+    for a in flatten_args(args):
         if isinstance(a, torch.fx.Node):
             return a
     return None
 
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:
-    for a in _flatten_args(args):
+    for a in flatten_args(args):
         if isinstance(a, torch.Tensor):
             return a
     return None

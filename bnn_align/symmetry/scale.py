@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._graph import UnionFind, flatten_args
 from .attention import Heads, Several
 
 if TYPE_CHECKING:  # the deriver imports this module
@@ -188,33 +189,25 @@ class _Chain:
         self.absorbed = False  # read by a normalisation: approximately invariant only
 
 
-class _Chains:
-    """Union-find over chains (a residual sum joins chains into one scale)."""
+class _Chains(UnionFind):
+    """Union-find over chains (a residual sum joins chains into one scale); each root holds the
+    joined chains' parameters and flags."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.chains: list[_Chain] = []
-        self.parent: list[int] = []
 
     def new(self, var: int) -> int:
         self.chains.append(_Chain(var))
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
-
-    def find(self, c: int) -> int:
-        while self.parent[c] != c:
-            self.parent[c] = self.parent[self.parent[c]]
-            c = self.parent[c]
-        return c
+        return self.add()
 
     def get(self, c: int) -> _Chain:
         return self.chains[self.find(c)]
 
     def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            keep, gone = (ra, rb) if ra < rb else (rb, ra)
-            self.parent[gone] = keep
-            first, second = self.chains[keep], self.chains[gone]
+        gone = super().union(a, b)
+        if gone is not None:
+            first, second = self.get(a), self.chains[gone]
             first.incoming += second.incoming
             first.outgoing += second.outgoing
             first.broken |= second.broken
@@ -225,12 +218,6 @@ class _Chains:
 def _name(target: Any) -> str:
     name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
-
-
-def _flatten(args: Any) -> list:
-    out: list = []
-    torch.fx.node.map_aggregate(args, out.append)
-    return out
 
 
 def _nodes_in(args: Any) -> list[torch.fx.Node]:
@@ -311,7 +298,7 @@ def scale_symmetries(d: "_Deriver", group_of: Callable[[int], str | None]
                 brk(inputs)  # a constant or an unscaled tensor added to scaled units
             continue
         if node.target in _PRODUCTS or name in ("mul", "div", "true_divide"):
-            tensors = [a for a in _flatten((node.args, node.kwargs))
+            tensors = [a for a in flatten_args((node.args, node.kwargs))
                        if isinstance(a, torch.fx.Node)]
             divide = node.target in (operator.truediv, operator.itruediv) or name != "mul"
             # a product with a number is homogeneous; dividing by scaled units is not
