@@ -13,7 +13,8 @@ Results go to a long-format CSV (one value per row: cell, quantity, alignment, p
 value, se). The study is resumable: cells (width, family, pair) already in the CSV are skipped,
 and each finished cell is appended at once.
 
-``--report`` prints the markdown tables of a results CSV (``study_symmetries.md``).
+``--report`` prints the markdown tables of a results CSV (``study_symmetries.md``) and plots it
+beside the CSV (``study_symmetries.png``, ``study_symmetries_energy.png``).
 
 Usage (the full study trains 2 x 2 x 3 x 2 = 24 networks, an hour or more on 2 busy cores)::
 
@@ -150,6 +151,60 @@ def report(path: Path) -> str:
 ALIGNMENTS = ["none", "permutation", "permutation+scale"]
 
 
+def plot(path: Path, out: Path) -> list[Path]:
+    """``<stem>.png``: the NLL barrier per alignment and path (bars: mean, error bars: spread
+    over pairs), one panel per width and family; ``<stem>_energy.png``: the local energy against
+    sigma of the endpoints and the aligned midpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    cells = sorted({(int(w), f) for w, f in zip(frame.width, frame.family)})
+    nll = frame[frame.quantity == "barrier_nll"].groupby(
+        ["width", "family", "alignment", "path"]).value.agg(["mean", "std"])
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.2), squeeze=False)
+    for ax, (width, family) in zip(axes[0], cells):
+        for i, path_kind in enumerate(("wasserstein", "geodesic")):
+            rows = [nll.loc[(width, family, a, path_kind)] for a in ALIGNMENTS[1:]]
+            xs = [j + 0.38 * i for j in range(len(rows))]
+            ax.bar(xs, [r["mean"] for r in rows], 0.36, yerr=[r["std"] for r in rows],
+                   capsize=2, label="linear" if path_kind == "wasserstein" else "geodesic")
+        ax.set_xticks([j + 0.19 for j in range(2)], ["permutation", "perm. + scale"])
+        ax.set_title(f"width {width}, {family.replace('_', '-')}", fontsize=10)
+        ax.set_ylabel("NLL barrier (nats)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Aligned barrier: permutations only or with the scale symmetry removed",
+                 fontsize=11)
+    fig.tight_layout()
+    written = [out / f"{path.stem}.png", out / f"{path.stem}_energy.png"]
+    fig.savefig(written[0], dpi=110)
+    plt.close(fig)
+    energy = frame[frame.quantity == "local_energy"].groupby(
+        ["width", "family", "point", "sigma"]).value.mean()
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.2), squeeze=False,
+                             sharey=True)
+    labels = {"a": "endpoint a", "b": "endpoint b",
+              "mid_permutation_linear": "midpoint: permutation, linear",
+              "mid_scale_geodesic": "midpoint: perm. + scale, geodesic"}
+    for ax, (width, family) in zip(axes[0], cells):
+        for point, label in labels.items():
+            series = energy.loc[(width, family, point)]
+            ax.plot(series.index, series.values, marker="o", ms=3, label=label)
+        ax.set_title(f"width {width}, {family.replace('_', '-')}", fontsize=10)
+        ax.set_xlabel("relative weight noise sigma")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training error (local energy)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(written[1], dpi=110)
+    plt.close(fig)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 512])
@@ -165,10 +220,13 @@ def main() -> None:
                         default=Path(__file__).parent / "results" / "study_symmetries.csv")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--report", action="store_true",
-                        help="print the markdown tables of --out instead of running")
+                        help="print the markdown tables of --out and plot it, instead of "
+                             "running")
     args = parser.parse_args()
     if args.report:
         print(report(args.out))
+        for written in plot(args.out, args.out.parent):
+            print("wrote", written)
         return
     split = data.mnist1d()
     done = done_cells(args.out)
