@@ -21,6 +21,7 @@ Two parts, each resumable (every trained chain, network or guide is cached under
 ``*_smoke.csv`` files, to check the script end to end.
 
     python benchmarks/study_many.py [hmc] [ensembles] [--smoke]
+    python benchmarks/study_many.py --plot      # study_many.png from the results
 """
 
 from __future__ import annotations
@@ -234,13 +235,64 @@ def ensembles(cache: Path, smoke: bool) -> None:
     write_rows(RESULTS / f"study_many_ensembles{'_smoke' if smoke else ''}.csv", rows)
 
 
+def plot() -> Path:
+    """``study_many.png`` from the two results CSVs: test accuracy of the merged posterior (and
+    REPAIR), the ensemble and the members against K, per family; and the HMC chains' R-hat
+    fraction and median standardized difference before and after alignment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    ens = pd.read_csv(RESULTS / "study_many_ensembles.csv")
+    chains = pd.read_csv(RESULTS / "study_many_hmc.csv")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, family in zip(axes[:2], ("point", "mean_field")):
+        rows = ens[ens.family == family].sort_values("K")
+        for column, label in (("member_accuracy_mean", "members (mean)"),
+                              ("ensemble_accuracy", "ensemble"),
+                              ("merged_accuracy", "merged (match_many)"),
+                              ("repaired_accuracy", "merged + REPAIR")):
+            if rows[column].notna().any():
+                ax.plot(rows.K, rows[column], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(rows.K), [str(k) for k in rows.K])
+        ax.set_xlabel("K posteriors")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"MNIST-1D MLP 512, {family.replace('_', '-')}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    xs = range(len(chains))
+    ax.bar([x - 0.2 for x in xs], chains["median_abs_d_before"], 0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], chains["median_abs_d_after"], 0.4, label="after alignment")
+    ax.set_xticks(list(xs), [f"width {w}" for w in chains.width])
+    ax.set_ylabel("median |d| of the chains' means")
+    ax.set_title("NUTS, 4 chains, digits MLP\nweights with R-hat > 1.01: "
+                 + ", ".join(f"{b:.0%} -> {a:.1%}" for b, a in
+                             zip(chains["fraction_rhat_above_1.01_before"],
+                                 chains["fraction_rhat_above_1.01_after"])), fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / "study_many.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", default=["hmc", "ensembles"],
                         help="hmc, ensembles or both (the default)")
     parser.add_argument("--smoke", action="store_true", help="a tiny end-to-end run")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache" / "study_many")
+    parser.add_argument("--plot", action="store_true",
+                        help="plot the committed results (study_many.png) instead of running")
     args = parser.parse_args()
+    if args.plot:
+        print("wrote", plot())
+        return
     unknown = [p for p in args.parts if p not in ("hmc", "ensembles")]
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from hmc, ensembles")
