@@ -140,13 +140,9 @@ def _curve_tables(summary: list[dict[str, Any]]) -> str:
     columns = [(m, p) for m in methods for p in straight + kinds]
     head = " | ".join(f"{LABELS[m]}: {'line' if p in straight and len(straight) == 1 else p}"
                       for m, p in columns)
-    metrics = [k[:-len("_mean")] for k in summary[0] if k.endswith("_mean")]
     lines = []
-    for metric in metrics:
-        what = {"nll": "NLL barrier (nats)",
-                "acc": "Accuracy barrier (largest drop below the line between the endpoints)"
-                }.get(metric, f"{metric} barrier")
-        lines += [f"{what} along the straight path and the learned curve (full training "
+    for metric in _summary_metrics(summary):
+        lines += [f"{_describe(metric)} along the straight path and the learned curve (full training "
                   "budget): mean ± spread over pairs.", "",
                   f"| data | network | guide | {head} |", _rule(3 + len(columns))]
         for (dataset, arch, width, guide), by in cells.items():
@@ -174,6 +170,17 @@ def _curve_tables(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def _summary_metrics(summary: list[dict[str, Any]]) -> list[str]:
+    """The barrier metrics of a summary (``"nll"`` first), as :func:`summarise` names them."""
+    return [k[:-len("_mean")] for k in summary[0] if k.endswith("_mean")]
+
+
+def _describe(metric: str) -> str:
+    return {"nll": "NLL barrier (nats)",
+            "acc": "Accuracy barrier (largest drop below the line between the endpoints)"
+            }.get(metric, f"{metric} barrier")
+
+
 def _cell(entry: dict | None, key: str) -> str:
     if entry is None:
         return ""
@@ -186,7 +193,7 @@ def _tables(summary: list[dict[str, Any]]) -> str:
         cells.setdefault((s["dataset"], s["arch"], s["width"], s["guide"]), {})[s["method"]] = s
     methods = [m for m in METHODS if any(m in by for by in cells.values())]
     head = " | ".join(LABELS[m] for m in methods)
-    metrics = [k[:-len("_mean")] for k in summary[0] if k.endswith("_mean")]
+    metrics = _summary_metrics(summary)
     acc = "test_acc" in summary[0]
     lines = ["NLL barrier (nats): mean ± spread (standard deviation) over independent pairs; "
              "MC s.e.: the typical Monte-Carlo standard error of one aligned (W2) barrier.", "",
@@ -200,9 +207,7 @@ def _tables(summary: list[dict[str, Any]]) -> str:
                      + (f"{test:.3f} | " if acc else "") + _row(by_method, methods, "nll")
                      + (f" | {se:.3f} |" if se is not None else " |  |"))
     for metric in metrics[1:]:
-        what = ("Accuracy barrier (largest drop below the line between the endpoints)"
-                if metric == "acc" else f"{metric} barrier")
-        lines += ["", f"{what}: mean ± spread over pairs.", "",
+        lines += ["", f"{_describe(metric)}: mean ± spread over pairs.", "",
                   f"| data | network | guide | {head} |", _rule(3 + len(methods))]
         for (dataset, arch, width, guide), by_method in cells.items():
             lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
