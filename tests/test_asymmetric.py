@@ -417,6 +417,15 @@ def test_a_tiny_asymmetric_study_runs_records_histories_and_reports(tmp_path):
     assert "| digits | MLP 8x2, w-asym. | mean-field |" in text
     assert "| digits | MLP 8x2, sigma-asym. | mean-field |" in text
     assert "| digits | MLP 8x2 | mean-field |" in text
+    # and side by side in one row: standard naive and W2, then each variant's naive barrier
+    side_by_side = next(line for line in text.splitlines()
+                        if line.startswith("| digits | MLP 8x2 | mean-field |") and " / " in line)
+    cells = [c.strip() for c in side_by_side.strip("|").split("|")][3:]
+    barrier = {(r["asymmetry"], r["method"]): float(r["nll_barrier"]) for r in rows}
+    for cell, key in zip(cells, [("none", "naive"), ("none", "wasserstein"), ("w", "naive"),
+                                 ("sigma", "naive")]):
+        assert cell == f"{barrier[key]:.3f} ± 0.000"
+    assert len(cells[-1].split(" / ")) == 3     # a test accuracy per variant
     # and the training histories beside the table: a table per variant and their plot
     assert [p.name for p in written][-1] == "tiny_asym_history.png"
     last = {v: [r for r in history if r["asymmetry"] == v and r["epoch"] == "2"]

@@ -104,8 +104,9 @@ def _network(arch: str, width: int) -> str:
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The NLL barriers (with test accuracy and the W2 rows' Monte-Carlo s.e.), one table per
     other metric (accuracy: the largest drop below the line between the endpoints), the
-    matching objectives, and with learned methods the seconds per match; a set of tables per
-    path kind when there are several."""
+    matching objectives, and with learned methods the seconds per match; with asymmetric
+    networks first a table of each cell's variants side by side; a set of tables per path kind
+    when there are several."""
     paths = sorted({s["path"] for s in summary})
     parts = []
     if any(_curve_epochs(p) is not None for p in paths):
@@ -114,8 +115,37 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     for path in paths:
         rows = [s for s in summary if s["path"] == path]
         text = _tables(rows)
+        if any("+" in s["arch"] for s in rows):
+            text = _variants_table(rows) + "\n\n" + text
         parts.append(text if len(paths) == 1 and not parts else f"### Path: {path}\n\n{text}")
     return "\n\n".join(parts)
+
+
+def _variants_table(summary: list[dict[str, Any]]) -> str:
+    """A study with asymmetric networks in one table: per standard cell its naive and W2
+    barriers beside its asymmetric variants' naive barriers, and each variant's test accuracy."""
+    cells: dict[tuple, dict] = {}
+    for s in summary:
+        arch, _, asymmetry = s["arch"].partition("+")
+        cells.setdefault((s["dataset"], arch, s["width"], s["guide"]), {})[
+            (asymmetry or "none", s["method"])] = s
+    variants = [a for a in _VARIANTS if any(a in {v for v, _ in by} for by in cells.values())]
+    columns = [("none", "naive"), ("none", "wasserstein")] + [(a, "naive") for a in variants
+                                                              if a != "none"]
+    head = " | ".join(f"{_VARIANTS[a]}: {LABELS[m]}" for a, m in columns)
+    accuracy = " / ".join(_VARIANTS[a] for a in variants)
+    lines = ["Variants: NLL barrier (nats, mean ± spread over pairs) of the standard network, "
+             "naive and W2-aligned, and of the asymmetric networks, naive (nothing to align); "
+             "test accuracy of the endpoints.", "",
+             f"| data | network | guide | {head} | test acc ({accuracy}) |",
+             _rule(4 + len(columns))]
+    for (dataset, arch, width, guide), by in cells.items():
+        accuracies = [next((s["test_acc"] for (v, _), s in by.items() if v == a), None)
+                      for a in variants]
+        lines.append(f"| {dataset} | {_network(arch, width)} | {guide} | "
+                     + " | ".join(_cell(by.get(c), "nll") for c in columns) + " | "
+                     + " / ".join("" if a is None else f"{a:.3f}" for a in accuracies) + " |")
+    return "\n".join(lines)
 
 
 def _curve_epochs(path: str) -> tuple[str, int | None] | None:
