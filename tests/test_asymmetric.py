@@ -372,7 +372,7 @@ def test_the_asymmetric_study_config_has_the_asymmetry_axis():
             {"datasets": ["digits"], "archs": ["mlp"], "widths": [8], "guides": ["mean-field"]}]})
 
 
-def test_a_tiny_asymmetric_study_runs_records_histories_and_reports(tmp_path):
+def test_a_tiny_asymmetric_study_runs_records_histories_and_reports(tmp_path, monkeypatch):
     import csv
 
     from bnn_align import sweep
@@ -412,7 +412,16 @@ def test_a_tiny_asymmetric_study_runs_records_histories_and_reports(tmp_path):
     again = sweep.run(study, tmp_path, serial=True, progress=False)
     assert sum(again.ran.values()) == 0 and again.rows_added == 0 and again.rows == 4
     # the report keeps the variants apart
+    from bnn_align.sweep import report
+
+    plotted = []
+    by_variant = report._plot_variants
+    monkeypatch.setattr(report, "_plot_variants", lambda summary, path, key: (
+        plotted.append((key, path.name)), by_variant(summary, path, key)))
     written = sweep.write_report(summary.results, tmp_path / "report")
+    # the barrier plots are drawn by variant, not against width
+    assert plotted == [("nll", "tiny_asym.png"), ("acc", "tiny_asym_accuracy.png")]
+    assert all((tmp_path / "report" / name).stat().st_size > 0 for _, name in plotted)
     text = written[0].read_text()
     assert "| digits | MLP 8x2, w-asym. | mean-field |" in text
     assert "| digits | MLP 8x2, sigma-asym. | mean-field |" in text

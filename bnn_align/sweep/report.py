@@ -279,13 +279,17 @@ def _row(by_method: dict, methods: list[str], key: str) -> str:
 def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll") -> None:
     """Barriers against width, one row of panels per dataset: an MLP panel per guide, one
     panel per ResNet with both guides (solid mean-field, dashed low-rank). Error bars are the
-    spread over pairs; the log axis is floored at 1e-3 (barriers are >= 0)."""
+    spread over pairs; the log axis is floored at 1e-3 (barriers are >= 0). A study with
+    asymmetric networks is plotted by variant instead (see :func:`_plot_variants`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = [s for s in summary if s["path"] == min(s["path"] for s in summary)]
+    if any("+" in s["arch"] for s in summary):
+        _plot_variants(summary, path, key)
+        return
     rows = []
     for dataset in [d for d in DATASETS if any(s["dataset"] == d for s in summary)]:
         here = [s for s in summary if s["dataset"] == dataset]
@@ -398,6 +402,58 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
 
 
 _VARIANTS = {"none": "standard", "w": "W-asym.", "sigma": "sigma-asym."}
+# the series of a variants plot: (variant, method) -> label, colour
+_VARIANT_SERIES = {("none", "naive"): ("standard, naive", "tab:red"),
+                   ("none", "wasserstein"): ("standard, W2", "tab:blue"),
+                   ("w", "naive"): ("W-asym., naive", "tab:purple"),
+                   ("sigma", "naive"): ("sigma-asym., naive", "tab:green")}
+
+
+def _plot_variants(summary: list[dict[str, Any]], path: str | os.PathLike, key: str) -> None:
+    """One panel per dataset, a column of points per cell (network and guide): the standard
+    network's naive and W2 barriers beside the asymmetric variants' naive barriers, with the
+    spread over pairs as error bars, on a log axis floored at 1e-3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-3
+    datasets = [d for d in DATASETS if any(s["dataset"] == d for s in summary)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, dataset in zip(axes[0], datasets):
+        by: dict[tuple, dict] = {}
+        for s in summary:
+            if s["dataset"] == dataset:
+                arch, _, asymmetry = s["arch"].partition("+")
+                by.setdefault((_layers(arch) is None, arch, s["width"], s["guide"]), {})[
+                    (asymmetry or "none", s["method"])] = s
+        cells = sorted(by)
+        offsets = np.linspace(-0.24, 0.24, len(_VARIANT_SERIES))
+        for offset, (series, (label, color)) in zip(offsets, _VARIANT_SERIES.items()):
+            xs = [i for i, cell in enumerate(cells) if series in by[cell]]
+            if not xs:
+                continue
+            m = np.array([by[cells[i]][series][f"{key}_mean"] for i in xs])
+            e = np.array([by[cells[i]][series][f"{key}_spread"] for i in xs])
+            lower = np.minimum(e, np.maximum(m, floor) - floor)
+            ax.errorbar(np.array(xs) + offset, np.maximum(m, floor), yerr=(lower, e), fmt="o",
+                        ms=5, capsize=2, color=color, label=label)
+        ax.set_xticks(range(len(cells)), [f"{_network(arch, width)}\n{guide}"
+                                          for _, arch, width, guide in cells], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(floor, 5)
+        ax.set_title(dataset, fontsize=10)
+        ax.grid(alpha=0.3, which="both", axis="y")
+    axes[0][0].set_ylabel("NLL barrier (nats)" if key == "nll" else f"{key} barrier")
+    axes[0][-1].legend(fontsize=8)
+    pairs = max(s["pairs"] for s in summary)
+    fig.suptitle(f"Standard and asymmetric networks; error bars: spread over {pairs} pairs",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 _VARIANT_COLORS = {"none": "tab:blue", "w": "tab:red", "sigma": "tab:green"}
 
 
