@@ -108,14 +108,15 @@ def test_same_seeds_share_fixed_entries_and_different_seeds_differ():
 def test_default_fixed_counts_and_scales_follow_width():
     net = models.mlp(40, [128, 512], 10, asymmetry="w")
     assert [net[i].num_fixed for i in (0, 2, 4)] == [5, 16, 256]
-    assert net[0].scale == pytest.approx(5 ** -0.5)
-    assert net[4].scale == pytest.approx(0.5 / 16)   # half the default, half the row fixed
-    # the fixed part of a pre-activation has about the input's scale at any width
+    # Lim et al.'s scales: 1 in the hidden layers, 1/4 in the output layer
+    assert [net[i].scale for i in (0, 2, 4)] == [1.0, 1.0, 0.25]
     for width in (64, 1024):
         layer = AsymLinear(width, 2000, seed=0)
-        x = torch.randn(width)
-        fixed = (layer.weight.detach() * layer.fixed_mask) @ x
-        assert 0.8 < float(fixed.std()) < 1.2
+        assert layer.scale == 1.0
+        fixed = layer.weight.detach()[layer.fixed_mask]
+        assert 0.95 < float(fixed.std()) < 1.05
+        # much larger than the free entries, which start as nn.Linear's
+        assert float(layer.weight.detach()[~layer.fixed_mask].abs().max()) <= width ** -0.5
 
 
 # --------------------------------------------------------------------------- the symmetries --

@@ -131,7 +131,7 @@ class _FixedEntries(nn.Module):
         if num_fixed is None:
             num_fixed = default_num_fixed(row_length)
         num_fixed = check_int("num_fixed", num_fixed, low=1, high=row_length - 1)
-        scale = 1.0 / math.sqrt(num_fixed) if scale is None else _check_scale("scale", scale)
+        scale = 1.0 if scale is None else _check_scale("scale", scale)
         seed = check_int("seed", seed, low=0)
         self.weight_shape = tuple(shape)
         self.num_fixed, self.scale, self.seed = num_fixed, scale, seed
@@ -188,8 +188,8 @@ class AsymLinear(_FixedEntries):
         Fixed entries per row, ``1 .. in_features - 1``; default
         :func:`default_num_fixed` ``(in_features)``, an eighth of the row.
     scale : float, optional
-        Fixed values are ``scale * N(0, 1)`` (``scale >= 0``); default ``1 / sqrt(num_fixed)``,
-        so the fixed part of a pre-activation has about the input's scale at any width.
+        Fixed values are ``scale * N(0, 1)`` (``scale >= 0``); default 1, Lim et al.'s: fixed
+        entries large against the free ones are what removes the barrier between posteriors.
     seed : int
         Seed of the fixed positions and values (a local generator).
     bias : bool

@@ -8,7 +8,6 @@ model, and :func:`bnn_align.spec_from_module` derives their permutation symmetri
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -63,9 +62,10 @@ class _Layers:
             return nn.Linear(fan_in, fan_out)
         self._check_row(fan_in)
         num_fixed = default_num_fixed(fan_in, last=last)
-        # the last layer: half the row fixed at half the default scale (Lim et al.'s output
-        # layer had 256 of 512 fixed at a quarter of the hidden layers' scale)
-        scale = (0.5 if last else 1.0) / math.sqrt(num_fixed)
+        # Lim et al.'s scales: 1, and a quarter in the output layer (256 of 512 fixed there).
+        # Milder fixed entries (1 / sqrt(num_fixed), unit variance per unit) leave
+        # posteriors that are far from linearly connected: benchmarks/NOTES.md
+        scale = 0.25 if last else 1.0
         return AsymLinear(fan_in, fan_out, num_fixed, scale, self._next_seed())
 
     def conv(self, dim: int, fan_in: int, fan_out: int, kernel: int, **kwargs: Any) -> nn.Module:
@@ -109,8 +109,8 @@ def mlp(
         One of ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"``, ``"leaky_relu"``.
     asymmetry : {None, "w", "sigma"}
         ``None`` (or ``"none"``): the standard network. ``"w"``: every linear layer an
-        :class:`~bnn_align.models.AsymLinear` (an eighth of each hidden row fixed at scale
-        ``1 / sqrt(num_fixed)``, half of each output row at half that scale; their weights are
+        :class:`~bnn_align.models.AsymLinear` (an eighth of each hidden row fixed at scale 1,
+        half of each output row at scale 1/4, as Lim et al.; their weights are
         then ``"0.free"``, ``"2.free"``, ...). ``"sigma"``: every activation a
         :class:`~bnn_align.models.FiGLU` (which replaces ``activation``). Either removes
         every permutation symmetry of the hidden units.
