@@ -82,7 +82,8 @@ def main() -> None:
             nll, acc = curve.barrier("nll"), curve.barrier("accuracy")
             row = {"dataset": args.dataset, "width": args.width, "variant": args.variant,
                    "scale": scale, "pair": pair, "nll_barrier": nll.value, "nll_se": nll.se,
-                   "acc_barrier": acc.value, "acc_se": acc.se, "acc_t0": float(curve.values["accuracy"][0]),
+                   "acc_barrier": acc.value, "acc_se": acc.se,
+                   "acc_t0": float(curve.values["accuracy"][0]),
                    "acc_t1": float(curve.values["accuracy"][-1]),
                    "train_seconds": (s0 + s1) / 2}
             new = not args.out.exists()
@@ -91,8 +92,8 @@ def main() -> None:
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
-            print(f"{args.variant} scale {scale:g} pair {pair}: NLL barrier {nll.value:.3f} ± {nll.se:.3f}, "
-                  f"accuracy {row['acc_t0']:.3f} / {row['acc_t1']:.3f}", flush=True)
+            print(f"{args.variant} scale {scale:g} pair {pair}: NLL barrier {nll.value:.3f} "
+                  f"± {nll.se:.3f}, accuracy {row['acc_t0']:.3f} / {row['acc_t1']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
