@@ -93,7 +93,8 @@ def main() -> None:
                     writer.writeheader()
                 writer.writerow(row)
             print(f"{args.variant} scale {scale:g} pair {pair}: NLL barrier {nll.value:.3f} "
-                  f"± {nll.se:.3f}, accuracy {row['acc_t0']:.3f} / {row['acc_t1']:.3f}", flush=True)
+                  f"± {nll.se:.3f}, accuracy {row['acc_t0']:.3f} / {row['acc_t1']:.3f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
