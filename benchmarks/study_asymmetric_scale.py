@@ -13,7 +13,7 @@ MLP: FiGLU's ``C`` (default entries of scale ``1 / sqrt(dim)``) multiplied by ``
 are appended to the results table as pairs finish; a rerun skips the pairs already there.
 
     python benchmarks/study_asymmetric_scale.py [--dataset digits] [--variant w|sigma]
-        [--scales 0.25 1 4]
+        [--scales 0.25 1 4] [--report]
         [--pairs 3] [--out benchmarks/results/study_asymmetric_scale.csv]
 """
 
@@ -54,6 +54,27 @@ def posterior(split, width: int, variant: str, scale: float, seed: int, epochs: 
     return model, guide, time.perf_counter() - started
 
 
+def report(results: Path) -> Path:
+    """``<stem>.md`` beside the results: per dataset, variant and scale the NLL barrier (mean ±
+    spread over pairs) and the endpoints' mean test accuracy."""
+    import pandas as pd
+
+    frame = pd.read_csv(results)
+    frame["test_acc"] = (frame["acc_t0"] + frame["acc_t1"]) / 2
+    lines = ["| data | width | variant | scale | pairs | NLL barrier | test acc |",
+             "|---|---|---|---|---|---|---|"]
+    names = {"w": "W-asym. (fixed entries)", "sigma": "sigma-asym. (FiGLU's C)"}
+    for (dataset, width, variant, scale), rows in frame.groupby(
+            ["dataset", "width", "variant", "scale"]):
+        barrier = rows["nll_barrier"]
+        lines.append(f"| {dataset} | {width} | {names[variant]} | {scale:g} | {len(rows)} | "
+                     f"{barrier.mean():.3f} ± {barrier.std(ddof=1):.3f} | "
+                     f"{rows['test_acc'].mean():.3f} |")
+    path = results.with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(EPOCHS), default="digits")
@@ -61,9 +82,14 @@ def main() -> None:
     parser.add_argument("--variant", choices=["w", "sigma"], default="w")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--report", action="store_true",
+                        help="only write the results' markdown table")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "study_asymmetric_scale.csv")
     args = parser.parse_args()
+    if args.report:
+        print("wrote", report(args.out))
+        return
     torch.set_num_threads(1)  # as the study's Ray tasks: the same numbers
     split = digits() if args.dataset == "digits" else mnist1d()
     done = set()
