@@ -276,6 +276,21 @@ def _row(by_method: dict, methods: list[str], key: str) -> str:
     return " | ".join(_cell(by_method.get(m), key) for m in methods)
 
 
+def _save(fig, path: str | os.PathLike) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _error_bars(means: np.ndarray, spreads: np.ndarray, floor: float) -> tuple:
+    """Means floored at ``floor`` for a log axis, and (lower, upper) error bars that stay on
+    the axis."""
+    shown = np.maximum(means, floor)
+    return shown, (np.minimum(spreads, shown - floor), spreads)
+
+
 def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll") -> None:
     """Barriers against width, one row of panels per dataset: an MLP panel per guide, one
     panel per ResNet with both guides (solid mean-field, dashed low-rank). Error bars are the
@@ -322,9 +337,7 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll
     pairs = max(s["pairs"] for s in summary)
     fig.suptitle(f"{ylabel} after alignment; error bars: spread over {pairs} pairs of seeds",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curve_epochs(summary: list[dict[str, Any]], path: str | os.PathLike) -> None:
@@ -359,9 +372,7 @@ def plot_curve_epochs(summary: list[dict[str, Any]], path: str | os.PathLike) ->
         ax.set_title(f"{dataset}, {_network(arch, width)}, {guide}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
@@ -377,8 +388,8 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
                 continue
             w, m, e = map(np.array, zip(*pts))
             widths.update(w.tolist())
-            lower = np.minimum(e, np.maximum(m, floor) - floor)  # keep bars on the axis
-            ax.errorbar(w, np.maximum(m, floor), yerr=(lower, e), marker="o", ms=4, capsize=2,
+            shown, bars = _error_bars(m, e, floor)
+            ax.errorbar(w, shown, yerr=bars, marker="o", ms=4, capsize=2,
                         color=color, linestyle=style, label=f"{LABELS[method]} ({g})")
     ax.set_xscale("log", base=2)
     layers = _layers(arch)
@@ -437,8 +448,8 @@ def _plot_variants(summary: list[dict[str, Any]], path: str | os.PathLike, key: 
                 continue
             m = np.array([by[cells[i]][series][f"{key}_mean"] for i in xs])
             e = np.array([by[cells[i]][series][f"{key}_spread"] for i in xs])
-            lower = np.minimum(e, np.maximum(m, floor) - floor)
-            ax.errorbar(np.array(xs) + offset, np.maximum(m, floor), yerr=(lower, e), fmt="o",
+            shown, bars = _error_bars(m, e, floor)
+            ax.errorbar(np.array(xs) + offset, shown, yerr=bars, fmt="o",
                         ms=5, capsize=2, color=color, label=label)
         ax.set_xticks(range(len(cells)), [f"{_network(arch, width)}\n{guide}"
                                           for _, arch, width, guide in cells], fontsize=8)
@@ -451,9 +462,7 @@ def _plot_variants(summary: list[dict[str, Any]], path: str | os.PathLike, key: 
     pairs = max(s["pairs"] for s in summary)
     fig.suptitle(f"Standard and asymmetric networks; error bars: spread over {pairs} pairs",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 _VARIANT_COLORS = {"none": "tab:blue", "w": "tab:red", "sigma": "tab:green"}
 
 
@@ -514,9 +523,7 @@ def plot_history(history, path: str | os.PathLike) -> None:
             ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None
