@@ -115,7 +115,7 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     for path in paths:
         rows = [s for s in summary if s["path"] == path]
         text = _tables(rows)
-        if any("+" in s["arch"] for s in rows):
+        if _has_variants(rows):
             text = _variants_table(rows) + "\n\n" + text
         parts.append(text if len(paths) == 1 and not parts else f"### Path: {path}\n\n{text}")
     return "\n\n".join(parts)
@@ -124,14 +124,9 @@ def markdown(summary: list[dict[str, Any]]) -> str:
 def _variants_table(summary: list[dict[str, Any]]) -> str:
     """A study with asymmetric networks in one table: per standard cell its naive and W2
     barriers beside its asymmetric variants' naive barriers, and each variant's test accuracy."""
-    cells: dict[tuple, dict] = {}
-    for s in summary:
-        arch, _, asymmetry = s["arch"].partition("+")
-        cells.setdefault((s["dataset"], arch, s["width"], s["guide"]), {})[
-            (asymmetry or "none", s["method"])] = s
+    cells = _by_variant(summary)
     variants = [a for a in _VARIANTS if any(a in {v for v, _ in by} for by in cells.values())]
-    columns = [("none", "naive"), ("none", "wasserstein")] + [(a, "naive") for a in variants
-                                                              if a != "none"]
+    columns = [c for c in _VARIANT_SERIES if c[0] == "none" or c[0] in variants]
     head = " | ".join(f"{_VARIANTS[a]}: {LABELS[m]}" for a, m in columns)
     accuracy = " / ".join(_VARIANTS[a] for a in variants)
     lines = ["Variants: NLL barrier (nats, mean ± spread over pairs) of the standard network, "
@@ -302,7 +297,7 @@ def plot(summary: list[dict[str, Any]], path: str | os.PathLike, key: str = "nll
     import matplotlib.pyplot as plt
 
     summary = [s for s in summary if s["path"] == min(s["path"] for s in summary)]
-    if any("+" in s["arch"] for s in summary):
+    if _has_variants(summary):
         _plot_variants(summary, path, key)
         return
     rows = []
@@ -413,11 +408,25 @@ def _panel(ax, summary, dataset, arch, guide, key, floor, ylabel) -> None:
 
 
 _VARIANTS = {"none": "standard", "w": "W-asym.", "sigma": "sigma-asym."}
-# the series of a variants plot: (variant, method) -> label, colour
-_VARIANT_SERIES = {("none", "naive"): ("standard, naive", "tab:red"),
-                   ("none", "wasserstein"): ("standard, W2", "tab:blue"),
-                   ("w", "naive"): ("W-asym., naive", "tab:purple"),
-                   ("sigma", "naive"): ("sigma-asym., naive", "tab:green")}
+_VARIANT_COLORS = {"none": "tab:blue", "w": "tab:red", "sigma": "tab:green"}
+# the columns of the variants table and series of the variants plot: (variant, method) -> colour
+_VARIANT_SERIES = {("none", "naive"): "tab:red", ("none", "wasserstein"): "tab:blue",
+                   ("w", "naive"): "tab:purple", ("sigma", "naive"): "tab:green"}
+
+
+def _has_variants(summary: list[dict[str, Any]]) -> bool:
+    return any("+" in s["arch"] for s in summary)
+
+
+def _by_variant(summary: list[dict[str, Any]]) -> dict[tuple, dict]:
+    """(dataset, arch, width, guide) -> (variant, method) -> summary entry: the asymmetric
+    variants of a cell (arch ``mlp+w``, ``mlp+sigma``) under the standard cell's key."""
+    cells: dict[tuple, dict] = {}
+    for s in summary:
+        arch, _, asymmetry = s["arch"].partition("+")
+        cells.setdefault((s["dataset"], arch, s["width"], s["guide"]), {})[
+            (asymmetry or "none", s["method"])] = s
+    return cells
 
 
 def _plot_variants(summary: list[dict[str, Any]], path: str | os.PathLike, key: str) -> None:
@@ -430,27 +439,25 @@ def _plot_variants(summary: list[dict[str, Any]], path: str | os.PathLike, key: 
     import matplotlib.pyplot as plt
 
     floor = 1e-3
+    by = _by_variant(summary)
     datasets = [d for d in DATASETS if any(s["dataset"] == d for s in summary)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6),
                              squeeze=False, sharey=True)
     for ax, dataset in zip(axes[0], datasets):
-        by: dict[tuple, dict] = {}
-        for s in summary:
-            if s["dataset"] == dataset:
-                arch, _, asymmetry = s["arch"].partition("+")
-                by.setdefault((_layers(arch) is None, arch, s["width"], s["guide"]), {})[
-                    (asymmetry or "none", s["method"])] = s
-        cells = sorted(by)
+        # MLPs before ResNets, then by name, width and guide
+        cells = sorted((c for c in by if c[0] == dataset),
+                       key=lambda c: (_layers(c[1]) is None, c[1], c[2], c[3]))
         offsets = np.linspace(-0.24, 0.24, len(_VARIANT_SERIES))
-        for offset, (series, (label, color)) in zip(offsets, _VARIANT_SERIES.items()):
+        for offset, (series, color) in zip(offsets, _VARIANT_SERIES.items()):
             xs = [i for i, cell in enumerate(cells) if series in by[cell]]
             if not xs:
                 continue
             m = np.array([by[cells[i]][series][f"{key}_mean"] for i in xs])
             e = np.array([by[cells[i]][series][f"{key}_spread"] for i in xs])
             shown, bars = _error_bars(m, e, floor)
-            ax.errorbar(np.array(xs) + offset, shown, yerr=bars, fmt="o",
-                        ms=5, capsize=2, color=color, label=label)
+            variant, method = series
+            ax.errorbar(np.array(xs) + offset, shown, yerr=bars, fmt="o", ms=5, capsize=2,
+                        color=color, label=f"{_VARIANTS[variant]}, {LABELS[method]}")
         ax.set_xticks(range(len(cells)), [f"{_network(arch, width)}\n{guide}"
                                           for _, arch, width, guide in cells], fontsize=8)
         ax.set_yscale("log")
@@ -463,7 +470,6 @@ def _plot_variants(summary: list[dict[str, Any]], path: str | os.PathLike, key: 
     fig.suptitle(f"Standard and asymmetric networks; error bars: spread over {pairs} pairs",
                  fontsize=11)
     _save(fig, path)
-_VARIANT_COLORS = {"none": "tab:blue", "w": "tab:red", "sigma": "tab:green"}
 
 
 def _history_groups(history) -> dict[tuple, Any]:
